@@ -1,0 +1,1 @@
+"""chunkwatch: make every layer of an LLM streaming service say what it saw."""

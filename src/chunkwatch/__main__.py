@@ -1,0 +1,5 @@
+import sys
+
+from chunkwatch.cli import main
+
+sys.exit(main())

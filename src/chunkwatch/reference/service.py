@@ -1,0 +1,292 @@
+"""``chunkwatch serve``: the reference service — the pattern chunkwatch is built for.
+
+A Flask app streams a LangGraph agent's output to the browser over SSE. The
+agent runs as a task on one shared background event loop
+(:mod:`chunkwatch.reference.loop`); its events reach the WSGI generator through
+a thread-safe queue.
+
+``POST /chat`` with JSON ``{"message": str, "thread_id": str?}`` answers
+``text/event-stream``. The event schema (see ``docs/service.md``):
+
+* ``: open`` comment, flushed at once so a proxy in front never waits for the
+  first token; ``: heartbeat`` comments while nothing else is sent;
+* ``event: token`` ``{"text": str}`` (``--mode tokens``: ``astream_events`` v2,
+  one per model token);
+* ``event: tool`` ``{"name": str, "output": str}`` (``tokens`` mode, a tool ran);
+* ``event: update`` ``{"node": str, "messages": [...]}`` (``--mode updates``:
+  model ``streaming=False``, ``stream_mode="updates"``, one per state update);
+* ``event: done`` ``{"thread_id": str, "mode": str}`` — the last event of a good
+  stream;
+* ``event: error`` ``{"type": str, "message": str}`` — the last event of a
+  failed stream. The body always ends properly after it.
+
+Bad input gets JSON errors: 400 (invalid JSON, missing or non-string
+``message``), 413 (body over 64 KiB). ``GET /healthz`` answers ``{"status": "ok"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import queue
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flask import Flask, Response, jsonify, request
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from werkzeug.exceptions import HTTPException
+
+from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
+from chunkwatch.reference.loop import AgentLoop
+from chunkwatch.sse import format_comment, format_event
+
+__all__ = ["ChatService", "ServiceConfig", "create_app"]
+
+log = logging.getLogger("chunkwatch.service")
+
+Mode = Literal["tokens", "updates"]
+Item = tuple[str, dict[str, Any]]
+MAX_BODY = 64 * 1024
+MAX_THREAD_ID = 128
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    llm: LLMConfig
+    mode: Mode = "tokens"
+    heartbeat: float = 15.0  # seconds of silence before a `: heartbeat` comment
+    request_timeout: float = 300.0  # the whole agent run, a last line of defence
+    instrument: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def message_json(msg: BaseMessage) -> dict[str, Any]:
+    """The wire form of a message in an ``update`` event."""
+    if isinstance(msg, AIMessage):
+        out: dict[str, Any] = {"role": "assistant", "content": msg.text}
+        if msg.tool_calls:
+            out["tool_calls"] = [
+                {"id": c["id"], "name": c["name"], "args": c["args"]} for c in msg.tool_calls
+            ]
+        return out
+    if isinstance(msg, ToolMessage):
+        return {"role": "tool", "name": msg.name, "content": msg.text}
+    if isinstance(msg, HumanMessage):
+        return {"role": "user", "content": msg.text}
+    return {"role": msg.type, "content": msg.text}
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, TimeoutError):
+        return {"type": "timeout", "message": f"the agent run exceeded its deadline: {exc}"}
+    return {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
+
+
+class ChatService:
+    """The agent side: runs one chat on the shared loop and hands items to a queue."""
+
+    def __init__(self, config: ServiceConfig, loop: AgentLoop | None = None) -> None:
+        self.config = config
+        self.loop = loop or AgentLoop()
+        checkpointer = InMemorySaver()
+        self.graphs = {
+            "tokens": build_graph(make_model(config.llm, streaming=True), checkpointer=checkpointer),
+            "updates": build_graph(
+                make_model(config.llm, streaming=False), checkpointer=checkpointer
+            ),
+        }
+
+    async def run(self, message: str, thread_id: str, mode: Mode, put: Callable[[Item], None]) -> None:
+        """Run the agent and ``put`` every item; the last one is ``done`` or ``error``."""
+        try:
+            deadline = self.config.request_timeout
+            async with asyncio.timeout(deadline if deadline and deadline > 0 else None):
+                if mode == "tokens":
+                    await self._tokens(message, thread_id, put)
+                else:
+                    await self._updates(message, thread_id, put)
+        except Exception as exc:  # every failure reaches the client as `event: error`
+            log.info("chat failed: %s: %s", type(exc).__name__, exc)
+            put(("error", error_payload(exc)))
+            return
+        put(("done", {"thread_id": thread_id, "mode": mode}))
+
+    async def _tokens(self, message: str, thread_id: str, put: Callable[[Item], None]) -> None:
+        inputs = {"messages": [HumanMessage(message)]}
+        config = {"configurable": {"thread_id": thread_id}}
+        async for ev in self.graphs["tokens"].astream_events(inputs, config, version="v2"):
+            kind = ev["event"]
+            if kind == "on_chat_model_stream":
+                text = ev["data"]["chunk"].text
+                if text:
+                    put(("token", {"text": text}))
+            elif kind == "on_tool_end":
+                output = ev["data"].get("output")
+                content = output.text if isinstance(output, BaseMessage) else str(output)
+                put(("tool", {"name": ev["name"], "output": content}))
+
+    async def _updates(self, message: str, thread_id: str, put: Callable[[Item], None]) -> None:
+        inputs = {"messages": [HumanMessage(message)]}
+        config = {"configurable": {"thread_id": thread_id}}
+        graph = self.graphs["updates"]
+        async for update in graph.astream(inputs, config, stream_mode="updates"):
+            for node, delta in update.items():
+                messages = (delta or {}).get("messages", [])
+                put(("update", {"node": node, "messages": [message_json(m) for m in messages]}))
+
+    def stream(self, message: str, thread_id: str, mode: Mode | None = None) -> Iterator[bytes]:
+        """The SSE body: open comment, items as events, heartbeats; cancels the run on close."""
+        items: queue.Queue[Item] = queue.Queue()
+        future = self.loop.submit(
+            self.run(message, thread_id, mode or self.config.mode, items.put_nowait)
+        )
+        finished = False
+        try:
+            yield format_comment("open")
+            while True:
+                try:
+                    name, payload = items.get(timeout=self.config.heartbeat)
+                except queue.Empty:
+                    yield format_comment("heartbeat")
+                    continue
+                yield format_event(json.dumps(payload), event=name)
+                if name in ("done", "error"):
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the client went away: stop the agent and its upstream call
+                future.cancel()
+
+
+def _json_error(status: int, message: str, kind: str) -> Response:
+    resp = jsonify({"error": {"type": kind, "message": message}})
+    resp.status_code = status
+    return resp
+
+
+def create_app(config: ServiceConfig, service: ChatService | None = None) -> Flask:
+    """The Flask app. ``app.extensions["chunkwatch.chat"]`` is the :class:`ChatService`."""
+    app = Flask("chunkwatch.reference")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    chat = service or ChatService(config)
+    app.extensions["chunkwatch.chat"] = chat
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        kind = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}
+        code = exc.code or 500
+        message = exc.description or exc.name
+        if code == 413:
+            message = f"request body over {MAX_BODY} bytes"
+        return _json_error(code, message, kind.get(code, "bad_request"))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error before the stream started")
+        return _json_error(500, f"{type(exc).__name__}: {exc}", "internal_error")
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok", "mode": config.mode})
+
+    @app.post("/chat")
+    def chat_route() -> Response:
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            return _json_error(400, "the body must be a JSON object", "invalid_json")
+        message = body.get("message")
+        if not isinstance(message, str) or not message.strip():
+            return _json_error(400, "`message` must be a non-empty string", "invalid_message")
+        thread_id = body.get("thread_id")
+        if thread_id is None:
+            thread_id = uuid.uuid4().hex
+        elif not isinstance(thread_id, str) or not 0 < len(thread_id) <= MAX_THREAD_ID:
+            return _json_error(
+                400, f"`thread_id` must be a string of 1..{MAX_THREAD_ID} chars", "invalid_thread_id"
+            )
+        return Response(
+            chat.stream(message, thread_id),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the reference Flask + LangGraph service")
+    p.add_argument("--llm-url", required=True, help="base URL of the model endpoint (the gateway)")
+    p.add_argument("--deployment", default="gpt-4o-mini")
+    p.add_argument("--api-version", default="2024-10-21")
+    p.add_argument("--mode", choices=("tokens", "updates"), default="tokens")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--heartbeat", type=float, default=15.0)
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--no-instrument", dest="instrument", action="store_false", help="run without chunkwatch"
+    )
+    p.set_defaults(func=run_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    return ServiceConfig(
+        llm=LLMConfig(url=args.llm_url, deployment=args.deployment, api_version=args.api_version),
+        mode=args.mode,
+        heartbeat=args.heartbeat,
+        request_timeout=args.request_timeout,
+        instrument=args.instrument,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from werkzeug.serving import make_server
+
+    app = create_app(config_from_args(args))
+    server = make_server(args.host, args.port, app, threaded=True)
+    print(f"chunkwatch serve listening on http://{args.host}:{server.server_port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+class ServiceThread:
+    """The app on Werkzeug's threaded server in a daemon thread (demo and tests)."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
+        import threading
+
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log_request(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        self.app = app
+        self.server = make_server(host, port, app, threaded=True, request_handler=Quiet)
+        self.url = f"http://{host}:{self.server.server_port}"
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="chunkwatch-service", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and stop the agent loop. Idempotent."""
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+        chat = self.app.extensions.get("chunkwatch.chat")
+        if chat is not None:
+            chat.loop.close()

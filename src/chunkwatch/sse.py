@@ -1,0 +1,242 @@
+"""One strict Server-Sent Events parser and writer, shared by every part of chunkwatch.
+
+The parser follows the WHATWG event-stream rules (lines end in CRLF, LF or CR; a
+blank line dispatches an event; ``:`` starts a comment; an event without a blank
+line after it is never dispatched) and is incremental: feed it bytes as they
+arrive, in whatever pieces the network delivers.
+
+It runs in two modes:
+
+* **counting** (``collect=False``, the gateway probe's hot path): no objects per
+  event, no decoding, only integer counters and a cheap shape check of each
+  ``data:`` payload.
+* **collecting** (``collect=True``, the doctor and the tests): every dispatched
+  event is returned as an :class:`Event`, and each ``data:`` payload that is not
+  ``[DONE]`` is checked as JSON (``strict_json=True``).
+
+Either way the counters describe the stream: dispatched events, events with
+data, comments, ``[DONE]`` seen, error events, malformed payloads, bytes, and
+field lines left pending at the end (events without a blank line).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+__all__ = ["Event", "SSEParser", "format_comment", "format_event"]
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_DONE = b"[DONE]"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One dispatched event: ``event`` is ``""`` when the stream named none."""
+
+    data: str
+    event: str = ""
+    id: str | None = None
+
+    def json(self) -> object:
+        return json.loads(self.data)
+
+
+class SSEParser:
+    """Incremental event-stream parser with counters.
+
+    ``feed(chunk)`` returns the events completed by ``chunk`` (always an empty list
+    in counting mode); ``close()`` ends the stream and returns nothing new, since
+    an event without its blank line is never dispatched (it is counted in
+    ``pending_fields``).
+    """
+
+    __slots__ = (
+        "_buf",
+        "_data",
+        "_event",
+        "_has_data",
+        "_id",
+        "bytes",
+        "collect",
+        "comments",
+        "data_events",
+        "done",
+        "error_events",
+        "events",
+        "first_error",
+        "gzip_magic",
+        "malformed",
+        "pending_fields",
+        "strict_json",
+        "undecodable",
+    )
+
+    def __init__(self, *, collect: bool = False, strict_json: bool | None = None) -> None:
+        self.collect = collect
+        self.strict_json = collect if strict_json is None else strict_json
+        self._buf = b""
+        self._data: list[bytes] = []
+        self._has_data = False
+        self._event = b""
+        self._id: bytes | None = None
+        self.bytes = 0
+        self.events = 0  # dispatched events (with or without data)
+        self.data_events = 0  # dispatched events with data, [DONE] excluded
+        self.comments = 0
+        self.done = False  # a `data: [DONE]` event was dispatched
+        self.error_events = 0  # `event: error`, or a JSON payload with an "error" key
+        self.malformed = 0  # data payloads that are not JSON objects
+        self.first_error: str | None = None  # why the first malformed payload was malformed
+        self.gzip_magic = False  # the body starts with the gzip magic bytes
+        self.undecodable = False  # a line that is not UTF-8 (collecting mode only)
+        self.pending_fields = 0  # field lines never followed by a blank line (seen at close)
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        if not chunk:
+            return []
+        if self.bytes == 0 and chunk[:2] == _GZIP_MAGIC:
+            self.gzip_magic = True
+        self.bytes += len(chunk)
+        buf = self._buf + chunk if self._buf else chunk
+        # Cut after the last line terminator, but hold back a trailing CR: it may be
+        # the first half of a CRLF split across two reads.
+        end = len(buf)
+        if buf[-1:] == b"\r":
+            end -= 1
+        cut = max(buf.rfind(b"\n", 0, end), buf.rfind(b"\r", 0, end))
+        if cut < 0:
+            self._buf = buf
+            return []
+        self._buf = buf[cut + 1 :]
+        return self._lines(buf[: cut + 1].splitlines())
+
+    def close(self) -> list[Event]:
+        """End of stream. A trailing line without terminator still counts as a line."""
+        out: list[Event] = []
+        if self._buf:
+            rest, self._buf = self._buf, b""
+            out = self._lines(rest.splitlines())
+        if self._has_data or self._event or self._id is not None:
+            self.pending_fields += 1
+        self._reset()
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._data = []
+        self._has_data = False
+        self._event = b""
+        self._id = None
+
+    def _lines(self, lines: list[bytes]) -> list[Event]:
+        out: list[Event] = []
+        for line in lines:
+            if not line:
+                if self._has_data or self._event:
+                    ev = self._dispatch()
+                    if ev is not None:
+                        out.append(ev)
+                continue
+            if line[0] == 58:  # b":"
+                self.comments += 1
+                continue
+            name, sep, value = line.partition(b":")
+            if sep and value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value)
+                self._has_data = True
+            elif name == b"event":
+                self._event = value
+            elif name == b"id":
+                self._id = value
+            # `retry` and unknown fields are ignored, as the spec says
+        return out
+
+    def _dispatch(self) -> Event | None:
+        self.events += 1
+        data = b"\n".join(self._data) if len(self._data) != 1 else self._data[0]
+        has_data, event, id_ = self._has_data, self._event, self._id
+        self._reset()
+        if event == b"error":
+            self.error_events += 1
+        flagged = False
+        if has_data:
+            if data == _DONE:
+                self.done = True
+            else:
+                self.data_events += 1
+                flagged = self._check(data)
+        if not self.collect:
+            return None
+        try:
+            return Event(
+                data=data.decode(),
+                event=event.decode(),
+                id=None if id_ is None else id_.decode(),
+            )
+        except UnicodeDecodeError:
+            self.undecodable = True
+            if not flagged:
+                self._malformed("data is not UTF-8")
+            return None
+
+    def _check(self, data: bytes) -> bool:
+        """Count what ``data`` reveals; True when it is malformed."""
+        if self.strict_json:
+            try:
+                obj = json.loads(data)
+            except (ValueError, UnicodeDecodeError) as err:
+                return self._malformed(f"data is not JSON: {err}")
+            if not isinstance(obj, dict):
+                return self._malformed("data is JSON but not an object")
+            if obj.get("error") is not None:
+                self.error_events += 1
+            return False
+        # Counting mode: a shape check that costs two byte comparisons, plus a
+        # substring search only for payloads that may carry an error.
+        stripped = data.strip()
+        if stripped[:1] != b"{" or stripped[-1:] != b"}":
+            return self._malformed("data is not a JSON object")
+        if stripped[:9] == b'{"error":' or stripped[:10] == b'{ "error":':
+            self.error_events += 1
+        return False
+
+    def _malformed(self, why: str) -> bool:
+        self.malformed += 1
+        if self.first_error is None:
+            self.first_error = why
+        return True
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def format_event(data: str, event: str | None = None, id: str | None = None) -> bytes:
+    """Encode one event. Multi-line data becomes several ``data:`` lines."""
+    parts = []
+    if event:
+        _check_field(event)
+        parts.append(f"event: {event}\n")
+    if id is not None:
+        _check_field(id)
+        parts.append(f"id: {id}\n")
+    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        parts.append(f"data: {line}\n")
+    parts.append("\n")
+    return "".join(parts).encode()
+
+
+def format_comment(text: str = "") -> bytes:
+    """A comment line (``: text``): ignored by clients, keeps proxies and timers awake."""
+    _check_field(text)
+    return f": {text}\n\n".encode() if text else b":\n\n"
+
+
+def _check_field(value: str) -> None:
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"an SSE field value cannot contain a line break: {value!r}")

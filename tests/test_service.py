@@ -1,0 +1,206 @@
+"""The reference service: real Flask on loopback, real LangGraph, the real openai SDK."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from chunkwatch.reference.agent import LLMConfig
+from chunkwatch.reference.client import chat
+from chunkwatch.reference.service import ServiceConfig, ServiceThread, create_app
+from chunkwatch.reference.threaded import Running, start_in_thread
+from chunkwatch.reference.upstream import Upstream, answer_tokens
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Running[Upstream]]:
+    running = start_in_thread(Upstream(tokens=8, token_delay=0.005))
+    yield running
+    running.stop()
+
+
+def serve(url: str, **kw: Any) -> ServiceThread:
+    kw.setdefault("instrument", False)
+    return ServiceThread(create_app(ServiceConfig(llm=LLMConfig(url=url), **kw)))
+
+
+@pytest.fixture(scope="module")
+def tokens_service(upstream: Running[Upstream]) -> Iterator[ServiceThread]:
+    svc = serve(upstream.url, mode="tokens")
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def updates_service(upstream: Running[Upstream]) -> Iterator[ServiceThread]:
+    svc = serve(upstream.url, mode="updates")
+    yield svc
+    svc.stop()
+
+
+def expected(prompt: str, n: int = 8) -> str:
+    return "".join(answer_tokens(prompt, n))
+
+
+def test_tokens_mode_streams_every_token_then_done(tokens_service: ServiceThread) -> None:
+    """--mode tokens: one `token` event per model token, the full answer, then `done`."""
+    r = chat(tokens_service.url, "hello there", thread_id="t1")
+    assert r.status == 200 and r.content_type.startswith("text/event-stream")
+    assert r.text == expected("hello there")
+    assert [e.event for e in r.events] == ["token"] * 8 + ["done"]
+    assert r.named("done") == [{"thread_id": "t1", "mode": "tokens"}]
+    assert r.complete and r.comments >= 1  # the `: open` comment came first
+
+
+def test_updates_mode_streams_state_updates_then_done(updates_service: ServiceThread) -> None:
+    """--mode updates: the model node's state update carries the whole answer, then `done`."""
+    r = chat(updates_service.url, "hello there")
+    assert [e.event for e in r.events] == ["update", "done"]
+    update = r.named("update")[0]
+    assert update["node"] == "model"
+    assert update["messages"] == [{"role": "assistant", "content": expected("hello there")}]
+
+
+@pytest.mark.parametrize("service", ["tokens_service", "updates_service"])
+def test_model_tool_model_round_trip(service: str, request: pytest.FixtureRequest) -> None:
+    """A message asking for the tool runs model -> tools -> model in both modes."""
+    svc: ServiceThread = request.getfixturevalue(service)
+    r = chat(svc.url, "please [[tool]] look this up")
+    assert r.done and r.error is None
+    if service == "tokens_service":
+        assert [t["name"] for t in r.named("tool")] == ["lookup"]
+    else:
+        assert [u["node"] for u in r.named("update")] == ["model", "tools", "model"]
+        assert r.named("update")[0]["messages"][0]["tool_calls"][0]["name"] == "lookup"
+    assert r.text.strip()
+
+
+def post_raw(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/chat", body=body, headers={"Content-Type": content_type})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    assert resp.getheader("Content-Type", "").startswith("application/json")
+    return resp.status, json.loads(data)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind"),
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_json"),
+        (b"{}", 400, "invalid_message"),
+        (b'{"message": 42}', 400, "invalid_message"),
+        (b'{"message": "   "}', 400, "invalid_message"),
+        (b'{"message": "hi", "thread_id": 7}', 400, "invalid_thread_id"),
+        (json.dumps({"message": "x" * 70_000}).encode(), 413, "payload_too_large"),
+    ],
+)
+def test_bad_input_gets_a_json_error(
+    tokens_service: ServiceThread, body: bytes, status: int, kind: str
+) -> None:
+    """Invalid JSON, a missing or non-string message, a body over 64 KiB: a JSON 400/413."""
+    got_status, payload = post_raw(tokens_service.url, body)
+    assert got_status == status
+    assert payload["error"]["type"] == kind and payload["error"]["message"]
+
+
+def test_wrong_method_and_unknown_path_are_json(tokens_service: ServiceThread) -> None:
+    """GET /chat is a JSON 405, an unknown path a JSON 404, never an HTML page."""
+    host, port = tokens_service.url.removeprefix("http://").split(":")
+    for method, path, status in [("GET", "/chat", 405), ("GET", "/nope", 404)]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request(method, path)
+        resp = conn.getresponse()
+        assert resp.status == status
+        assert json.loads(resp.read())["error"]["type"]
+        conn.close()
+
+
+def test_healthz(tokens_service: ServiceThread) -> None:
+    """GET /healthz answers 200 JSON."""
+    host, port = tokens_service.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/healthz")
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+
+
+def open_stream(url: str, message: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    body = json.dumps({"message": message}).encode()
+    sock.sendall(
+        b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def test_first_bytes_are_flushed_before_the_first_token() -> None:
+    """Headers and the `: open` comment arrive at once, long before a slow first token."""
+    slow = start_in_thread(Upstream(tokens=2, token_delay=1.0))
+    svc = serve(slow.url)
+    try:
+        t0 = time.perf_counter()
+        sock = open_stream(svc.url, "slow")
+        first = b""
+        while b": open" not in first and len(first) < 65536:
+            first += sock.recv(4096)
+        waited = time.perf_counter() - t0
+        assert first.startswith(b"HTTP/1.1 200") and b": open" in first
+        assert waited < 0.5, f"first bytes took {waited:.2f}s; the first token takes 1 s"
+        sock.close()
+    finally:
+        svc.stop()
+        slow.stop()
+
+
+def test_client_disconnect_stops_the_run_and_closes_the_upstream_request() -> None:
+    """A client that goes away mid-stream: the upstream stream is closed within a second.
+
+    Werkzeug notices the disconnect at the next write, so the lag is about one
+    token interval plus the cancellation; the measured lag is printed.
+    """
+    up = start_in_thread(Upstream(tokens=400, token_delay=0.025))  # a 10 s answer
+    svc = serve(up.url)
+    try:
+        sock = open_stream(svc.url, "a long answer")
+        received = b""
+        while received.count(b"event: token") < 3:
+            received += sock.recv(4096)
+        assert up.server.stats["active_streams"] == 1
+        sock.close()
+        t_close = time.perf_counter()
+        while up.server.stats["active_streams"] and time.perf_counter() - t_close < 5:
+            time.sleep(0.01)
+        lag = time.perf_counter() - t_close
+        print(f"disconnect -> upstream closed: {lag * 1000:.0f} ms")
+        assert up.server.stats["active_streams"] == 0
+        assert up.server.stats["aborted_streams"] == 1
+        assert lag < 1.0
+    finally:
+        svc.stop()
+        up.stop()
+
+
+def test_request_deadline_ends_the_stream_with_an_error_event() -> None:
+    """A run past --request-timeout ends with `event: error` type timeout and a proper end."""
+    slow = start_in_thread(Upstream(tokens=50, token_delay=0.1))
+    svc = serve(slow.url, request_timeout=0.5)
+    try:
+        r = chat(svc.url, "slow answer")
+        assert r.complete and r.last_event == "error"
+        assert r.error is not None and r.error["type"] == "timeout"
+    finally:
+        svc.stop()
+        slow.stop()

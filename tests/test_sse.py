@@ -1,0 +1,104 @@
+"""The one SSE parser and writer: framing rules, counters, and split-anywhere robustness."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from chunkwatch.sse import Event, SSEParser, format_comment, format_event
+
+CHUNK = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+
+
+def feed_all(parser: SSEParser, body: bytes, step: int | None = None) -> list[Event]:
+    out: list[Event] = []
+    pieces = [body] if step is None else [body[i : i + step] for i in range(0, len(body), step)]
+    for piece in pieces:
+        out.extend(parser.feed(piece))
+    out.extend(parser.close())
+    return out
+
+
+def test_counts_data_events_done_and_comments() -> None:
+    """Data events exclude [DONE]; [DONE] and comments are noted separately."""
+    p = SSEParser()
+    feed_all(p, b": open\n\n" + CHUNK * 3 + b"data: [DONE]\n\n")
+    assert (p.events, p.data_events, p.comments, p.done) == (4, 3, 1, True)
+    assert p.malformed == 0 and p.pending_fields == 0
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_any_split_and_any_line_ending_gives_the_same_events(step: int, eol: bytes) -> None:
+    """Events are the same however the bytes are cut, with LF, CRLF or CR line endings."""
+    body = (b"event: token" + eol + b"data: a" + eol + b"data: b" + eol + eol) * 3
+    body += b"data: [DONE]" + eol + eol
+    p = SSEParser(collect=True, strict_json=False)
+    events = feed_all(p, body, step)
+    assert [e.data for e in events] == ["a\nb"] * 3 + ["[DONE]"]
+    assert [e.event for e in events][:3] == ["token"] * 3
+    assert p.data_events == 3 and p.done
+
+
+def test_events_without_blank_lines_are_never_dispatched() -> None:
+    """A body of data lines with no blank line is zero events, flagged as pending fields."""
+    p = SSEParser()
+    feed_all(p, b'data: {"a": 1}\ndata: {"a": 2}\ndata: [DONE]\n')
+    assert p.events == 0 and p.data_events == 0
+    assert p.pending_fields == 1
+
+
+def test_counting_mode_flags_cut_json_and_error_payloads() -> None:
+    """Counting mode notices a JSON object cut short and an OpenAI-style error payload."""
+    p = SSEParser()
+    feed_all(p, b'data: {"id": "x", "choi\n\n' + b'data: {"error": {"message": "boom"}}\n\n')
+    assert p.malformed == 1 and p.error_events == 1
+    assert p.first_error == "data is not a JSON object"
+
+
+def test_collecting_mode_validates_json_strictly() -> None:
+    """Collecting mode parses every payload: invalid JSON is malformed, with the reason."""
+    p = SSEParser(collect=True)
+    events = feed_all(p, b"data: {\"a\": [1,}\n\n" + CHUNK)
+    assert len(events) == 2 and p.malformed == 1
+    assert p.first_error is not None and p.first_error.startswith("data is not JSON")
+
+
+def test_event_error_is_counted() -> None:
+    """``event: error`` counts as an error event whatever its data."""
+    p = SSEParser()
+    feed_all(p, b"event: error\ndata: {}\n\n")
+    assert p.error_events == 1
+
+
+def test_gzip_magic_is_noticed() -> None:
+    """A gzip body (magic bytes first) is flagged even without Content-Encoding."""
+    p = SSEParser()
+    feed_all(p, gzip.compress(CHUNK))
+    assert p.gzip_magic and p.data_events == 0
+
+
+def test_undecodable_data_is_malformed_in_collecting_mode() -> None:
+    """Bytes that are not UTF-8 make the event malformed instead of raising."""
+    p = SSEParser(collect=True, strict_json=False)
+    assert feed_all(p, b"data: \xff\xfe\n\n") == []
+    assert p.undecodable and p.malformed == 1
+
+
+def test_writer_round_trips_through_the_parser() -> None:
+    """What format_event writes, the parser reads back identically, multi-line data too."""
+    payload = {"text": "line one\nline two", "n": 2}
+    body = format_comment("open") + format_event(json.dumps(payload), event="token", id="7")
+    body += format_event("x\ny", event="update")
+    p = SSEParser(collect=True, strict_json=False)
+    events = feed_all(p, body)
+    assert events[0] == Event(data=json.dumps(payload), event="token", id="7")
+    assert events[1].data == "x\ny" and p.comments == 1
+
+
+def test_writer_refuses_line_breaks_in_field_names() -> None:
+    """An event name with a newline would forge events: it is refused."""
+    with pytest.raises(ValueError, match="line break"):
+        format_event("x", event="token\ndata: forged")
