@@ -66,17 +66,30 @@ def test_collecting_mode_validates_json_strictly() -> None:
     assert p.first_error is not None and p.first_error.startswith("data is not JSON")
 
 
-def test_event_error_is_counted() -> None:
-    """``event: error`` counts as an error event whatever its data."""
+def test_event_error_is_counted_once() -> None:
+    """``event: error`` counts as one error event, with or without an "error" key in its data."""
     p = SSEParser()
     feed_all(p, b"event: error\ndata: {}\n\n")
     assert p.error_events == 1
+    for collect in (False, True):
+        p = SSEParser(collect=collect)
+        feed_all(p, b'event: error\ndata: {"error": {"message": "x"}}\n\n')
+        assert p.error_events == 1
 
 
-def test_gzip_magic_is_noticed() -> None:
-    """A gzip body (magic bytes first) is flagged even without Content-Encoding."""
+def test_an_event_without_data_is_not_dispatched() -> None:
+    """WHATWG: a blank line after only ``event:`` dispatches nothing and resets the name."""
+    p = SSEParser(collect=True, strict_json=False)
+    events = feed_all(p, b"event: ping\n\ndata: x\n\n")
+    assert [(e.event, e.data) for e in events] == [("", "x")]
+    assert p.events == 1
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_gzip_magic_is_noticed(step: int | None) -> None:
+    """A gzip body (magic bytes first) is flagged, even when the first read is one byte."""
     p = SSEParser()
-    feed_all(p, gzip.compress(CHUNK))
+    feed_all(p, gzip.compress(CHUNK), step)
     assert p.gzip_magic and p.data_events == 0
 
 

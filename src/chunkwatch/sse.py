@@ -97,10 +97,11 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[Event]:
         if not chunk:
             return []
-        if self.bytes == 0 and chunk[:2] == _GZIP_MAGIC:
-            self.gzip_magic = True
+        first = self.bytes < 2
         self.bytes += len(chunk)
         buf = self._buf + chunk if self._buf else chunk
+        if first and buf[:2] == _GZIP_MAGIC:
+            self.gzip_magic = True
         # Cut after the last line terminator, but hold back a trailing CR: it may be
         # the first half of a CRLF split across two reads.
         end = len(buf)
@@ -119,7 +120,7 @@ class SSEParser:
         if self._buf:
             rest, self._buf = self._buf, b""
             out = self._lines(rest.splitlines())
-        if self._has_data or self._event or self._id is not None:
+        if self._has_data:
             self.pending_fields += 1
         self._reset()
         return out
@@ -136,10 +137,12 @@ class SSEParser:
         out: list[Event] = []
         for line in lines:
             if not line:
-                if self._has_data or self._event:
+                if self._has_data:
                     ev = self._dispatch()
                     if ev is not None:
                         out.append(ev)
+                else:  # WHATWG: no data, no event; the event name is reset
+                    self._reset()
                 continue
             if line[0] == 58:  # b":"
                 self.comments += 1
@@ -160,17 +163,14 @@ class SSEParser:
     def _dispatch(self) -> Event | None:
         self.events += 1
         data = b"\n".join(self._data) if len(self._data) != 1 else self._data[0]
-        has_data, event, id_ = self._has_data, self._event, self._id
+        event, id_ = self._event, self._id
         self._reset()
-        if event == b"error":
-            self.error_events += 1
         flagged = False
-        if has_data:
-            if data == _DONE:
-                self.done = True
-            else:
-                self.data_events += 1
-                flagged = self._check(data)
+        if data == _DONE:
+            self.done = True
+        else:
+            self.data_events += 1
+            flagged = self._check(data, named_error=event == b"error")
         if not self.collect:
             return None
         try:
@@ -185,8 +185,10 @@ class SSEParser:
                 self._malformed("data is not UTF-8")
             return None
 
-    def _check(self, data: bytes) -> bool:
-        """Count what ``data`` reveals; True when it is malformed."""
+    def _check(self, data: bytes, *, named_error: bool) -> bool:
+        """Count what ``data`` reveals; True when it is malformed. One error event at most."""
+        if named_error:
+            self.error_events += 1
         if self.strict_json:
             try:
                 obj = json.loads(data)
@@ -194,7 +196,7 @@ class SSEParser:
                 return self._malformed(f"data is not JSON: {err}")
             if not isinstance(obj, dict):
                 return self._malformed("data is JSON but not an object")
-            if obj.get("error") is not None:
+            if obj.get("error") is not None and not named_error:
                 self.error_events += 1
             return False
         # Counting mode: a shape check that costs two byte comparisons, plus a
@@ -202,7 +204,7 @@ class SSEParser:
         stripped = data.strip()
         if stripped[:1] != b"{" or stripped[-1:] != b"}":
             return self._malformed("data is not a JSON object")
-        if stripped[:9] == b'{"error":' or stripped[:10] == b'{ "error":':
+        if not named_error and (stripped[:9] == b'{"error":' or stripped[:10] == b'{ "error":'):
             self.error_events += 1
         return False
 
