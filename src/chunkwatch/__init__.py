@@ -1,1 +1,43 @@
-"""chunkwatch: make every layer of an LLM streaming service say what it saw."""
+"""chunkwatch: make every layer of an LLM streaming service say what it saw.
+
+See the README for the two-minute tour and ``docs/`` for the reference.
+"""
+
+from __future__ import annotations
+
+from chunkwatch.errors import StreamEmptyError, StreamStalledError
+from chunkwatch.events import error_payload
+from chunkwatch.instrumentation import instrument, uninstrument
+from chunkwatch.ledger import Ledger, Tally, bind, current_ledger
+from chunkwatch.outcomes import End, Outcome, classify
+from chunkwatch.probes.http_in import ChunkwatchMiddleware, request_ledger
+from chunkwatch.probes.queue import WatchedQueue
+from chunkwatch.probes.sse_out import SSEBody
+from chunkwatch.runtime import Runtime
+from chunkwatch.verdict import Verdict
+from chunkwatch.watchdog import Deadlines
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChunkwatchMiddleware",
+    "Deadlines",
+    "End",
+    "Ledger",
+    "Outcome",
+    "Runtime",
+    "SSEBody",
+    "StreamEmptyError",
+    "StreamStalledError",
+    "Tally",
+    "Verdict",
+    "WatchedQueue",
+    "__version__",
+    "bind",
+    "classify",
+    "current_ledger",
+    "error_payload",
+    "instrument",
+    "request_ledger",
+    "uninstrument",
+]

@@ -41,9 +41,13 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from langgraph.checkpoint.memory import InMemorySaver
 from werkzeug.exceptions import HTTPException
 
+import chunkwatch
+from chunkwatch.ledger import Ledger, bind
+from chunkwatch.probes.queue import WatchedQueue
 from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
 from chunkwatch.reference.loop import AgentLoop
 from chunkwatch.sse import format_comment, format_event
+from chunkwatch.watchdog import Deadlines
 
 __all__ = ["ChatService", "ServiceConfig", "create_app"]
 
@@ -62,7 +66,11 @@ class ServiceConfig:
     heartbeat: float = 15.0  # seconds of silence before a `: heartbeat` comment
     request_timeout: float = 300.0  # the whole agent run, a last line of defence
     instrument: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Instrumentation parts (tests inject their own); None: the process defaults.
+    registry: Any = None
+    tracer_provider: Any = None
+    deadlines: Deadlines | None = None
+    upstreams: dict[str, str] = field(default_factory=dict)
 
 
 def message_json(msg: BaseMessage) -> dict[str, Any]:
@@ -81,12 +89,6 @@ def message_json(msg: BaseMessage) -> dict[str, Any]:
     return {"role": msg.type, "content": msg.text}
 
 
-def error_payload(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, TimeoutError):
-        return {"type": "timeout", "message": f"the agent run exceeded its deadline: {exc}"}
-    return {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
-
-
 class ChatService:
     """The agent side: runs one chat on the shared loop and hands items to a queue."""
 
@@ -95,26 +97,39 @@ class ChatService:
         self.loop = loop or AgentLoop()
         checkpointer = InMemorySaver()
         self.graphs = {
-            "tokens": build_graph(make_model(config.llm, streaming=True), checkpointer=checkpointer),
+            "tokens": build_graph(
+                make_model(config.llm, streaming=True), checkpointer=checkpointer
+            ),
             "updates": build_graph(
                 make_model(config.llm, streaming=False), checkpointer=checkpointer
             ),
         }
 
-    async def run(self, message: str, thread_id: str, mode: Mode, put: Callable[[Item], None]) -> None:
-        """Run the agent and ``put`` every item; the last one is ``done`` or ``error``."""
-        try:
-            deadline = self.config.request_timeout
-            async with asyncio.timeout(deadline if deadline and deadline > 0 else None):
-                if mode == "tokens":
-                    await self._tokens(message, thread_id, put)
-                else:
-                    await self._updates(message, thread_id, put)
-        except Exception as exc:  # every failure reaches the client as `event: error`
-            log.info("chat failed: %s: %s", type(exc).__name__, exc)
-            put(("error", error_payload(exc)))
-            return
-        put(("done", {"thread_id": thread_id, "mode": mode}))
+    async def run(
+        self,
+        message: str,
+        thread_id: str,
+        mode: Mode,
+        items: WatchedQueue[Item],
+        ledger: Ledger | None = None,
+    ) -> None:
+        """Run the agent and put every item; the last one is ``done`` or ``error``."""
+        put = items.put
+        with bind(ledger):  # the request's ledger and trace, across the thread hand-off
+            try:
+                deadline = self.config.request_timeout
+                async with asyncio.timeout(deadline if deadline and deadline > 0 else None):
+                    if mode == "tokens":
+                        await self._tokens(message, thread_id, put)
+                    else:
+                        await self._updates(message, thread_id, put)
+            except Exception as exc:  # every failure reaches the client as `event: error`
+                log.info("chat failed: %s: %s", type(exc).__name__, exc)
+                put(("error", _error(exc, ledger)))
+            else:
+                put(("done", {"thread_id": thread_id, "mode": mode}))
+            finally:
+                items.producer_done()
 
     async def _tokens(self, message: str, thread_id: str, put: Callable[[Item], None]) -> None:
         inputs = {"messages": [HumanMessage(message)]}
@@ -139,11 +154,17 @@ class ChatService:
                 messages = (delta or {}).get("messages", [])
                 put(("update", {"node": node, "messages": [message_json(m) for m in messages]}))
 
-    def stream(self, message: str, thread_id: str, mode: Mode | None = None) -> Iterator[bytes]:
+    def stream(
+        self,
+        message: str,
+        thread_id: str,
+        mode: Mode | None = None,
+        ledger: Ledger | None = None,
+    ) -> Iterator[bytes]:
         """The SSE body: open comment, items as events, heartbeats; cancels the run on close."""
-        items: queue.Queue[Item] = queue.Queue()
+        items: WatchedQueue[Item] = WatchedQueue(ledger)
         future = self.loop.submit(
-            self.run(message, thread_id, mode or self.config.mode, items.put_nowait)
+            self.run(message, thread_id, mode or self.config.mode, items, ledger)
         )
         finished = False
         try:
@@ -159,8 +180,15 @@ class ChatService:
                     finished = True
                     return
         finally:
+            items.consumer_done(complete=finished)
             if not finished:  # the client went away: stop the agent and its upstream call
                 future.cancel()
+
+
+def _error(exc: BaseException, ledger: Ledger | None) -> dict[str, Any]:
+    if isinstance(exc, TimeoutError) and not isinstance(exc, chunkwatch.StreamStalledError):
+        return {"type": "timeout", "message": "the agent run exceeded --request-timeout"}
+    return chunkwatch.error_payload(exc, ledger)
 
 
 def _json_error(status: int, message: str, kind: str) -> Response:
@@ -175,6 +203,15 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     chat = service or ChatService(config)
     app.extensions["chunkwatch.chat"] = chat
+    if config.instrument:
+        chunkwatch.instrument(
+            app,
+            registry=config.registry,
+            tracer_provider=config.tracer_provider,
+            upstreams=config.upstreams,
+            # AzureChatOpenAI has no HTTP timeouts: abort a stalled upstream stream.
+            deadlines=config.deadlines or Deadlines.from_env(abort=True),
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
@@ -207,10 +244,12 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
             thread_id = uuid.uuid4().hex
         elif not isinstance(thread_id, str) or not 0 < len(thread_id) <= MAX_THREAD_ID:
             return _json_error(
-                400, f"`thread_id` must be a string of 1..{MAX_THREAD_ID} chars", "invalid_thread_id"
+                400,
+                f"`thread_id` must be a string of 1..{MAX_THREAD_ID} chars",
+                "invalid_thread_id",
             )
         return Response(
-            chat.stream(message, thread_id),
+            chat.stream(message, thread_id, ledger=chunkwatch.request_ledger()),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -290,3 +329,5 @@ class ServiceThread:
         chat = self.app.extensions.get("chunkwatch.chat")
         if chat is not None:
             chat.loop.close()
+            if chat.config.instrument:
+                chunkwatch.uninstrument(self.app)

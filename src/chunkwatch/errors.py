@@ -1,0 +1,46 @@
+"""Exceptions chunkwatch raises into the application, each carrying the verdict."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import httpx2
+
+if TYPE_CHECKING:
+    from chunkwatch.verdict import Verdict
+
+__all__ = ["StreamEmptyError", "StreamStalledError"]
+
+NO_GENERATIONS = "No generations found in stream."
+
+
+class StreamEmptyError(ValueError):
+    """A token stream ended with zero chunks.
+
+    Raised where langchain-core would raise ``ValueError("No generations found in
+    stream.")`` (and chained to it), or where the openai SDK's stream ended with
+    no chunk at all. A ``ValueError``, so existing ``except ValueError`` code still
+    works; the message starts with langchain-core's, so existing log searches do
+    too. ``verdict`` names the layer where the data stopped.
+    """
+
+    def __init__(self, verdict: Verdict | None, message: str = NO_GENERATIONS) -> None:
+        self.verdict = verdict
+        where = f" [{verdict}: {verdict.detail}]" if verdict is not None and not verdict.ok else ""
+        super().__init__(message + where)
+
+
+class StreamStalledError(httpx2.ReadTimeout):
+    """The watchdog aborted a stream that passed its first-chunk or idle deadline.
+
+    A read timeout to the HTTP stack (the openai SDK turns it into
+    ``APITimeoutError``, chained to this), so code that handles timeouts handles
+    it. ``kind`` is ``"first_chunk"`` or ``"idle"``; ``after`` the seconds waited.
+    """
+
+    def __init__(self, kind: str, after: float, layer: str) -> None:
+        self.kind, self.after, self.layer = kind, after, layer
+        which = "first chunk" if kind == "first_chunk" else "next chunk"
+        super().__init__(
+            f"{layer}: no {which} within {after:.1f} s; chunkwatch aborted the stalled stream"
+        )

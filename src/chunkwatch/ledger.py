@@ -1,0 +1,184 @@
+"""The per-request ledger and the per-stream tallies the probes record into.
+
+A :class:`Ledger` is created for each inbound request and travels with it
+*explicitly*: the HTTP probe puts it on the WSGI environ, the service hands it to
+the agent task, and :func:`bind` makes it the current ledger inside that task
+(contextvars flow from there into LangGraph's child tasks, but not across the
+thread and queue hand-off, which is why the hand-off is explicit).
+
+Each probe opens a :class:`Tally` per stream it sees. The hot path is
+:meth:`Tally.unit`: one ``perf_counter_ns()`` and a few integer operations.
+Everything else — outcome, detail, metrics, span attributes — happens once, in
+:meth:`Tally.finish`, which runs exactly once whatever ends the stream.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+
+from chunkwatch.outcomes import End, Evidence, Outcome, classify, end_for_exception
+from chunkwatch.semconv import LAYERS
+
+if TYPE_CHECKING:
+    from chunkwatch.verdict import Verdict
+
+__all__ = ["Ledger", "Tally", "bind", "current_ledger"]
+
+log = logging.getLogger("chunkwatch")
+
+_now = time.perf_counter_ns
+
+
+@dataclass(slots=True, eq=False)
+class Tally(Evidence):
+    """One stream at one layer: the evidence, plus what finalization needs."""
+
+    upstream: str = "none"
+    t_headers: int | None = None
+    max_gap_ns: int = 0
+    content_units: int = 0
+    bytes: int = 0
+    comments: int = 0
+    content_length: int | None = None
+    content_encoding: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # layer-specific, for the span
+    outcome: Outcome | None = None
+    on_finish: Callable[[Tally], None] | None = None
+    ledger: Ledger | None = None
+    span: Any = None
+
+    def unit(self, n: int = 1) -> None:
+        """``n`` units passed on. The whole per-chunk cost of a probe."""
+        now = _now()
+        last = self.t_last
+        if last is None:
+            self.t_first = now
+        elif now - last > self.max_gap_ns:
+            self.max_gap_ns = now - last
+        self.t_last = now
+        self.units += n
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+    def fail(self, exc: BaseException) -> None:
+        """Finish because ``exc`` ended the stream."""
+        self.exc_type = type(exc).__name__
+        self.finish(end_for_exception(exc))
+
+    def finish(self, end: End = End.CLEAN) -> Outcome:
+        """Classify and report, once. Later calls return the first outcome."""
+        if self.outcome is not None:
+            return self.outcome
+        self.end = end
+        self.t_end = _now()
+        self.outcome = classify(self)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:  # telemetry never breaks the host
+                log.debug("chunkwatch: finishing a %s stream failed", self.layer, exc_info=True)
+        return self.outcome
+
+    # -- derived facts, in seconds ------------------------------------------------------------
+
+    def seconds(self, t: int | None) -> float | None:
+        return None if t is None else (t - self.t_start) / 1e9
+
+    @property
+    def duration(self) -> float:
+        end = self.t_end if self.t_end is not None else _now()
+        return (end - self.t_start) / 1e9
+
+    @property
+    def time_to_first(self) -> float | None:
+        return self.seconds(self.t_first)
+
+
+class Ledger:
+    """Everything one request's layers saw, and the verdict drawn from it."""
+
+    def __init__(self, *, request_id: str | None = None) -> None:
+        self.request_id = request_id
+        self.tallies: list[Tally] = []
+        self.t_start = _now()
+        self.parent_context: Any = None  # OTel context new work of this request parents to
+        self.upstream: str | None = None
+        self.attributes: dict[str, Any] = {}  # app-level facts (mode, fallback, ...)
+
+    def open(
+        self,
+        layer: str,
+        *,
+        upstream: str | None = None,
+        on_finish: Callable[[Tally], None] | None = None,
+        **facts: Any,
+    ) -> Tally:
+        """Start a tally for one stream at ``layer``."""
+        name = upstream or self.upstream or "none"
+        if upstream and self.upstream is None:
+            self.upstream = upstream
+        tally = Tally(layer=layer, t_start=_now(), upstream=name, on_finish=on_finish, ledger=self)
+        for key, value in facts.items():
+            setattr(tally, key, value)
+        self.tallies.append(tally)
+        return tally
+
+    def layer(self, name: str) -> list[Tally]:
+        return [t for t in self.tallies if t.layer == name]
+
+    def units(self, layer: str) -> int:
+        return sum(t.units for t in self.tallies if t.layer == layer)
+
+    def funnel(self) -> dict[str, int]:
+        """Units each layer passed on, bottom to top, for the layers that saw this request."""
+        out = {layer: 0 for layer in LAYERS}
+        for t in self.tallies:
+            out[t.layer] = out.get(t.layer, 0) + t.units
+        seen = {t.layer for t in self.tallies}
+        return {layer: n for layer, n in out.items() if layer in seen}
+
+    def verdict(self) -> Verdict:
+        from chunkwatch.verdict import judge
+
+        return judge(self)
+
+
+_current: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar(
+    "chunkwatch_ledger", default=None
+)
+
+
+def current_ledger() -> Ledger | None:
+    """The ledger bound in this context (``None`` outside an instrumented request)."""
+    return _current.get()
+
+
+@contextmanager
+def bind(ledger: Ledger | None) -> Iterator[Ledger | None]:
+    """Make ``ledger`` current for the block: call it where the request crosses a thread.
+
+    Inside the block, the probes record into ``ledger`` and new spans are children
+    of the request's trace (its OpenTelemetry context is attached too), so one
+    request is one trace across the thread and queue hand-off.
+    """
+    token = _current.set(ledger)
+    otel_token = None
+    if ledger is not None and ledger.parent_context is not None:
+        otel_token = otel_context.attach(ledger.parent_context)
+    try:
+        yield ledger
+    finally:
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+        _current.reset(token)

@@ -1,0 +1,194 @@
+"""Every Prometheus metric chunkwatch writes, in one place, on an injected registry.
+
+Names and labels are the contract for dashboards, alert rules and external
+checks (see ``docs/metrics.md``). Labels are low-cardinality by construction:
+``layer`` and ``outcome`` come from closed sets, ``upstream`` is a configured
+name (:func:`upstream_name`), never a URL path or user input.
+
+Metrics are written once per stream (:meth:`Metrics.stream_finished`) and once
+per request (:meth:`Metrics.request_finished`); the per-chunk path never touches
+them. Histograms and outcome counters carry a ``trace_id`` exemplar when a
+trace is sampled (exemplars show in the OpenMetrics exposition, which
+``/metrics`` serves to scrapers that ask for it).
+
+Under gunicorn with several workers, set ``PROMETHEUS_MULTIPROC_DIR``: the
+metrics are then aggregated across workers by prometheus_client's
+multiprocess mode. That mode drops exemplars and keeps gauges per process
+(``chunkwatch_streams_open`` is summed live across workers).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from chunkwatch import semconv as sc
+
+if TYPE_CHECKING:
+    from chunkwatch.ledger import Tally
+    from chunkwatch.verdict import Verdict
+
+__all__ = ["LATENCY_BUCKETS", "Metrics", "upstream_name"]
+
+# 10 ms .. 60 s: first tokens of LLMs arrive in 100 ms .. 10 s; stalls run to minutes.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DEPTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+_NAME_RE = re.compile(r"[^a-z0-9_.-]")
+
+
+def upstream_name(url: str, names: dict[str, str] | None = None) -> str:
+    """The ``upstream`` label for ``url``: a configured name, else ``host[:port]``.
+
+    ``names`` maps ``host``, ``host:port`` or a URL prefix to a name. Never a path,
+    never a query; at most 64 characters of ``[a-z0-9_.-]``.
+    """
+    parts = urlsplit(url if "//" in url else f"//{url}")
+    host = (parts.hostname or "unknown").lower()
+    hostport = f"{host}:{parts.port}" if parts.port else host
+    for key, name in (names or {}).items():
+        if key in (host, hostport) or (key.startswith("http") and url.startswith(key)):
+            return _NAME_RE.sub("_", name.lower())[:64]
+    return _NAME_RE.sub("_", hostport)[:64]
+
+
+class Metrics:
+    """The chunkwatch metrics on ``registry`` (the default registry if none is given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = REGISTRY if registry is None else registry
+        self.registry = reg
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        lu = (sc.L_LAYER, sc.L_UPSTREAM)
+        self.requests = Counter(
+            sc.REQUESTS,
+            "Requests by verdict: outcome and the lowest layer where data stopped (none when ok).",
+            (sc.L_OUTCOME, sc.L_LAYER, sc.L_UPSTREAM),
+            registry=reg,
+        )
+        self.streams = Counter(
+            sc.STREAMS,
+            "Streams by layer and outcome, counted once each at its end (a stall when detected).",
+            (sc.L_LAYER, sc.L_OUTCOME, sc.L_UPSTREAM),
+            registry=reg,
+        )
+        self.chunks = Counter(sc.CHUNKS, "Units each layer passed on.", lu, registry=reg)
+        self.ttfc = Histogram(
+            sc.TIME_TO_FIRST_CHUNK,
+            "Time from the start of a stream to its first unit, per layer.",
+            lu,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.duration = Histogram(
+            sc.STREAM_DURATION,
+            "Stream duration per layer, start to end.",
+            lu,
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.gap_max = Histogram(
+            sc.CHUNK_GAP_MAX,
+            "Each stream's longest gap between two units, per layer.",
+            lu,
+            buckets=GAP_BUCKETS,
+            registry=reg,
+        )
+        self.open = Gauge(
+            sc.STREAMS_OPEN,
+            "Streams open now, per layer.",
+            (sc.L_LAYER,),
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            sc.QUEUE_WAIT,
+            "Time items waited in the agent-to-WSGI queue.",
+            buckets=GAP_BUCKETS,
+            registry=reg,
+        )
+        self.queue_depth_max = Histogram(
+            sc.QUEUE_DEPTH_MAX,
+            "Each request's queue depth high-water mark.",
+            buckets=DEPTH_BUCKETS,
+            registry=reg,
+        )
+        self.sse_disconnects = Counter(
+            sc.SSE_DISCONNECTS,
+            "Clients that went away before the end of their SSE stream.",
+            (sc.L_UPSTREAM,),
+            registry=reg,
+        )
+        self.instrumentation_errors = Counter(
+            sc.INSTRUMENTATION_ERRORS,
+            "Errors inside chunkwatch's own bookkeeping (swallowed; the host is unaffected).",
+            (sc.L_LAYER, "stage"),
+            registry=reg,
+        )
+        self.stalls = Counter(
+            sc.STALLS,
+            "Stalls detected by the watchdog while the stream was open, by kind.",
+            (sc.L_LAYER, sc.L_KIND, sc.L_UPSTREAM),
+            registry=reg,
+        )
+        self.genai_duration = Histogram(
+            sc.GENAI_OPERATION_DURATION,
+            "GenAI client operation duration (OpenTelemetry GenAI semantic conventions).",
+            ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"),
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.genai_ttfc = Histogram(
+            sc.GENAI_TIME_TO_FIRST_CHUNK,
+            "GenAI client time to first chunk (OpenTelemetry GenAI semantic conventions).",
+            ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"),
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+
+    def _exemplar(self, trace_id: str | None) -> dict[str, str] | None:
+        return {"trace_id": trace_id} if trace_id and not self.multiprocess else None
+
+    def stream_opened(self, layer: str) -> None:
+        self.open.labels(layer).inc()
+
+    def stream_finished(
+        self, t: Tally, trace_id: str | None = None, *, counted: bool = False
+    ) -> None:
+        """Write one finished stream. ``counted``: its outcome was already counted (a stall)."""
+        ex = self._exemplar(trace_id)
+        layer, upstream = t.layer, t.upstream
+        self.open.labels(layer).dec()
+        if not counted:
+            self.streams.labels(layer, str(t.outcome), upstream).inc(exemplar=ex)
+        if t.units:
+            self.chunks.labels(layer, upstream).inc(t.units)
+        if t.time_to_first is not None:
+            self.ttfc.labels(layer, upstream).observe(t.time_to_first, exemplar=ex)
+        self.duration.labels(layer, upstream).observe(t.duration, exemplar=ex)
+        if t.units > 1:
+            self.gap_max.labels(layer, upstream).observe(t.max_gap_ns / 1e9, exemplar=ex)
+
+    def stall(self, t: Tally, kind: str, trace_id: str | None = None) -> None:
+        """A stall, counted when detected (the stream is still open)."""
+        self.stalls.labels(t.layer, kind, t.upstream).inc()
+        self.streams.labels(t.layer, "stalled", t.upstream).inc(exemplar=self._exemplar(trace_id))
+
+    def request_finished(
+        self, verdict: Verdict, upstream: str, trace_id: str | None = None
+    ) -> None:
+        self.requests.labels(str(verdict.outcome), verdict.layer, upstream).inc(
+            exemplar=self._exemplar(trace_id)
+        )
+
+    def instrumentation_error(self, layer: str, stage: str) -> None:
+        try:
+            self.instrumentation_errors.labels(layer, stage).inc()
+        except Exception:  # the counter of errors must not become one
+            pass

@@ -1,0 +1,228 @@
+"""The outcome vocabulary and the rules that give every stream exactly one outcome.
+
+Pure logic: no I/O, no library imports. A probe collects :class:`Evidence`
+(a :class:`~chunkwatch.ledger.Tally` is one) and :func:`classify` names what it
+means. The doctor uses the same rules on the evidence it reads off the wire.
+
+Outcomes (also used as ``error.type`` on spans and as the ``outcome`` label):
+
+=====================  ==========================================================
+``ok``                 the stream delivered data and ended as it should
+``empty``              2xx event-stream, zero data events (clean or dropped end)
+``truncated``          data, then the end came without ``[DONE]`` / ``finish_reason``,
+                       or the connection dropped after data
+``stalled``            a first-chunk or idle deadline passed while the stream was open
+``buffered``           every event arrived in one burst at the end
+``wrong_content_type`` a stream request answered with JSON, HTML or other non-SSE
+``http_error``         HTTP status >= 400
+``malformed``          bytes that do not parse: invalid JSON data, events without
+                       blank lines, a gzip body without Content-Encoding
+``error_event``        an ``event: error`` or a JSON ``{"error": ...}`` event
+``disconnected``       the consumer (ultimately the client) went away before the end
+``abandoned``          the stream was garbage-collected without being finished or closed
+``lost``               a layer passed on fewer units than it received from below
+``error``              any other exception
+=====================  ==========================================================
+
+The rules, applied in this order (the first that matches wins):
+
+1. ``http_error``: ``status >= 400``.
+2. ``wrong_content_type``: a stream was requested, 2xx, and the media type is not
+   ``text/event-stream``.
+3. ``malformed``: gzip magic bytes, a payload that does not parse, field lines never
+   dispatched (no blank lines) with no event seen, or a parse error was raised.
+4. ``error_event``: at least one error event.
+5. ``stalled``: the watchdog fired, or the stream ended in a timeout.
+   An HTTP layer that got no response at all (refused, reset) is ``error`` here
+   (``disconnected`` if its consumer cancelled it).
+6. ``abandoned`` / ``disconnected``: the consumer dropped / closed the stream before
+   its end (a stream whose terminal marker was already seen is not cut short).
+7. ``empty``: zero units.
+8. ``truncated``: the connection dropped after data, or the layer knows a terminal
+   marker (``[DONE]``, ``finish_reason``) and saw none.
+9. ``lost``: the layer knows how many units it received and passed on fewer.
+10. ``error``: any other exception ended the stream.
+11. ``buffered``: at least ``BUFFER_MIN_UNITS`` units, the wait for the first one was
+    at least ``BUFFER_MIN_WAIT`` and at least 80 % of the whole stream, and the rest
+    arrived at memory speed: spread <= max(50 ms, 5 % of the total) and under
+    ``BUFFER_MAX_MEAN_GAP`` per unit. A real model's tokens are milliseconds apart;
+    a store-and-forward proxy's are microseconds apart, after a long silence.
+12. ``ok``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = [
+    "BUFFER_MAX_MEAN_GAP",
+    "BUFFER_MIN_UNITS",
+    "BUFFER_MIN_WAIT",
+    "FAULT_OUTCOMES",
+    "End",
+    "Evidence",
+    "Outcome",
+    "classify",
+    "end_for_exception",
+]
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    EMPTY = "empty"
+    TRUNCATED = "truncated"
+    STALLED = "stalled"
+    BUFFERED = "buffered"
+    WRONG_CONTENT_TYPE = "wrong_content_type"
+    HTTP_ERROR = "http_error"
+    MALFORMED = "malformed"
+    ERROR_EVENT = "error_event"
+    DISCONNECTED = "disconnected"
+    ABANDONED = "abandoned"
+    LOST = "lost"
+    ERROR = "error"
+
+
+# Outcomes that say something broke at this layer (not a consequence of a consumer
+# going away, and not healthy).
+FAULT_OUTCOMES = frozenset(Outcome) - {Outcome.OK, Outcome.DISCONNECTED, Outcome.ABANDONED}
+
+
+class End(StrEnum):
+    """How a stream ended."""
+
+    CLEAN = "clean"  # end of body / iterator exhausted
+    ABRUPT = "abrupt"  # connection dropped: reset, missing chunk terminator, short body
+    TIMEOUT = "timeout"  # a read or deadline timeout
+    CLOSED = "closed"  # the consumer closed it before the end
+    ABANDONED = "abandoned"  # garbage-collected without end or close
+    ERROR = "error"  # another exception
+
+
+BUFFER_MIN_UNITS = 3
+BUFFER_MIN_WAIT = 0.2  # seconds: a shorter stream cannot look "buffered" to a person
+BUFFER_MAX_MEAN_GAP = 0.001  # seconds per unit: memory speed, not model speed
+
+_SECOND = 1_000_000_000
+
+# Exception class names (anywhere in the MRO) and what they say about the end of a
+# stream. Names, not imports: this module stays free of the libraries it judges.
+_TIMEOUT_NAMES = frozenset(
+    {"TimeoutException", "APITimeoutError", "TimeoutError", "StreamChunkTimeoutError"}
+)
+_ABRUPT_NAMES = frozenset(
+    {
+        "RemoteProtocolError",
+        "ReadError",
+        "NetworkError",
+        "APIConnectionError",
+        "ConnectionError",
+        "IncompleteRead",
+        "ProtocolError",
+    }
+)
+_MALFORMED_NAMES = frozenset({"JSONDecodeError", "UnicodeDecodeError", "DecodingError"})
+_CLOSED_NAMES = frozenset({"CancelledError", "GeneratorExit", "ClientDisconnected"})
+
+
+def end_for_exception(exc: BaseException) -> End:
+    """What an exception raised while reading says about how the stream ended."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _CLOSED_NAMES:
+        return End.CLOSED
+    if names & _TIMEOUT_NAMES:
+        return End.TIMEOUT
+    if names & _ABRUPT_NAMES:
+        return End.ABRUPT
+    return End.ERROR
+
+
+def is_parse_error(exc_type: str | None) -> bool:
+    return exc_type in _MALFORMED_NAMES
+
+
+@dataclass(slots=True)
+class Evidence:
+    """What a layer saw of one stream. Times are ``perf_counter_ns`` values."""
+
+    layer: str
+    t_start: int = 0
+    t_first: int | None = None
+    t_last: int | None = None
+    t_end: int | None = None
+    units: int = 0  # units passed on (data events, chunks, token events, items)
+    units_in: int | None = None  # units received from below, where the layer knows
+    status: int | None = None
+    content_type: str | None = None
+    stream_requested: bool = True
+    needs_status: bool = False  # an HTTP layer: no status means no response at all
+    terminal_known: bool = False  # the layer can see a terminal marker
+    terminal_seen: bool = False  # [DONE] or a finish_reason
+    error_events: int = 0
+    malformed: int = 0
+    gzip_magic: bool = False
+    pending_fields: int = 0
+    stalled: str | None = None  # "first_chunk" or "idle" when the watchdog fired
+    end: End | None = None
+    exc_type: str | None = None  # class name of the exception that ended it
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_buffered(ev: Evidence) -> bool:
+    if ev.units < BUFFER_MIN_UNITS or ev.t_first is None or ev.t_last is None:
+        return False
+    end = ev.t_end if ev.t_end is not None else ev.t_last
+    total = end - ev.t_start
+    wait = ev.t_first - ev.t_start
+    spread = ev.t_last - ev.t_first
+    if total <= 0 or wait < BUFFER_MIN_WAIT * _SECOND or wait < 0.8 * total:
+        return False
+    if spread > max(0.05 * _SECOND, 0.05 * total):
+        return False
+    return spread / (ev.units - 1) <= BUFFER_MAX_MEAN_GAP * _SECOND
+
+
+def classify(ev: Evidence) -> Outcome:
+    """The one outcome of a stream, by the rules in this module's docstring."""
+    if ev.status is not None and ev.status >= 400:
+        return Outcome.HTTP_ERROR
+    if (
+        ev.stream_requested
+        and ev.status is not None
+        and 200 <= ev.status < 300
+        and _media_type(ev.content_type) != "text/event-stream"
+    ):
+        return Outcome.WRONG_CONTENT_TYPE
+    if (
+        ev.gzip_magic
+        or ev.malformed
+        or is_parse_error(ev.exc_type)
+        or (ev.pending_fields and ev.units == 0)
+    ):
+        return Outcome.MALFORMED
+    if ev.error_events:
+        return Outcome.ERROR_EVENT
+    if ev.stalled or ev.end is End.TIMEOUT:
+        return Outcome.STALLED
+    if ev.needs_status and ev.status is None:  # no response: refused, reset, cancelled
+        return Outcome.DISCONNECTED if ev.end is End.CLOSED else Outcome.ERROR
+    cut_short = not ev.terminal_seen
+    if ev.end is End.ABANDONED and cut_short:
+        return Outcome.ABANDONED
+    if ev.end is End.CLOSED and cut_short:
+        return Outcome.DISCONNECTED
+    if ev.units == 0:
+        return Outcome.EMPTY
+    if cut_short and (ev.end is End.ABRUPT or ev.terminal_known):
+        return Outcome.TRUNCATED
+    if ev.units_in is not None and ev.units < ev.units_in:
+        return Outcome.LOST
+    if ev.end is End.ERROR:
+        return Outcome.ERROR
+    if is_buffered(ev):
+        return Outcome.BUFFERED
+    return Outcome.OK

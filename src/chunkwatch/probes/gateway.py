@@ -1,0 +1,405 @@
+"""The ``gateway`` probe: what actually came over HTTP from the gateway or model.
+
+Seam: the HTTP transport under the openai SDK — ``httpx2`` (openai 3.x) and, when
+installed, ``httpx`` (openai 1.x) — ``HTTPTransport.handle_request`` and
+``AsyncHTTPTransport.handle_async_request``. Only model calls are watched (paths
+ending in ``/chat/completions``, ``/completions`` or ``/responses``).
+
+The span and the tally cover the response **body**, not just the headers: the
+span ``POST /chat/completions`` (kind CLIENT) ends when the body ends, is
+closed, or is abandoned. The body is read with the shared strict SSE parser in
+counting mode; the unit is a ``data:`` event (``[DONE]`` noted, not counted).
+
+Facts noted once: status, content-type, content-length, transfer-encoding,
+content-encoding, gateway request ids, time to headers / first byte / first
+event, bytes, comments, ``[DONE]``, malformed payloads, end kind. Request and
+response header *values* other than those are never read: no Authorization,
+no ``api-key``.
+
+With ``Deadlines(abort=True)`` a stalled async stream is aborted with
+:class:`chunkwatch.StreamStalledError` (a ``ReadTimeout``; the SDK raises
+``APITimeoutError`` from it).
+
+Usage::
+
+    from chunkwatch.probes import gateway
+    gateway.instrument(runtime)   # idempotent
+    gateway.uninstrument()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from opentelemetry.trace import SpanKind
+
+from chunkwatch import semconv as sc
+from chunkwatch.errors import StreamStalledError
+from chunkwatch.ledger import Tally
+from chunkwatch.outcomes import End
+from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.runtime import Runtime, active
+from chunkwatch.sse import SSEParser
+
+__all__ = ["instrument", "uninstrument"]
+
+_OWNER = "chunkwatch.gateway"
+_MODEL_PATHS = ("/chat/completions", "/completions", "/responses")
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+_REQUEST_ID_HEADERS = ("x-request-id", "apim-request-id", "x-ms-request-id", "cf-ray")
+
+
+def _is_model_call(request: Any) -> bool:
+    return bool(request.method == "POST" and request.url.path.endswith(_MODEL_PATHS))
+
+
+def _stream_requested(request: Any) -> bool:
+    try:
+        body = request.content
+    except Exception:  # a streaming request body we cannot peek at
+        return True
+    return bool(_STREAM_RE.search(body))
+
+
+def _open(rt: Runtime, request: Any) -> Tally:
+    url = request.url
+    upstream = rt.upstream_for(f"{url.scheme}://{url.host}:{url.port or ''}")
+    span = rt.start_span(
+        f"POST {_operation(url.path)}",
+        sc.GATEWAY,
+        kind=SpanKind.CLIENT,
+        attributes={
+            sc.HTTP_REQUEST_METHOD: request.method,
+            sc.SERVER_ADDRESS: url.host,
+            sc.SERVER_PORT: url.port or (443 if url.scheme == "https" else 80),
+            sc.URL_SCHEME: url.scheme,
+            sc.URL_PATH: url.path,
+            sc.A_UPSTREAM: upstream,
+        },
+    )
+    stream = _stream_requested(request)
+    return rt.open(
+        sc.GATEWAY,
+        upstream=upstream,
+        span=span,
+        stream_requested=stream,
+        terminal_known=stream,
+        needs_status=True,
+    )
+
+
+def _operation(path: str) -> str:
+    for suffix in _MODEL_PATHS:
+        if path.endswith(suffix):
+            return suffix
+    return path
+
+
+def _note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
+    """Record status and headers; return the parser for the body (None: not an event stream)."""
+    tally.t_headers = time.perf_counter_ns()
+    headers = response.headers
+    tally.status = response.status_code
+    tally.content_type = headers.get("content-type")
+    cl = headers.get("content-length")
+    tally.content_length = int(cl) if cl and cl.isdigit() else None
+    tally.content_encoding = headers.get("content-encoding")
+    facts = {
+        sc.HTTP_RESPONSE_STATUS_CODE: tally.status,
+        "chunkwatch.http.content_type": tally.content_type or "",
+        "chunkwatch.http.transfer_encoding": headers.get("transfer-encoding", ""),
+    }
+    if tally.content_length is not None:
+        facts["chunkwatch.http.content_length"] = tally.content_length
+    if tally.content_encoding:
+        facts["chunkwatch.http.content_encoding"] = tally.content_encoding
+    for name in _REQUEST_ID_HEADERS:
+        if name in headers:
+            facts[f"chunkwatch.http.{name.replace('-', '_')}"] = headers[name][:128]
+    tally.facts["span_attributes"] = facts
+    if not tally.stream_requested:
+        return None
+    return SSEParser()
+
+
+class _Reader:
+    """Feeds body bytes to the parser and the tally; finalizes the tally once."""
+
+    __slots__ = ("_inflate", "parser", "tally")
+
+    def __init__(self, tally: Tally, parser: SSEParser | None) -> None:
+        self.tally = tally
+        self.parser = parser
+        enc = (tally.content_encoding or "").lower()
+        self._inflate = (
+            zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in enc else zlib.MAX_WBITS)
+            if parser is not None and enc in ("gzip", "deflate", "x-gzip")
+            else None
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        tally = self.tally
+        tally.bytes += len(chunk)
+        parser = self.parser
+        if parser is None:
+            return
+        if tally.facts.get("t_first_byte") is None:
+            tally.facts["t_first_byte"] = time.perf_counter_ns()
+        if self._inflate is not None:
+            chunk = self._inflate.decompress(chunk)
+        before = parser.data_events
+        parser.feed(chunk)
+        new = parser.data_events - before
+        if new:
+            tally.unit(new)
+
+    def end(self, end: End, exc: BaseException | None = None) -> None:
+        tally = self.tally
+        if tally.finished:
+            return
+        parser = self.parser
+        if parser is not None:
+            parser.close()
+            tally.terminal_seen = parser.done
+            tally.error_events = parser.error_events
+            tally.malformed = parser.malformed
+            tally.gzip_magic = parser.gzip_magic and not tally.content_encoding
+            tally.pending_fields = parser.pending_fields
+            tally.comments = parser.comments
+            if parser.first_error:
+                tally.facts["malformed_why"] = parser.first_error
+        elif tally.status is not None and tally.bytes:
+            tally.unit()  # a whole non-stream response is one unit
+        if exc is not None:
+            tally.exc_type = type(exc).__name__
+        self._span_facts()
+        tally.finish(end)
+
+    def _span_facts(self) -> None:
+        tally = self.tally
+        span = tally.span
+        if span is None:
+            return
+        attrs = dict(tally.facts.get("span_attributes", {}))
+        attrs[sc.A_BYTES] = tally.bytes
+        attrs[sc.A_DONE] = tally.terminal_seen
+        attrs[sc.A_COMMENTS] = tally.comments
+        if tally.t_headers is not None:
+            attrs["chunkwatch.time_to_headers"] = (tally.t_headers - tally.t_start) / 1e9
+        first_byte = tally.facts.get("t_first_byte")
+        if first_byte is not None:
+            attrs["chunkwatch.time_to_first_byte"] = (first_byte - tally.t_start) / 1e9
+        span.set_attributes(attrs)
+
+
+def _stalled(tally: Tally) -> StreamStalledError | None:
+    aborted = tally.facts.get("aborted")
+    if aborted is None:
+        return None
+    kind, after = aborted
+    return StreamStalledError(kind, after, sc.GATEWAY)
+
+
+def _set_abort(tally: Tally) -> None:
+    """Let the watchdog cancel the task now waiting on this stream; the probe turns that
+    into StreamStalledError. The waiting task changes: langchain-openai reads each chunk
+    in a task of its own (``asyncio.wait_for``), so the body records it at every read."""
+    tally.facts["task"] = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def cancel() -> None:
+        task = tally.facts.get("task")
+        if task is not None and not task.done():
+            task.cancel()
+
+    tally.facts["abort"] = lambda: loop.call_soon_threadsafe(cancel)
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _make_async(mod: Any) -> Callable[[Any], Any]:
+    base = mod.AsyncByteStream
+
+    class WatchedAsyncBody(base):  # type: ignore[misc, valid-type]
+        def __init__(self, inner: Any, reader: _Reader) -> None:
+            self._inner = inner
+            self._reader = reader
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            reader = self._reader
+            facts = reader.tally.facts
+            current_task = asyncio.current_task
+            it = self._inner.__aiter__()
+            try:
+                while True:
+                    facts["task"] = current_task()  # the task that waits for this read
+                    try:
+                        chunk = await it.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    try:
+                        reader.feed(chunk)
+                    except Exception:
+                        _bookkeeping_error("feed")
+                    yield chunk
+            except asyncio.CancelledError:
+                stalled = _stalled(reader.tally)
+                if stalled is None:
+                    reader.end(End.CLOSED)
+                    raise
+                _uncancel()
+                reader.end(End.TIMEOUT, stalled)
+                raise stalled from None
+            except BaseException as exc:
+                reader.end(_end_for(exc), exc)
+                raise
+            reader.end(End.CLEAN)
+
+        async def aclose(self) -> None:
+            try:
+                await self._inner.aclose()
+            finally:
+                self._reader.end(End.CLOSED)
+
+        def __del__(self) -> None:
+            if not self._reader.tally.finished:
+                self._reader.end(End.ABANDONED)
+
+    def make(original: Any) -> Any:
+        async def handle_async_request(self: Any, request: Any) -> Any:
+            rt = active()
+            if rt is None or not _is_model_call(request):
+                return await original(self, request)
+            try:
+                tally = _open(rt, request)
+                _set_abort(tally)
+            except Exception:
+                rt.bookkeeping_error(sc.GATEWAY, "open")
+                return await original(self, request)
+            try:
+                response = await original(self, request)
+            except asyncio.CancelledError:
+                stalled = _stalled(tally)
+                if stalled is None:
+                    _Reader(tally, None).end(End.CLOSED)
+                    raise
+                _uncancel()
+                _Reader(tally, None).end(End.TIMEOUT, stalled)
+                raise stalled from None
+            except BaseException as exc:
+                _Reader(tally, None).end(_end_for(exc), exc)
+                raise
+            try:
+                reader = _Reader(tally, _note_headers(rt, tally, response))
+                response.stream = WatchedAsyncBody(response.stream, reader)
+            except Exception:
+                rt.bookkeeping_error(sc.GATEWAY, "headers")
+            return response
+
+        return handle_async_request
+
+    return make
+
+
+def _make_sync(mod: Any) -> Callable[[Any], Any]:
+    base = mod.SyncByteStream
+
+    class WatchedSyncBody(base):  # type: ignore[misc, valid-type]
+        def __init__(self, inner: Any, reader: _Reader) -> None:
+            self._inner = inner
+            self._reader = reader
+
+        def __iter__(self) -> Iterator[bytes]:
+            reader = self._reader
+            try:
+                for chunk in self._inner:
+                    try:
+                        reader.feed(chunk)
+                    except Exception:
+                        _bookkeeping_error("feed")
+                    yield chunk
+            except GeneratorExit:
+                reader.end(End.CLOSED)
+                raise
+            except BaseException as exc:
+                reader.end(_end_for(exc), exc)
+                raise
+            reader.end(End.CLEAN)
+
+        def close(self) -> None:
+            try:
+                self._inner.close()
+            finally:
+                self._reader.end(End.CLOSED)
+
+        def __del__(self) -> None:
+            if not self._reader.tally.finished:
+                self._reader.end(End.ABANDONED)
+
+    def make(original: Any) -> Any:
+        def handle_request(self: Any, request: Any) -> Any:
+            rt = active()
+            if rt is None or not _is_model_call(request):
+                return original(self, request)
+            try:
+                tally = _open(rt, request)
+            except Exception:
+                rt.bookkeeping_error(sc.GATEWAY, "open")
+                return original(self, request)
+            try:
+                response = original(self, request)
+            except BaseException as exc:
+                _Reader(tally, None).end(_end_for(exc), exc)
+                raise
+            try:
+                reader = _Reader(tally, _note_headers(rt, tally, response))
+                response.stream = WatchedSyncBody(response.stream, reader)
+            except Exception:
+                rt.bookkeeping_error(sc.GATEWAY, "headers")
+            return response
+
+        return handle_request
+
+    return make
+
+
+def _end_for(exc: BaseException) -> End:
+    from chunkwatch.outcomes import end_for_exception
+
+    return end_for_exception(exc)
+
+
+def _bookkeeping_error(stage: str) -> None:
+    rt = active()
+    if rt is not None:
+        rt.bookkeeping_error(sc.GATEWAY, stage)
+
+
+def _modules() -> list[Any]:
+    mods = []
+    for name in ("httpx2", "httpx"):
+        try:
+            mods.append(__import__(name))
+        except ImportError:
+            continue
+    return mods
+
+
+def instrument(runtime: Runtime | None = None) -> None:
+    """Patch the transports of httpx2 and httpx (whichever are installed). Idempotent."""
+    for mod in _modules():
+        patch(_OWNER, mod.AsyncHTTPTransport, "handle_async_request", _make_async(mod))
+        patch(_OWNER, mod.HTTPTransport, "handle_request", _make_sync(mod))
+
+
+def uninstrument() -> None:
+    unpatch(_OWNER)

@@ -1,0 +1,186 @@
+"""The ``http`` probe: the inbound request, from its first byte to its last.
+
+Seam: the WSGI application (for Flask, ``app.wsgi_app``). For every request it
+creates the request's :class:`~chunkwatch.ledger.Ledger` (``environ
+["chunkwatch.ledger"]``; :func:`request_ledger` inside a Flask view) and the
+server span ``{method} {route}``, continuing a W3C ``traceparent`` if the client
+sent one. For ``text/event-stream`` responses it wraps the body in the ``sse``
+probe, and the server span ends only after the last byte — or the disconnect.
+
+When the body ends, the verdict is drawn (:meth:`Runtime.finish_request`): it
+goes on the server span, in one log line, and in
+``chunkwatch_requests_total`` (event-stream responses only, so health checks and
+metric scrapes do not count as requests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from chunkwatch import semconv as sc
+from chunkwatch.ledger import Ledger, Tally
+from chunkwatch.outcomes import End
+from chunkwatch.probes.sse_out import SSEBody
+from chunkwatch.runtime import Runtime, active
+
+__all__ = ["ChunkwatchMiddleware", "request_ledger"]
+
+ENVIRON_KEY = "chunkwatch.ledger"
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def request_ledger() -> Ledger | None:
+    """The ledger of the Flask request being handled (None outside one, or uninstrumented)."""
+    from flask import has_request_context, request
+
+    if not has_request_context():
+        return None
+    ledger: Ledger | None = request.environ.get(ENVIRON_KEY)
+    return ledger
+
+
+class _EnvironGetter(Getter[dict[str, Any]]):
+    def get(self, carrier: dict[str, Any], key: str) -> list[str] | None:
+        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        return [value] if value is not None else None
+
+    def keys(self, carrier: dict[str, Any]) -> list[str]:
+        return [k[5:].lower().replace("_", "-") for k in carrier if k.startswith("HTTP_")]
+
+
+_GETTER = _EnvironGetter()
+
+
+class ChunkwatchMiddleware:
+    """WSGI middleware: the ``http`` and ``sse`` probes for any WSGI app."""
+
+    def __init__(self, app: WSGIApp, runtime: Runtime | None = None) -> None:
+        self.app = app
+        self._runtime = runtime
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        rt = self._runtime or active()
+        if rt is None:
+            return self.app(environ, start_response)
+        try:
+            ledger, tally = self._open(rt, environ)
+        except Exception:
+            rt.bookkeeping_error(sc.HTTP, "open")
+            return self.app(environ, start_response)
+        request = _Request(rt, ledger, tally)
+
+        def _start_response(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+            request.started(status, headers)
+            return start_response(status, headers, *exc)
+
+        try:
+            with trace.use_span(
+                tally.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
+                body = self.app(environ, _start_response)
+        except BaseException as exc:
+            request.end(End.ERROR, exc)
+            raise
+        return request.wrap(body)
+
+    def _open(self, rt: Runtime, environ: dict[str, Any]) -> tuple[Ledger, Tally]:
+        ledger = Ledger()
+        environ[ENVIRON_KEY] = ledger
+        parent = propagate.extract(environ, getter=_GETTER)
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "/")
+        span = rt.start_span(
+            method,
+            sc.HTTP,
+            kind=SpanKind.SERVER,
+            context=parent,
+            attributes={
+                sc.HTTP_REQUEST_METHOD: method,
+                sc.URL_PATH: path,
+                sc.URL_SCHEME: environ.get("wsgi.url_scheme", "http"),
+            },
+        )
+        if span is not None:
+            ledger.parent_context = trace.set_span_in_context(span)
+        tally = rt.open(sc.HTTP, ledger=ledger, span=span, watch=False)
+        tally.facts["method"] = method
+        return ledger, tally
+
+
+class _Request:
+    """One request's http tally; ends it exactly once and draws the verdict."""
+
+    def __init__(self, rt: Runtime, ledger: Ledger, tally: Tally) -> None:
+        self.rt, self.ledger, self.tally = rt, ledger, tally
+        self.status = 0
+        self.streaming = False
+        self.root_context = ledger.parent_context
+
+    def started(self, status: str, headers: list[tuple[str, str]]) -> None:
+        try:
+            self.status = int(status.split(" ", 1)[0])
+            for name, value in headers:
+                if name.lower() == "content-type":
+                    self.streaming = value.lower().startswith("text/event-stream")
+            if self.tally.span is not None:
+                self.tally.span.set_attribute(sc.HTTP_RESPONSE_STATUS_CODE, self.status)
+                if self.status >= 500:
+                    self.tally.span.set_status(Status(StatusCode.ERROR))
+        except Exception:
+            self.rt.bookkeeping_error(sc.HTTP, "start_response")
+
+    def wrap(self, body: Iterable[bytes]) -> Iterable[bytes]:
+        if self.streaming:
+            return SSEBody(body, self.rt, self.ledger, on_end=self._body_ended)
+        return _PlainBody(body, self)
+
+    def _body_ended(self, end: End) -> None:
+        self.ledger.parent_context = self.root_context
+        self.end(End.CLOSED if end is End.CLOSED else End.CLEAN)
+
+    def end(self, end: End, exc: BaseException | None = None) -> None:
+        tally = self.tally
+        if tally.finished:
+            return
+        if self.status >= 500:
+            tally.status = self.status
+        if exc is not None:
+            tally.exc_type = type(exc).__name__
+        tally.unit()
+        span = tally.span
+        route = tally.facts.get("route")
+        if span is not None and route:
+            span.update_name(f"{tally.facts['method']} {route}")
+            span.set_attribute(sc.HTTP_ROUTE, route)
+        if not self.streaming:
+            tally.finish(end)
+            return
+        tally.facts["keep_span_open"] = True  # the verdict goes on it first
+        tally.finish(end)
+        self.rt.finish_request(self.ledger, span)
+        if span is not None:
+            span.set_attribute(sc.A_CHUNKS, self.ledger.units(sc.SSE))
+            span.end()
+
+
+class _PlainBody:
+    """A non-streaming body: the request ends when the server closes it."""
+
+    def __init__(self, body: Iterable[bytes], request: _Request) -> None:
+        self._body, self._request = body, request
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._request.end(End.CLEAN)

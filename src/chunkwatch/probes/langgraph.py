@@ -1,0 +1,130 @@
+"""The ``langgraph`` probe: what the graph's stream handed to the application.
+
+Seam: ``Pregel.astream_events`` (v1/v2) and ``Pregel.astream`` of compiled
+graphs. The outermost call per task is watched (a nested call — a subgraph, or
+``astream_events`` running ``astream`` underneath — passes through), as the
+span ``invoke_agent {graph}``; the model and HTTP spans of its nodes are its
+children. Units: ``on_chat_model_stream`` events under ``astream_events``
+(``unit=token``); items under ``astream`` (``unit`` = the stream mode, e.g.
+``updates``).
+
+Error translation: langgraph and langchain-core raise
+``ValueError("No generations found in stream.")`` when a node's model call was
+streamed and the provider yielded zero chunks; the probe raises
+:class:`chunkwatch.StreamEmptyError` from it (a ``ValueError`` subclass, chained
+to the original, carrying the verdict). Every other exception passes through
+unchanged, as the same object.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncIterator
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from chunkwatch import semconv as sc
+from chunkwatch.errors import NO_GENERATIONS, StreamEmptyError
+from chunkwatch.ledger import Tally
+from chunkwatch.outcomes import End, end_for_exception
+from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.runtime import Runtime, active
+
+__all__ = ["instrument", "translate", "uninstrument"]
+
+_OWNER = "chunkwatch.langgraph"
+_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("chunkwatch_in_graph", default=False)
+_TOKEN_EVENT = "on_chat_model_stream"
+
+
+def translate(exc: BaseException, tally: Tally | None = None) -> BaseException:
+    """``StreamEmptyError`` for langchain-core's empty-stream ``ValueError``, else ``exc``."""
+    if type(exc) is ValueError and NO_GENERATIONS in str(exc):
+        ledger = tally.ledger if tally is not None else None
+        return StreamEmptyError(ledger.verdict() if ledger is not None else None)
+    return exc
+
+
+async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterator[Any]:
+    name = getattr(graph, "name", None) or "LangGraph"
+    span = rt.start_span(
+        f"{sc.SPAN_AGENT} {name}",
+        sc.LANGGRAPH,
+        attributes={sc.GEN_AI_OPERATION_NAME: "invoke_agent", sc.GEN_AI_AGENT_NAME: name},
+    )
+    tally = rt.open(sc.LANGGRAPH, span=span)
+    tally.facts["unit"] = unit
+    tally.facts["unit_name"] = "token events" if unit == "token" else f"{unit} items"
+    tokens = unit == "token"
+    inside = _inside.set(True)
+    attached = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
+    try:
+        async for item in inner:
+            if not tokens or item["event"] == _TOKEN_EVENT:
+                tally.unit()
+            yield item
+    except GeneratorExit:
+        tally.finish(End.CLOSED)
+        raise
+    except BaseException as exc:
+        translated = translate(exc, tally)
+        tally.exc_type = type(translated).__name__
+        tally.finish(end_for_exception(exc))
+        if translated is not exc and rt.translate_errors:
+            raise translated from exc
+        raise
+    else:
+        tally.finish(End.CLEAN)
+    finally:
+        _restore(attached, span)
+        try:
+            _inside.reset(inside)
+        except ValueError:  # finalized in another context: nothing of ours is set there
+            pass
+
+
+def _restore(token: Any, span: Any) -> None:
+    """Detach our span only in the context that attached it (no 'Failed to detach')."""
+    if token is None or trace.get_current_span() is not span:
+        return
+    otel_context.detach(token)
+
+
+def _make_astream_events(original: Any) -> Any:
+    def astream_events(
+        self: Any, input: Any, config: Any = None, *, version: str = "v2", **kwargs: Any
+    ) -> Any:
+        inner = original(self, input, config, version=version, **kwargs)
+        rt = active()
+        if rt is None or version not in ("v1", "v2") or _inside.get():
+            return inner
+        return _watch(inner, rt, self, "token")
+
+    return astream_events
+
+
+def _make_astream(original: Any) -> Any:
+    def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        inner = original(self, input, config, **kwargs)
+        rt = active()
+        if rt is None or _inside.get():
+            return inner
+        mode = kwargs.get("stream_mode") or "values"
+        unit = mode if isinstance(mode, str) else "+".join(mode)
+        return _watch(inner, rt, self, unit)
+
+    return astream
+
+
+def instrument(runtime: Runtime | None = None) -> None:
+    """Patch ``Pregel.astream_events`` and ``Pregel.astream``. Idempotent."""
+    from langgraph.pregel import Pregel
+
+    patch(_OWNER, Pregel, "astream_events", _make_astream_events)
+    patch(_OWNER, Pregel, "astream", _make_astream)
+
+
+def uninstrument() -> None:
+    unpatch(_OWNER)

@@ -1,0 +1,346 @@
+"""The ``sdk`` probe: what the openai SDK handed to the application.
+
+Seam: ``openai.resources.chat.completions.Completions.create`` and
+``AsyncCompletions.create`` — every chat call, streaming or not. The span
+``chat {model}`` (kind CLIENT, GenAI semantic conventions) is current while the
+request is sent, so the ``gateway`` span is its child, and ends with the stream.
+For ``stream=True`` the returned ``Stream`` / ``AsyncStream`` is watched: the
+unit is a chunk; content-bearing chunks, finish reasons and usage are noted.
+
+Finalizes exactly once: iterator exhausted (``clean``), an exception (the same
+exception object propagates), ``close()`` (``closed``), or garbage-collected
+unfinished (``abandoned``).
+
+A stream that ends cleanly with zero chunks raises
+:class:`chunkwatch.StreamEmptyError` (a ``ValueError``) carrying the verdict,
+where the bare SDK would end silently (``translate_errors=False`` turns this
+off). Every other SDK error passes through unchanged.
+
+Content: prompts and completions are recorded only with ``capture_content=True``
+(then truncated to 1000 characters).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from chunkwatch import semconv as sc
+from chunkwatch.errors import StreamEmptyError
+from chunkwatch.ledger import Tally
+from chunkwatch.outcomes import End
+from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.runtime import Runtime, active
+
+__all__ = ["instrument", "uninstrument"]
+
+_OWNER = "chunkwatch.sdk"
+
+
+def _provider(resource: Any) -> str:
+    client = getattr(resource, "_client", None)
+    name = type(client).__name__ if client is not None else ""
+    return sc.GEN_AI_PROVIDER_AZURE if "Azure" in name else sc.GEN_AI_PROVIDER_OPENAI
+
+
+def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
+    client = getattr(resource, "_client", None)
+    model = str(kwargs.get("model") or getattr(client, "_azure_deployment", None) or "unknown")
+    stream = bool(kwargs.get("stream"))
+    provider = _provider(resource)
+    upstream = rt.upstream_for(str(getattr(client, "base_url", "") or "unknown"))
+    attrs: dict[str, Any] = {
+        sc.GEN_AI_OPERATION_NAME: "chat",
+        sc.GEN_AI_PROVIDER_NAME: provider,
+        sc.GEN_AI_REQUEST_MODEL: model,
+        sc.GEN_AI_REQUEST_STREAM: stream,
+        sc.A_UPSTREAM: upstream,
+    }
+    prompt = rt.content(_last_user_text(kwargs.get("messages")))
+    if prompt is not None:
+        attrs[sc.A_PROMPT] = prompt
+    span = rt.start_span(f"chat {model}", sc.SDK, kind=SpanKind.CLIENT, attributes=attrs)
+    tally = rt.open(
+        sc.SDK, upstream=upstream, span=span, stream_requested=stream, terminal_known=stream
+    )
+    tally.facts["genai"] = (provider, model)
+    return tally
+
+
+def _last_user_text(messages: Any) -> str | None:
+    try:
+        for msg in reversed(list(messages or [])):
+            if msg.get("role") == "user":
+                content = msg.get("content")
+                return content if isinstance(content, str) else str(content)
+    except Exception:
+        return None
+    return None
+
+
+class _Chunks:
+    """Per-stream state: counts chunks, notes finish reasons and usage, finishes once."""
+
+    __slots__ = ("__weakref__", "rt", "tally", "text")
+
+    def __init__(self, rt: Runtime, tally: Tally) -> None:
+        self.rt = rt
+        self.tally = tally
+        self.text: list[str] | None = [] if rt.capture_content else None
+
+    def see(self, chunk: Any) -> None:
+        tally = self.tally
+        tally.unit()
+        choices = chunk.choices
+        if choices:
+            choice = choices[0]
+            delta = choice.delta
+            if delta is not None and (delta.content or delta.tool_calls):
+                tally.content_units += 1
+                if self.text is not None and delta.content:
+                    self.text.append(delta.content)
+            if choice.finish_reason is not None:
+                tally.finish_reasons.append(choice.finish_reason)
+                tally.terminal_seen = True
+        if chunk.usage is not None:
+            tally.facts["usage"] = chunk.usage
+        if tally.units == 1:
+            tally.facts["response"] = (chunk.id, chunk.model)
+
+    def end(self, end: End, exc: BaseException | None = None) -> None:
+        tally = self.tally
+        if tally.finished:
+            return
+        if exc is not None:
+            tally.exc_type = type(exc).__name__
+        _span_facts(self.rt, tally, "".join(self.text) if self.text is not None else None)
+        tally.finish(end)
+        _genai_metrics(self.rt, tally)
+
+    def empty_error(self) -> StreamEmptyError | None:
+        tally = self.tally
+        if not self.rt.translate_errors or tally.units or tally.exc_type:
+            return None
+        ledger = tally.ledger
+        return StreamEmptyError(ledger.verdict() if ledger is not None else None)
+
+
+def _span_facts(rt: Runtime, tally: Tally, completion: str | None) -> None:
+    span = tally.span
+    if span is None:
+        return
+    attrs: dict[str, Any] = {sc.A_CONTENT_CHUNKS: tally.content_units}
+    if tally.finish_reasons:
+        attrs[sc.GEN_AI_RESPONSE_FINISH_REASONS] = tally.finish_reasons
+    if tally.time_to_first is not None and tally.stream_requested:
+        attrs[sc.GEN_AI_RESPONSE_TTFC] = tally.time_to_first
+    response = tally.facts.get("response")
+    if response is not None:
+        attrs[sc.GEN_AI_RESPONSE_ID], attrs[sc.GEN_AI_RESPONSE_MODEL] = response
+    usage = tally.facts.get("usage")
+    if usage is not None:
+        attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = usage.prompt_tokens
+        attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.completion_tokens
+    text = rt.content(completion)
+    if text is not None:
+        attrs[sc.A_COMPLETION] = text
+    span.set_attributes(attrs)
+
+
+def _genai_metrics(rt: Runtime, tally: Tally) -> None:
+    try:
+        provider, model = tally.facts["genai"]
+        error = "" if tally.outcome == "ok" else str(tally.outcome)
+        rt.metrics.genai_duration.labels("chat", provider, model, error).observe(tally.duration)
+        if tally.time_to_first is not None and tally.stream_requested:
+            rt.metrics.genai_ttfc.labels("chat", provider, model).observe(tally.time_to_first)
+    except Exception:
+        rt.bookkeeping_error(sc.SDK, "metrics")
+
+
+def _finish_response(rt: Runtime, tally: Tally, result: Any) -> None:
+    """A non-stream response: one unit, finish reasons and usage from the body."""
+    chunks = _Chunks(rt, tally)
+    try:
+        tally.unit()
+        for choice in getattr(result, "choices", None) or []:
+            if choice.finish_reason:
+                tally.finish_reasons.append(choice.finish_reason)
+            message = getattr(choice, "message", None)
+            if message is not None and (message.content or message.tool_calls):
+                tally.content_units += 1
+                if chunks.text is not None and message.content:
+                    chunks.text.append(message.content)
+        if getattr(result, "usage", None) is not None:
+            tally.facts["usage"] = result.usage
+        if hasattr(result, "id"):
+            tally.facts["response"] = (result.id, result.model)
+    except Exception:
+        rt.bookkeeping_error(sc.SDK, "response")
+    chunks.end(End.CLEAN)
+
+
+def _watch_async(stream: Any, chunks: _Chunks) -> None:
+    inner = stream._iterator
+
+    async def counted() -> AsyncIterator[Any]:
+        try:
+            async for chunk in inner:
+                try:
+                    chunks.see(chunk)
+                except Exception:
+                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                yield chunk
+        except GeneratorExit:
+            chunks.end(End.CLOSED)
+            raise
+        except BaseException as exc:
+            chunks.end(_end_for(exc), exc)
+            raise
+        chunks.end(End.CLEAN)
+        error = chunks.empty_error()
+        if error is not None:
+            raise error
+
+    stream._iterator = counted()
+    original_close = stream.close
+
+    async def close() -> None:
+        try:
+            await original_close()
+        finally:
+            chunks.end(End.CLOSED)
+
+    stream.close = close
+    weakref.finalize(stream, _abandon, chunks)
+
+
+def _watch_sync(stream: Any, chunks: _Chunks) -> None:
+    inner = stream._iterator
+
+    def counted() -> Iterator[Any]:
+        try:
+            for chunk in inner:
+                try:
+                    chunks.see(chunk)
+                except Exception:
+                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                yield chunk
+        except GeneratorExit:
+            chunks.end(End.CLOSED)
+            raise
+        except BaseException as exc:
+            chunks.end(_end_for(exc), exc)
+            raise
+        chunks.end(End.CLEAN)
+        error = chunks.empty_error()
+        if error is not None:
+            raise error
+
+    stream._iterator = counted()
+    original_close = stream.close
+
+    def close() -> None:
+        try:
+            original_close()
+        finally:
+            chunks.end(End.CLOSED)
+
+    stream.close = close
+    weakref.finalize(stream, _abandon, chunks)
+
+
+def _current(tally: Tally) -> AbstractContextManager[Any]:
+    """The sdk span as the current span while the request is sent (same frame in and out)."""
+    if tally.span is None:
+        return nullcontext()
+    return trace.use_span(
+        tally.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    )
+
+
+def _abandon(chunks: _Chunks) -> None:
+    chunks.end(End.ABANDONED)
+
+
+def _end_for(exc: BaseException) -> End:
+    from chunkwatch.outcomes import end_for_exception
+
+    return end_for_exception(exc)
+
+
+def _make_async(original: Any) -> Any:
+    import openai
+
+    async def create(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = active()
+        if rt is None:
+            return await original(self, *args, **kwargs)
+        try:
+            tally = _open(rt, self, kwargs)
+        except Exception:
+            rt.bookkeeping_error(sc.SDK, "open")
+            return await original(self, *args, **kwargs)
+        try:
+            with _current(tally):
+                result = await original(self, *args, **kwargs)
+        except BaseException as exc:
+            _Chunks(rt, tally).end(_end_for(exc), exc)
+            raise
+        if isinstance(result, openai.AsyncStream):
+            try:
+                _watch_async(result, _Chunks(rt, tally))
+            except Exception:
+                rt.bookkeeping_error(sc.SDK, "wrap")
+        else:
+            _finish_response(rt, tally, result)
+        return result
+
+    return create
+
+
+def _make_sync(original: Any) -> Any:
+    import openai
+
+    def create(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = active()
+        if rt is None:
+            return original(self, *args, **kwargs)
+        try:
+            tally = _open(rt, self, kwargs)
+        except Exception:
+            rt.bookkeeping_error(sc.SDK, "open")
+            return original(self, *args, **kwargs)
+        try:
+            with _current(tally):
+                result = original(self, *args, **kwargs)
+        except BaseException as exc:
+            _Chunks(rt, tally).end(_end_for(exc), exc)
+            raise
+        if isinstance(result, openai.Stream):
+            try:
+                _watch_sync(result, _Chunks(rt, tally))
+            except Exception:
+                rt.bookkeeping_error(sc.SDK, "wrap")
+        else:
+            _finish_response(rt, tally, result)
+        return result
+
+    return create
+
+
+def instrument(runtime: Runtime | None = None) -> None:
+    """Patch ``Completions.create`` and ``AsyncCompletions.create``. Idempotent."""
+    from openai.resources.chat.completions import completions as mod
+
+    patch(_OWNER, mod.AsyncCompletions, "create", _make_async)
+    patch(_OWNER, mod.Completions, "create", _make_sync)
+
+
+def uninstrument() -> None:
+    unpatch(_OWNER)

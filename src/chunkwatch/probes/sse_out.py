@@ -1,0 +1,124 @@
+"""The ``sse`` probe: what the service actually wrote to the client.
+
+Seam: the WSGI response body of a ``text/event-stream`` response (the ``http``
+probe wraps it; usable alone as :class:`SSEBody`). The outgoing bytes are read
+with the shared strict SSE parser in counting mode: the unit is an event
+written (comments — the open comment, heartbeats — are noted, not counted).
+
+The span ``sse stream`` is a child of the request span and the parent of the
+agent's spans (the ledger's ``parent_context`` points at it while it is open).
+It ends when the body ends (``clean``) or is closed early — the client went
+away — which is ``disconnected`` and counted in
+``chunkwatch_sse_disconnects_total``. Werkzeug notices a disconnect only at the
+next write; heartbeats bound that delay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any
+
+from opentelemetry import trace
+
+from chunkwatch import semconv as sc
+from chunkwatch.ledger import Ledger, Tally
+from chunkwatch.outcomes import End
+from chunkwatch.runtime import Runtime
+from chunkwatch.sse import SSEParser
+
+__all__ = ["SSEBody"]
+
+
+class SSEBody:
+    """A WSGI body that counts the events it passes on and finalizes once.
+
+    ``on_end(end)`` runs after the sse tally finished (the http probe ends the
+    request there).
+    """
+
+    def __init__(
+        self,
+        body: Iterable[bytes],
+        rt: Runtime,
+        ledger: Ledger,
+        *,
+        on_end: Callable[[End], None] | None = None,
+    ) -> None:
+        self._body = body
+        self._rt = rt
+        self._ledger = ledger
+        self._on_end = on_end
+        self._parser = SSEParser()
+        span = rt.start_span(sc.SPAN_SSE, sc.SSE, context=ledger.parent_context)
+        if span is not None:
+            ledger.parent_context = trace.set_span_in_context(span)
+        self.tally: Tally = rt.open(sc.SSE, ledger=ledger, span=span, watch=False)
+        self._gen: Generator[bytes, None, None] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._gen = self._iterate()
+        return self._gen
+
+    def _iterate(self) -> Generator[bytes, None, None]:
+        parser, tally = self._parser, self.tally
+        try:
+            for chunk in self._body:
+                try:
+                    before = parser.events
+                    parser.feed(chunk)
+                    if parser.events != before:
+                        tally.unit(parser.events - before)
+                    tally.bytes += len(chunk)
+                    if tally.facts.get("t_first_byte") is None:
+                        tally.facts["t_first_byte"] = time.perf_counter_ns()
+                except Exception:
+                    self._rt.bookkeeping_error(sc.SSE, "feed")
+                yield chunk
+        except GeneratorExit:
+            self._end(End.CLOSED)
+            raise
+        except BaseException as exc:
+            self._end(End.ERROR, exc)
+            raise
+        self._end(End.CLEAN)
+
+    def close(self) -> None:
+        """Called by the WSGI server when it is done (or when the client went away)."""
+        try:
+            if self._gen is not None:
+                self._gen.close()
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end(End.CLOSED)
+
+    def _end(self, end: End, exc: BaseException | None = None) -> None:
+        tally = self.tally
+        if tally.finished:
+            return
+        rt = self._rt
+        try:
+            tally.comments = self._parser.comments
+            if exc is not None:
+                tally.exc_type = type(exc).__name__
+            if tally.span is not None:
+                attrs: dict[str, Any] = {sc.A_BYTES: tally.bytes, sc.A_COMMENTS: tally.comments}
+                first_byte = tally.facts.get("t_first_byte")
+                if first_byte is not None:
+                    attrs["chunkwatch.time_to_first_byte"] = (first_byte - tally.t_start) / 1e9
+                if end is End.CLOSED:
+                    attrs[sc.A_DISCONNECTED] = True
+                tally.span.set_attributes(attrs)
+        except Exception:
+            rt.bookkeeping_error(sc.SSE, "finish")
+        # The ledger's parent for new work is the request again, not a finished span.
+        tally.finish(end)
+        if end is End.CLOSED:
+            try:
+                rt.metrics.sse_disconnects.labels(self._ledger.upstream or "none").inc()
+            except Exception:
+                rt.bookkeeping_error(sc.SSE, "metrics")
+        if self._on_end is not None:
+            self._on_end(end)

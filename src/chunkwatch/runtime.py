@@ -1,0 +1,251 @@
+"""The instrumentation runtime: what every probe shares.
+
+One :class:`Runtime` holds the injected parts (metrics registry, tracer
+provider, upstream names, deadlines, content capture) and does the once-per-
+stream work: when a probe's tally finishes, the runtime classifies nothing
+itself (the tally did) but writes the span attributes, ends the span, and
+writes the metrics. When a request ends, it draws the verdict and writes it to
+the root span, the log and ``chunkwatch_requests_total``.
+
+Every step is guarded: a failure inside chunkwatch is logged at debug and
+counted in ``chunkwatch_instrumentation_errors_total{layer,stage}``; the host
+never sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry
+
+from chunkwatch import semconv as sc
+from chunkwatch.ledger import Ledger, Tally, current_ledger
+from chunkwatch.metrics import Metrics, upstream_name
+from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
+from chunkwatch.verdict import Verdict, describe
+from chunkwatch.watchdog import Deadlines, Watchdog
+
+__all__ = ["Runtime", "activate", "active"]
+
+log = logging.getLogger("chunkwatch")
+
+CONTENT_LIMIT = 1000  # characters of prompt / completion kept when capture is on
+
+
+def trace_id_of(span: Span | None) -> str | None:
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    if not ctx.is_valid or not ctx.trace_flags.sampled:
+        return None
+    return format(ctx.trace_id, "032x")
+
+
+class Runtime:
+    """Shared state of one ``chunkwatch.instrument(...)``."""
+
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        upstreams: Mapping[str, str] | None = None,
+        deadlines: Deadlines | None = None,
+        capture_content: bool = False,
+        translate_errors: bool = True,
+    ) -> None:
+        from chunkwatch import __version__
+
+        self.metrics = Metrics(registry)
+        self.tracer = trace.get_tracer("chunkwatch", __version__, tracer_provider=tracer_provider)
+        self.upstreams = dict(upstreams or {})
+        self.deadlines = deadlines or Deadlines()
+        self.capture_content = capture_content
+        self.translate_errors = translate_errors
+        self.watchdog = Watchdog(self._on_stall)
+
+    # -- naming -----------------------------------------------------------------------------
+
+    def upstream_for(self, url: str) -> str:
+        return upstream_name(url, self.upstreams)
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def ledger(self) -> Ledger:
+        """The current request's ledger, or a ledger of its own for a stream outside one."""
+        return current_ledger() or Ledger()
+
+    def start_span(
+        self,
+        name: str,
+        layer: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        context: Any = None,
+        attributes: Mapping[str, Any] | None = None,
+        links: Any = None,
+    ) -> Span | None:
+        try:
+            attrs = {sc.A_LAYER: layer, **(attributes or {})}
+            return self.tracer.start_span(
+                name, context=context, kind=kind, attributes=attrs, links=links
+            )
+        except Exception:
+            self.bookkeeping_error(layer, "span")
+            return None
+
+    def open(
+        self,
+        layer: str,
+        *,
+        ledger: Ledger | None = None,
+        upstream: str | None = None,
+        span: Span | None = None,
+        watch: bool = True,
+        **facts: Any,
+    ) -> Tally:
+        ledger = ledger or self.ledger()
+        tally = ledger.open(layer, upstream=upstream, on_finish=self._finish, **facts)
+        tally.span = span
+        try:
+            self.metrics.stream_opened(layer)
+        except Exception:
+            self.bookkeeping_error(layer, "open")
+        if watch:
+            first, idle = self.deadlines.for_layer(layer)
+            if first is not None or idle is not None:
+                tally.facts["deadlines"] = (first, idle)
+                self.watchdog.watch(tally, first, idle)
+        return tally
+
+    def _finish(self, t: Tally) -> None:
+        self.watchdog.forget(t)
+        if t.upstream == "none" and t.ledger is not None and t.ledger.upstream:
+            t.upstream = t.ledger.upstream  # opened before the request reached a model
+        span = t.span
+        try:
+            self.metrics.stream_finished(t, trace_id_of(span), counted=t.stalled is not None)
+        except Exception:
+            self.bookkeeping_error(t.layer, "metrics")
+        if span is None:
+            return
+        try:
+            outcome = t.outcome or Outcome.OK
+            attrs: dict[str, Any] = {
+                sc.A_CHUNKS: t.units,
+                sc.A_OUTCOME: str(outcome),
+                sc.A_UPSTREAM: t.upstream,
+            }
+            if t.end is not None:
+                attrs[sc.A_END] = str(t.end)
+            if t.time_to_first is not None:
+                attrs[sc.A_TTFC] = t.time_to_first
+            if t.units > 1:
+                attrs[sc.A_GAP_MAX] = t.max_gap_ns / 1e9
+            if outcome is not Outcome.OK:
+                attrs[sc.ERROR_TYPE] = str(outcome)
+                attrs[sc.A_DETAIL] = describe(t)
+            span.set_attributes(attrs)
+            if outcome in FAULT_OUTCOMES:
+                span.set_status(Status(StatusCode.ERROR, str(outcome)))
+            if not t.facts.get("keep_span_open"):
+                span.end()
+        except Exception:
+            self.bookkeeping_error(t.layer, "span")
+
+    def _on_stall(self, t: Tally, kind: str, after: float) -> None:
+        t.facts["deadline"] = after
+        self.metrics.stall(t, kind, trace_id_of(t.span))
+        if t.span is not None:
+            t.span.add_event(
+                sc.EVENT_STALL,
+                {sc.A_STALL_KIND: kind, sc.A_STALL_AFTER: after, sc.A_CHUNKS: t.units},
+            )
+        log.warning(
+            "chunkwatch stall layer=%s kind=%s after=%.1fs upstream=%s units=%d",
+            t.layer,
+            kind,
+            after,
+            t.upstream,
+            t.units,
+        )
+        abort = t.facts.get("abort")
+        if self.deadlines.abort and abort is not None:
+            t.facts["aborted"] = (kind, after)
+            abort()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def finish_request(self, ledger: Ledger, span: Span | None) -> Verdict | None:
+        """Draw the verdict of a finished request and write it everywhere it goes."""
+        try:
+            verdict = ledger.verdict()
+        except Exception:
+            self.bookkeeping_error(sc.HTTP, "verdict")
+            return None
+        upstream = ledger.upstream or "none"
+        trace_id = trace_id_of(span)
+        try:
+            self.metrics.request_finished(verdict, upstream, trace_id)
+        except Exception:
+            self.bookkeeping_error(sc.HTTP, "metrics")
+        if span is not None:
+            try:
+                attrs: dict[str, Any] = {
+                    sc.A_VERDICT: str(verdict),
+                    sc.A_VERDICT_LAYER: verdict.layer,
+                    sc.A_VERDICT_OUTCOME: str(verdict.outcome),
+                    sc.A_VERDICT_DETAIL: verdict.detail,
+                    sc.A_UPSTREAM: upstream,
+                }
+                for layer, units in ledger.funnel().items():
+                    attrs[sc.A_FUNNEL_PREFIX + layer] = units
+                attrs.update(ledger.attributes)
+                span.set_attributes(attrs)
+                if not verdict.ok:
+                    span.set_attribute(sc.ERROR_TYPE, str(verdict.outcome))
+            except Exception:
+                self.bookkeeping_error(sc.HTTP, "span")
+        level = logging.INFO if verdict.ok else logging.WARNING
+        log.log(
+            level,
+            "chunkwatch verdict=%s upstream=%s trace_id=%s detail=%s",
+            verdict,
+            upstream,
+            trace_id or "-",
+            verdict.detail,
+        )
+        return verdict
+
+    # -- content (opt-in only) --------------------------------------------------------------
+
+    def content(self, text: str | None) -> str | None:
+        if not self.capture_content or text is None:
+            return None
+        return text[:CONTENT_LIMIT]
+
+    # -- errors of our own ------------------------------------------------------------------
+
+    def bookkeeping_error(self, layer: str, stage: str) -> None:
+        log.debug("chunkwatch: %s bookkeeping failed at %s", layer, stage, exc_info=True)
+        self.metrics.instrumentation_error(layer, stage)
+
+    def close(self) -> None:
+        self.watchdog.stop()
+
+
+_active: Runtime | None = None
+
+
+def active() -> Runtime | None:
+    """The runtime of the current ``chunkwatch.instrument(...)``, if any."""
+    return _active
+
+
+def activate(runtime: Runtime | None) -> None:
+    global _active
+    _active = runtime

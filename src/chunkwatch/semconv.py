@@ -1,0 +1,105 @@
+"""Every name chunkwatch emits: layers, metric names, span names and attribute keys.
+
+Code, dashboards, alert rules and the collector config are checked against this
+module by tests, so a rename happens here or nowhere. Where OpenTelemetry's
+semantic conventions (GenAI, HTTP, error) define a name, it is used as-is.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- layers, bottom (network) to top (browser) ------------------------------------------------
+GATEWAY: Final = "gateway"
+SDK: Final = "sdk"
+LANGGRAPH: Final = "langgraph"
+QUEUE: Final = "queue"
+SSE: Final = "sse"
+HTTP: Final = "http"
+LAYERS: Final = (GATEWAY, SDK, LANGGRAPH, QUEUE, SSE, HTTP)
+NO_LAYER: Final = "none"  # the verdict layer of a healthy request
+
+# -- metric names (Prometheus; counters are exposed with the `_total` suffix) -------------------
+REQUESTS: Final = "chunkwatch_requests"
+STREAMS: Final = "chunkwatch_streams"
+CHUNKS: Final = "chunkwatch_chunks"
+TIME_TO_FIRST_CHUNK: Final = "chunkwatch_time_to_first_chunk_seconds"
+STREAM_DURATION: Final = "chunkwatch_stream_duration_seconds"
+CHUNK_GAP_MAX: Final = "chunkwatch_chunk_gap_max_seconds"
+STREAMS_OPEN: Final = "chunkwatch_streams_open"
+QUEUE_WAIT: Final = "chunkwatch_queue_wait_seconds"
+QUEUE_DEPTH_MAX: Final = "chunkwatch_queue_depth_max"
+SSE_DISCONNECTS: Final = "chunkwatch_sse_disconnects"
+INSTRUMENTATION_ERRORS: Final = "chunkwatch_instrumentation_errors"
+STALLS: Final = "chunkwatch_stalls"
+GENAI_OPERATION_DURATION: Final = "gen_ai_client_operation_duration_seconds"
+GENAI_TIME_TO_FIRST_CHUNK: Final = "gen_ai_client_operation_time_to_first_chunk_seconds"
+
+# -- metric label names -----------------------------------------------------------------------
+L_LAYER: Final = "layer"
+L_OUTCOME: Final = "outcome"
+L_UPSTREAM: Final = "upstream"
+L_STAGE: Final = "stage"
+L_KIND: Final = "kind"
+
+# -- span names -------------------------------------------------------------------------------
+SPAN_SSE: Final = "sse stream"
+SPAN_AGENT: Final = "invoke_agent"  # GenAI: "invoke_agent {agent}"
+SPAN_QUEUE_PUBLISH: Final = "queue publish"
+SPAN_QUEUE_RECEIVE: Final = "queue receive"
+
+# -- span event names -------------------------------------------------------------------------
+EVENT_STALL: Final = "chunkwatch.stall"
+
+# -- our attribute keys -----------------------------------------------------------------------
+A_LAYER: Final = "chunkwatch.layer"
+A_CHUNKS: Final = "chunkwatch.chunks"
+A_OUTCOME: Final = "chunkwatch.outcome"
+A_END: Final = "chunkwatch.end"
+A_UPSTREAM: Final = "chunkwatch.upstream"
+A_DETAIL: Final = "chunkwatch.detail"
+A_VERDICT: Final = "chunkwatch.verdict"  # "<outcome>@<layer>" or "ok"
+A_VERDICT_LAYER: Final = "chunkwatch.verdict.layer"
+A_VERDICT_OUTCOME: Final = "chunkwatch.verdict.outcome"
+A_VERDICT_DETAIL: Final = "chunkwatch.verdict.detail"
+A_FUNNEL_PREFIX: Final = "chunkwatch.funnel."  # + layer: units that layer passed on
+A_TTFC: Final = "chunkwatch.time_to_first_chunk"
+A_GAP_MAX: Final = "chunkwatch.chunk_gap_max"
+A_CONTENT_CHUNKS: Final = "chunkwatch.content_chunks"
+A_BYTES: Final = "chunkwatch.bytes"
+A_DONE: Final = "chunkwatch.done_seen"
+A_COMMENTS: Final = "chunkwatch.comments"
+A_STALL_KIND: Final = "chunkwatch.stall.kind"
+A_STALL_AFTER: Final = "chunkwatch.stall.after"
+A_QUEUE_DEPTH_MAX: Final = "chunkwatch.queue.depth_max"
+A_QUEUE_WAIT: Final = "chunkwatch.queue.wait"
+A_DISCONNECTED: Final = "chunkwatch.client_disconnected"
+A_MODE: Final = "chunkwatch.stream_mode"
+A_PROMPT: Final = "chunkwatch.content.prompt"  # only with capture_content=True
+A_COMPLETION: Final = "chunkwatch.content.completion"  # only with capture_content=True
+
+# -- OpenTelemetry semantic conventions we use --------------------------------------------------
+ERROR_TYPE: Final = "error.type"
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_REQUEST_STREAM: Final = "gen_ai.request.stream"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+GEN_AI_RESPONSE_TTFC: Final = "gen_ai.response.time_to_first_chunk"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
+GEN_AI_PROVIDER_AZURE: Final = "azure.ai.openai"
+GEN_AI_PROVIDER_OPENAI: Final = "openai"
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+HTTP_ROUTE: Final = "http.route"
+URL_PATH: Final = "url.path"
+URL_SCHEME: Final = "url.scheme"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+MESSAGING_SYSTEM: Final = "messaging.system"
+MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
+MESSAGING_BATCH_COUNT: Final = "messaging.batch.message_count"

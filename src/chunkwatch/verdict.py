@@ -1,0 +1,192 @@
+"""The verdict: the lowest layer where data stopped or changed, in one sentence.
+
+:func:`judge` reads a :class:`~chunkwatch.ledger.Ledger` bottom-up (gateway, sdk,
+langgraph, queue, sse, http):
+
+1. the first stream, lowest layer first, whose outcome is a fault (anything but
+   ``ok``, ``disconnected`` and ``abandoned``) is the verdict;
+2. otherwise units lost between two layers that count the same unit (gateway data
+   events -> sdk chunks -> langgraph token events) is ``lost`` at the upper layer;
+3. otherwise a client that went away is ``disconnected`` at the layer that noticed it:
+   the highest layer below ``http`` that saw it (``sse`` for an event stream);
+   ``abandoned`` likewise;
+4. otherwise ``ok`` (layer ``none``).
+
+:func:`describe` words one tally's evidence for a person: what was seen, at which
+layer, and what it means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from chunkwatch import semconv as sc
+from chunkwatch.outcomes import FAULT_OUTCOMES, End, Outcome
+
+if TYPE_CHECKING:
+    from chunkwatch.ledger import Ledger, Tally
+
+__all__ = ["Verdict", "describe", "judge"]
+
+_ORDER = {layer: i for i, layer in enumerate(sc.LAYERS)}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    layer: str  # a layer name, or "none" when ok
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    def __str__(self) -> str:
+        return "ok" if self.ok else f"{self.outcome}@{self.layer}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "outcome": str(self.outcome), "detail": self.detail}
+
+
+def judge(ledger: Ledger) -> Verdict:
+    tallies = sorted(
+        (t for t in ledger.tallies if t.outcome is not None),
+        key=lambda t: (_ORDER.get(t.layer, len(_ORDER)), t.t_start),
+    )
+    for t in tallies:
+        if t.outcome in FAULT_OUTCOMES:
+            return Verdict(t.outcome, t.layer, describe(t))
+    lost = _lost_between_layers(ledger)
+    if lost is not None:
+        return lost
+    gone = [t for t in tallies if t.outcome in (Outcome.DISCONNECTED, Outcome.ABANDONED)]
+    if gone:
+        below_http = [t for t in gone if t.layer != sc.HTTP]
+        t = (below_http or gone)[-1]
+        return Verdict(t.outcome or Outcome.DISCONNECTED, t.layer, describe(t))
+    return Verdict(Outcome.OK, sc.NO_LAYER, _ok_detail(ledger))
+
+
+def _lost_between_layers(ledger: Ledger) -> Verdict | None:
+    streamed = [t for t in ledger.layer(sc.GATEWAY) if t.stream_requested]
+    sdk = [t for t in ledger.layer(sc.SDK) if t.stream_requested]
+    pairs: list[tuple[str, int, str, int]] = []
+    if streamed and sdk:
+        pairs.append(
+            (sc.GATEWAY, sum(t.units for t in streamed), sc.SDK, sum(t.units for t in sdk))
+        )
+    tokens = [t for t in ledger.layer(sc.LANGGRAPH) if t.facts.get("unit") == "token"]
+    if sdk and tokens:
+        pairs.append(
+            (sc.SDK, sum(t.units for t in sdk), sc.LANGGRAPH, sum(t.units for t in tokens))
+        )
+    for below, n_below, above, n_above in pairs:
+        if n_above < n_below:
+            return Verdict(
+                Outcome.LOST,
+                above,
+                f"{above}: passed on {n_above} of the {n_below} units {below} delivered "
+                f"— {n_below - n_above} lost between {below} and {above}",
+            )
+    return None
+
+
+def _ok_detail(ledger: Ledger) -> str:
+    funnel = ", ".join(f"{layer} {n}" for layer, n in ledger.funnel().items())
+    return f"every layer passed its data on ({funnel})" if funnel else "no streams seen"
+
+
+# -- describing one tally ---------------------------------------------------------------------
+
+_MEANING = {
+    (sc.GATEWAY, Outcome.EMPTY): "the stream was dropped before the model's first token",
+    (sc.GATEWAY, Outcome.WRONG_CONTENT_TYPE): "a proxy aggregated or replaced the stream",
+    (sc.GATEWAY, Outcome.BUFFERED): "a proxy buffers the stream and forwards it at the end",
+    (sc.GATEWAY, Outcome.TRUNCATED): "the stream was cut short between the model and here",
+    (sc.GATEWAY, Outcome.STALLED): "the upstream accepted the stream and went silent",
+    (sc.GATEWAY, Outcome.MALFORMED): "the bytes are not a valid event stream of JSON chunks",
+    (sc.GATEWAY, Outcome.ERROR_EVENT): "the upstream reported an error inside the stream",
+}
+_GENERIC = {
+    Outcome.EMPTY: "no data reached this layer",
+    Outcome.TRUNCATED: "the answer is incomplete",
+    Outcome.STALLED: "nothing arrived within the deadline",
+    Outcome.BUFFERED: "the data arrived in one burst at the end",
+    Outcome.WRONG_CONTENT_TYPE: "the response is not an event stream",
+    Outcome.HTTP_ERROR: "the request was refused",
+    Outcome.MALFORMED: "the data could not be parsed",
+    Outcome.ERROR_EVENT: "an error was reported inside the stream",
+    Outcome.DISCONNECTED: "the consumer went away before the end",
+    Outcome.ABANDONED: "the stream was dropped without being finished or closed",
+    Outcome.LOST: "units were dropped at this layer",
+    Outcome.ERROR: "an exception ended the stream",
+    Outcome.OK: "healthy",
+}
+_UNIT = {
+    sc.GATEWAY: "data events",
+    sc.SDK: "chunks",
+    sc.LANGGRAPH: "token events",
+    sc.QUEUE: "items",
+    sc.SSE: "events",
+    sc.HTTP: "responses",
+}
+_ENDS = {
+    End.CLEAN: "closed cleanly",
+    End.ABRUPT: "the connection dropped",
+    End.TIMEOUT: "timed out",
+    End.CLOSED: "closed by the consumer",
+    End.ABANDONED: "abandoned",
+    End.ERROR: "ended by an error",
+}
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def describe(t: Tally) -> str:
+    """``"<layer>: <evidence> — <meaning>"`` for one finished tally."""
+    outcome = t.outcome or Outcome.OK
+    unit = t.facts.get("unit_name") or _UNIT.get(t.layer, "units")
+    parts: list[str] = []
+    if t.status is not None:
+        ct = (t.content_type or "no content-type").split(";")[0]
+        http = f"HTTP {t.status} {ct}"
+        if t.content_length is not None:
+            http += f" (Content-Length {t.content_length})"
+        parts.append(
+            http + (" to a stream request" if outcome is Outcome.WRONG_CONTENT_TYPE else "")
+        )
+    if t.units_in is not None:
+        parts.append(f"{t.units_in} in, {t.units} {unit} out")
+    else:
+        parts.append(f"{t.units} {unit}")
+    if outcome is Outcome.BUFFERED and t.t_first is not None and t.t_last is not None:
+        parts.append(
+            f"all after {_ms(t.time_to_first)} in one burst "
+            f"(spread {(t.t_last - t.t_first) / 1e6:.1f} ms)"
+        )
+    if outcome is Outcome.STALLED and t.stalled:
+        deadline = t.facts.get("deadline")
+        which = "first-chunk" if t.stalled == "first_chunk" else "idle"
+        parts.append(
+            f"no data within the {which} deadline" + (f" of {deadline:g} s" if deadline else "")
+        )
+    if outcome is Outcome.MALFORMED:
+        if t.gzip_magic:
+            parts.append("a gzip body without Content-Encoding")
+        elif t.pending_fields and not t.units:
+            parts.append("data lines never separated by a blank line")
+        elif t.facts.get("malformed_why"):
+            parts.append(str(t.facts["malformed_why"]))
+    if outcome is Outcome.TRUNCATED and t.terminal_known:
+        parts.append("no [DONE]" if t.layer == sc.GATEWAY else "no finish_reason")
+    if t.exc_type:
+        parts.append(f"raised {t.exc_type}")
+    end = _ENDS.get(t.end, "") if t.end is not None else ""
+    parts.append(f"{end} after {_ms(t.duration)}".strip())
+    meaning = _MEANING.get((t.layer, outcome)) or _GENERIC[outcome]
+    return f"{t.layer}: {', '.join(parts)} — {meaning}"

@@ -1,0 +1,143 @@
+"""Deadlines checked while a stream is still open.
+
+A stream that never sends its first chunk, or goes silent, is counted as
+stalled *when the deadline passes*, not when (if ever) the stream ends. One
+daemon thread watches every open stream; the per-chunk path does nothing for it
+(it reads the tally's ``t_last``, which the probe updates anyway).
+
+Defaults (see ``docs/configuration.md``): 30 s to the first chunk and 30 s
+between chunks, for the ``gateway`` and ``sdk`` layers; the layers above see
+tool runs and are not watched unless configured. With ``abort=True`` a stalled
+upstream request is aborted with :class:`chunkwatch.StreamStalledError` — the
+reference service turns this on, because ``AzureChatOpenAI`` has no HTTP
+timeouts by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from chunkwatch import semconv as sc
+
+if TYPE_CHECKING:
+    from chunkwatch.ledger import Tally
+
+__all__ = ["Deadlines", "Watchdog"]
+
+log = logging.getLogger("chunkwatch")
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = float(raw)
+    return value if value > 0 else None
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """First-chunk and idle deadlines in seconds (``None``: not watched).
+
+    ``layers`` maps a layer to ``(first_chunk, idle)`` and overrides the defaults
+    for that layer; ``watched`` names the layers the defaults apply to.
+    """
+
+    first_chunk: float | None = 30.0
+    idle: float | None = 30.0
+    abort: bool = False
+    watched: frozenset[str] = frozenset({sc.GATEWAY, sc.SDK})
+    layers: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Deadlines:
+        """``CHUNKWATCH_FIRST_CHUNK_TIMEOUT``, ``CHUNKWATCH_IDLE_TIMEOUT`` (seconds, 0 = off),
+        ``CHUNKWATCH_ABORT_STALLED`` (1/0)."""
+        kwargs: dict[str, object] = {
+            "first_chunk": _env_float("CHUNKWATCH_FIRST_CHUNK_TIMEOUT", cls.first_chunk),
+            "idle": _env_float("CHUNKWATCH_IDLE_TIMEOUT", cls.idle),
+            "abort": os.environ.get("CHUNKWATCH_ABORT_STALLED", "0") not in ("", "0", "false"),
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def for_layer(self, layer: str) -> tuple[float | None, float | None]:
+        if layer in self.layers:
+            return self.layers[layer]
+        if layer in self.watched:
+            return self.first_chunk, self.idle
+        return None, None
+
+
+class Watchdog:
+    """Checks open tallies against their deadlines from one daemon thread."""
+
+    def __init__(
+        self, on_stall: Callable[[Tally, str, float], None], *, tick: float = 0.05
+    ) -> None:
+        self._on_stall = on_stall
+        self._tick = tick
+        self._watched: dict[int, tuple[Tally, int | None, int | None]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, tally: Tally, first_chunk: float | None, idle: float | None) -> None:
+        if first_chunk is None and idle is None:
+            return
+        first_ns = None if first_chunk is None else int(first_chunk * 1e9)
+        idle_ns = None if idle is None else int(idle * 1e9)
+        with self._lock:
+            self._watched[id(tally)] = (tally, first_ns, idle_ns)
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(
+                    target=self._run, name="chunkwatch-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def forget(self, tally: Tally) -> None:
+        with self._lock:
+            self._watched.pop(id(tally), None)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def check(self, now: int | None = None) -> None:
+        """One pass over the open streams (the thread calls this every tick)."""
+        now = time.perf_counter_ns() if now is None else now
+        with self._lock:
+            items = list(self._watched.values())
+        for tally, first_ns, idle_ns in items:
+            if tally.stalled or tally.t_end is not None:
+                continue
+            last = tally.t_last
+            if last is None:
+                if first_ns is not None and now - tally.t_start >= first_ns:
+                    self._fire(tally, "first_chunk", first_ns)
+            elif idle_ns is not None and now - last >= idle_ns:
+                self._fire(tally, "idle", idle_ns)
+
+    def _fire(self, tally: Tally, kind: str, deadline_ns: int) -> None:
+        tally.stalled = kind
+        try:
+            self._on_stall(tally, kind, deadline_ns / 1e9)
+        except Exception:
+            log.debug("chunkwatch: stall handling failed", exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(self._tick)
+            try:
+                self.check()
+            except Exception:
+                log.debug("chunkwatch: watchdog pass failed", exc_info=True)

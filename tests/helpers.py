@@ -1,0 +1,98 @@
+"""Test helpers: an instrumented reference system with its own registry and span exporter."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from chunkwatch import semconv as sc
+from chunkwatch.reference.agent import LLMConfig
+from chunkwatch.reference.client import ChatResult, chat
+from chunkwatch.reference.gateway import Gateway
+from chunkwatch.reference.service import ServiceConfig, ServiceThread, create_app
+from chunkwatch.reference.threaded import Running, start_in_thread
+from chunkwatch.reference.upstream import Upstream
+from chunkwatch.watchdog import Deadlines
+
+API_KEY = "sk-test-NEVER-IN-TELEMETRY"
+
+
+@dataclass
+class System:
+    upstream: Running[Upstream]
+    gateway: Running[Gateway]
+    service: ServiceThread
+    registry: CollectorRegistry
+    exporter: InMemorySpanExporter
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def ask(self, message: str, fault: str = "pass", **params: Any) -> ChatResult:
+        self.gateway.server.set_fault(fault, **params)
+        self.exporter.clear()
+        return chat(self.service.url, message, timeout=30)
+
+    def root(self, timeout: float = 5.0) -> ReadableSpan:
+        """The finished server span of the last request (waits for the body to close)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for span in self.exporter.get_finished_spans():
+                if span.attributes and span.attributes.get(sc.A_LAYER) == sc.HTTP:
+                    return span
+            time.sleep(0.01)
+        raise AssertionError("the request's server span never ended")
+
+    def spans(self) -> list[ReadableSpan]:
+        root = self.root()
+        return [
+            s
+            for s in self.exporter.get_finished_spans()
+            if s.context.trace_id == root.context.trace_id
+        ]
+
+    def by_layer(self) -> dict[str, list[ReadableSpan]]:
+        out: dict[str, list[ReadableSpan]] = {}
+        for span in self.spans():
+            out.setdefault(str((span.attributes or {}).get(sc.A_LAYER)), []).append(span)
+        return out
+
+
+@contextmanager
+def instrumented_system(
+    *,
+    tokens: int = 12,
+    token_delay: float = 0.03,
+    mode: str = "tokens",
+    deadlines: Deadlines | None = None,
+    tracer_provider: TracerProvider | None = None,
+    exporter: InMemorySpanExporter | None = None,
+) -> Iterator[System]:
+    exporter = exporter or InMemorySpanExporter()
+    if tracer_provider is None:
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    registry = CollectorRegistry()
+    with start_in_thread(Upstream(tokens=tokens, token_delay=token_delay)) as up:
+        with start_in_thread(Gateway(up.url)) as gw:
+            config = ServiceConfig(
+                llm=LLMConfig(url=gw.url, api_key=API_KEY),
+                mode=mode,  # type: ignore[arg-type]
+                registry=registry,
+                tracer_provider=tracer_provider,
+                deadlines=deadlines or Deadlines(first_chunk=1.0, idle=1.0, abort=True),
+                upstreams={f"127.0.0.1:{gw.port}": "test-gw"},
+            )
+            service = ServiceThread(create_app(config))
+            try:
+                yield System(up, gw, service, registry, exporter)
+            finally:
+                service.stop()
