@@ -37,17 +37,18 @@ The rules, applied in this order (the first that matches wins):
    (``disconnected`` if its consumer cancelled it).
 6. ``abandoned`` / ``disconnected``: the consumer dropped / closed the stream before
    its end (a stream whose terminal marker was already seen is not cut short).
-7. ``empty``: zero units.
-8. ``truncated``: the connection dropped after data, or the layer knows a terminal
-   marker (``[DONE]``, ``finish_reason``) and saw none.
-9. ``lost``: the layer knows how many units it received and passed on fewer.
-10. ``error``: any other exception ended the stream.
-11. ``buffered``: at least ``BUFFER_MIN_UNITS`` units, the wait for the first one was
+7. ``empty``: ``StreamEmptyError`` ended it.
+8. ``error``: any other exception ended it (not a timeout, drop or parse error).
+9. ``empty``: zero units, ended cleanly or dropped.
+10. ``truncated``: the connection dropped after data, or the layer knows a terminal
+    marker (``[DONE]``, ``finish_reason``) and saw none.
+11. ``lost``: the layer knows how many units it received and passed on fewer.
+12. ``buffered``: at least ``BUFFER_MIN_UNITS`` units, the wait for the first one was
     at least ``BUFFER_MIN_WAIT`` and at least 80 % of the whole stream, and the rest
     arrived at memory speed: spread <= max(50 ms, 5 % of the total) and under
     ``BUFFER_MAX_MEAN_GAP`` per unit. A real model's tokens are milliseconds apart;
     a store-and-forward proxy's are microseconds apart, after a long silence.
-12. ``ok``.
+13. ``ok``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ _ABRUPT_NAMES = frozenset(
 )
 _MALFORMED_NAMES = frozenset({"JSONDecodeError", "UnicodeDecodeError", "DecodingError"})
 _CLOSED_NAMES = frozenset({"CancelledError", "GeneratorExit", "ClientDisconnected"})
+_EMPTY_NAMES = frozenset({"StreamEmptyError"})
 
 
 def end_for_exception(exc: BaseException) -> End:
@@ -215,14 +217,16 @@ def classify(ev: Evidence) -> Outcome:
         return Outcome.ABANDONED
     if ev.end is End.CLOSED and cut_short:
         return Outcome.DISCONNECTED
+    if ev.exc_type in _EMPTY_NAMES:
+        return Outcome.EMPTY
+    if ev.end is End.ERROR:  # an exception not classified above
+        return Outcome.ERROR
     if ev.units == 0:
         return Outcome.EMPTY
     if cut_short and (ev.end is End.ABRUPT or ev.terminal_known):
         return Outcome.TRUNCATED
     if ev.units_in is not None and ev.units < ev.units_in:
         return Outcome.LOST
-    if ev.end is End.ERROR:
-        return Outcome.ERROR
     if is_buffered(ev):
         return Outcome.BUFFERED
     return Outcome.OK

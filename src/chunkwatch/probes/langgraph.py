@@ -27,7 +27,8 @@ from opentelemetry import trace
 
 from chunkwatch import semconv as sc
 from chunkwatch.errors import NO_GENERATIONS, StreamEmptyError
-from chunkwatch.ledger import Tally
+from chunkwatch.ledger import Tally, current_ledger
+from chunkwatch.ledger import _current as _current_ledger_var
 from chunkwatch.outcomes import End, end_for_exception
 from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.runtime import Runtime, active
@@ -39,9 +40,14 @@ _inside: contextvars.ContextVar[bool] = contextvars.ContextVar("chunkwatch_in_gr
 _TOKEN_EVENT = "on_chat_model_stream"
 
 
+def is_empty_stream_error(exc: BaseException) -> bool:
+    """langchain-core's ``ValueError("No generations found in stream.")``."""
+    return type(exc) is ValueError and NO_GENERATIONS in str(exc)
+
+
 def translate(exc: BaseException, tally: Tally | None = None) -> BaseException:
     """``StreamEmptyError`` for langchain-core's empty-stream ``ValueError``, else ``exc``."""
-    if type(exc) is ValueError and NO_GENERATIONS in str(exc):
+    if is_empty_stream_error(exc):
         ledger = tally.ledger if tally is not None else None
         return StreamEmptyError(ledger.verdict() if ledger is not None else None)
     return exc
@@ -54,11 +60,13 @@ async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterato
         sc.LANGGRAPH,
         attributes={sc.GEN_AI_OPERATION_NAME: "invoke_agent", sc.GEN_AI_AGENT_NAME: name},
     )
+    own = current_ledger() is None  # outside a request: this run's own ledger
     tally = rt.open(sc.LANGGRAPH, span=span)
     tally.facts["unit"] = unit
     tally.facts["unit_name"] = "token events" if unit == "token" else f"{unit} items"
     tokens = unit == "token"
     inside = _inside.set(True)
+    bound = _current_ledger_var.set(tally.ledger) if own else None
     attached = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
     try:
         async for item in inner:
@@ -69,11 +77,11 @@ async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterato
         tally.finish(End.CLOSED)
         raise
     except BaseException as exc:
-        translated = translate(exc, tally)
-        tally.exc_type = type(translated).__name__
-        tally.finish(end_for_exception(exc))
-        if translated is not exc and rt.translate_errors:
-            raise translated from exc
+        empty = is_empty_stream_error(exc)
+        tally.exc_type = "StreamEmptyError" if empty else type(exc).__name__
+        tally.finish(end_for_exception(exc))  # first: the verdict below includes this layer
+        if empty and rt.translate_errors:
+            raise translate(exc, tally) from exc
         raise
     else:
         tally.finish(End.CLEAN)
@@ -81,6 +89,8 @@ async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterato
         _restore(attached, span)
         try:
             _inside.reset(inside)
+            if bound is not None:
+                _current_ledger_var.reset(bound)
         except ValueError:  # finalized in another context: nothing of ours is set there
             pass
 

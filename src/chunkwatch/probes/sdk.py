@@ -32,7 +32,7 @@ from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
 from chunkwatch.errors import StreamEmptyError
-from chunkwatch.ledger import Tally
+from chunkwatch.ledger import Tally, bind, current_ledger
 from chunkwatch.outcomes import End
 from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.runtime import Runtime, active
@@ -118,6 +118,9 @@ class _Chunks:
             return
         if exc is not None:
             tally.exc_type = type(exc).__name__
+            status = getattr(exc, "status_code", None)  # openai.APIStatusError
+            if isinstance(status, int):
+                tally.status = status
         _span_facts(self.rt, tally, "".join(self.text) if self.text is not None else None)
         tally.finish(end)
         _genai_metrics(self.rt, tally)
@@ -264,6 +267,14 @@ def _current(tally: Tally) -> AbstractContextManager[Any]:
     )
 
 
+def _ledger_of(tally: Tally) -> AbstractContextManager[Any]:
+    """Outside a request, the call's own ledger is current while it is sent, so the
+    gateway tally lands beside this one and the verdict sees both."""
+    if current_ledger() is not None:
+        return nullcontext()
+    return bind(tally.ledger)
+
+
 def _abandon(chunks: _Chunks) -> None:
     chunks.end(End.ABANDONED)
 
@@ -287,7 +298,7 @@ def _make_async(original: Any) -> Any:
             rt.bookkeeping_error(sc.SDK, "open")
             return await original(self, *args, **kwargs)
         try:
-            with _current(tally):
+            with _current(tally), _ledger_of(tally):
                 result = await original(self, *args, **kwargs)
         except BaseException as exc:
             _Chunks(rt, tally).end(_end_for(exc), exc)
@@ -317,7 +328,7 @@ def _make_sync(original: Any) -> Any:
             rt.bookkeeping_error(sc.SDK, "open")
             return original(self, *args, **kwargs)
         try:
-            with _current(tally):
+            with _current(tally), _ledger_of(tally):
                 result = original(self, *args, **kwargs)
         except BaseException as exc:
             _Chunks(rt, tally).end(_end_for(exc), exc)

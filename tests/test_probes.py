@@ -1,0 +1,309 @@
+"""Probe behaviours at their seams, with the real openai SDK and real LangGraph."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+import chunkwatch
+from chunkwatch import semconv as sc
+from chunkwatch.probes import sdk as sdk_probe
+from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
+from chunkwatch.reference.gateway import Gateway
+from chunkwatch.reference.threaded import Running, start_in_thread
+from chunkwatch.reference.upstream import Upstream, answer_tokens
+from chunkwatch.runtime import Runtime
+
+from .helpers import instrumented_system
+
+
+class Observed:
+    def __init__(self, rt: Runtime, registry: CollectorRegistry, exporter: InMemorySpanExporter):
+        self.rt, self.registry, self.exporter = rt, registry, exporter
+
+    def streams(self, layer: str, outcome: str) -> float:
+        total = 0.0
+        for metric in self.registry.collect():
+            for s in metric.samples:
+                if (
+                    s.name == "chunkwatch_streams_total"
+                    and s.labels["layer"] == layer
+                    and s.labels["outcome"] == outcome
+                ):
+                    total += s.value
+        return total
+
+
+@pytest.fixture
+def observed(request: pytest.FixtureRequest) -> Iterator[Observed]:
+    """The library probes on, with a fresh registry and span exporter; off afterwards."""
+    kwargs: dict[str, Any] = getattr(request, "param", {})
+    registry, exporter = CollectorRegistry(), InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    rt = chunkwatch.instrument(registry=registry, tracer_provider=provider, **kwargs)
+    try:
+        yield Observed(rt, registry, exporter)
+    finally:
+        chunkwatch.uninstrument()
+
+
+@pytest.fixture(scope="module")
+def gateway_() -> Iterator[Running[Gateway]]:
+    with start_in_thread(Upstream(tokens=12, token_delay=0.002)) as up:
+        with start_in_thread(Gateway(up.url)) as gw:
+            yield gw
+
+
+def client(gw: Running[Gateway]) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(
+        azure_endpoint=gw.url,
+        api_key="k",
+        api_version="2024-10-21",
+        azure_deployment="d",
+        max_retries=0,
+        timeout=5,
+    )
+
+
+def stream(gw: Running[Gateway], fault: str = "pass") -> Any:
+    gw.server.set_fault(fault)
+    return client(gw).chat.completions.create(
+        model="d", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+
+
+def test_full_stream_then_close_is_counted_once_as_ok(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """Read to the end, then close: one sdk stream, outcome ok, nothing else."""
+    s = stream(gateway_)
+    chunks = list(s)
+    s.close()
+    assert len(chunks) == 14  # role + 12 tokens + finish
+    assert observed.streams("sdk", "ok") == 1
+    assert sum(observed.streams("sdk", o) for o in ("closed", "disconnected", "abandoned")) == 0
+
+
+def test_closed_early_is_disconnected(observed: Observed, gateway_: Running[Gateway]) -> None:
+    """The consumer closes after two chunks: sdk and gateway are disconnected, not ok."""
+    s = stream(gateway_)
+    next(s), next(s)
+    s.close()
+    assert observed.streams("sdk", "disconnected") == 1
+    assert observed.streams("gateway", "disconnected") == 1
+
+
+def test_abandoned_stream_is_abandoned_not_ok(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """A stream dropped unfinished and garbage-collected is `abandoned`."""
+    s = stream(gateway_)
+    next(s), next(s)
+    del s
+    gc.collect()
+    assert observed.streams("sdk", "abandoned") == 1
+    assert observed.streams("sdk", "ok") == 0
+
+
+def test_zero_chunks_raises_stream_empty_error_with_the_verdict(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """Where the bare SDK ends silently with zero chunks, the app gets StreamEmptyError."""
+    s = stream(gateway_, "zero")
+    with pytest.raises(chunkwatch.StreamEmptyError) as info:
+        list(s)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.verdict is not None and str(err.verdict) == "empty@gateway"
+    assert str(err).startswith("No generations found in stream.")
+
+
+@pytest.mark.parametrize("observed", [{"translate_errors": False}], indirect=True)
+def test_translation_can_be_turned_off(observed: Observed, gateway_: Running[Gateway]) -> None:
+    """translate_errors=False: the SDK's own behaviour, zero chunks and no error."""
+    assert list(stream(gateway_, "zero")) == []
+    assert observed.streams("gateway", "empty") == 1
+
+
+def test_sdk_errors_pass_through_unchanged(observed: Observed, gateway_: Running[Gateway]) -> None:
+    """An HTTP error stays the SDK's own exception class, with its status."""
+    gateway_.server.set_fault("status", status=429)
+    with pytest.raises(openai.RateLimitError) as info:
+        client(gateway_).chat.completions.create(
+            model="d", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    assert info.value.status_code == 429
+    assert observed.streams("gateway", "http_error") == 1
+    assert observed.streams("sdk", "http_error") == 1
+
+
+async def _events(graph: Any) -> list[dict[str, Any]]:
+    return [
+        ev
+        async for ev in graph.astream_events(
+            {"messages": [("user", "hi")]}, {"configurable": {"thread_id": "t"}}, version="v2"
+        )
+    ]
+
+
+def test_langgraph_translates_langchains_value_error_chained(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """With only the langgraph probe: StreamEmptyError chained to langchain-core's ValueError."""
+    import asyncio
+
+    sdk_probe.uninstrument()
+    gateway_.server.set_fault("zero")
+    graph = build_graph(make_model(LLMConfig(url=gateway_.url), streaming=True))
+    with pytest.raises(chunkwatch.StreamEmptyError) as info:
+        asyncio.run(_events(graph))
+    cause = info.value.__cause__
+    assert type(cause) is ValueError and str(cause) == "No generations found in stream."
+    assert info.value.verdict is not None and str(info.value.verdict) == "empty@gateway"
+
+
+def test_langgraph_passes_other_exceptions_through_as_the_same_object(
+    observed: Observed,
+) -> None:
+    """A node's own exception reaches the caller as the very same object."""
+    import asyncio
+
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    boom = KeyError("the node's own error")
+
+    async def node(state: MessagesState) -> dict[str, Any]:
+        raise boom
+
+    g = StateGraph(MessagesState)
+    g.add_node("n", node)
+    g.add_edge(START, "n")
+    g.add_edge("n", END)
+    graph = g.compile()
+
+    async def run() -> None:
+        async for _ in graph.astream_events({"messages": []}, version="v2"):
+            pass
+
+    with pytest.raises(KeyError) as info:
+        asyncio.run(run())
+    assert info.value is boom
+    assert observed.streams("langgraph", "error") == 1
+
+
+class RaisingExporter(SpanExporter):
+    def export(self, spans: Any) -> SpanExportResult:
+        raise RuntimeError("the exporter is down")
+
+    def shutdown(self) -> None:
+        pass
+
+
+class BrokenFamily:
+    """A metric whose every use raises: a registry gone wrong."""
+
+    def labels(self, *a: Any, **k: Any) -> Any:
+        raise RuntimeError("registry broken")
+
+
+def test_telemetry_failures_do_not_change_what_the_client_receives() -> None:
+    """An exporter that raises and broken metrics: the client still gets the whole answer,
+    and chunkwatch counts its own errors."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(RaisingExporter()))
+    with instrumented_system(token_delay=0.002, tracer_provider=provider) as system:
+        metrics = system.service.app.extensions["chunkwatch.chat"]  # the service is up
+        assert metrics is not None
+        rt = chunkwatch.runtime.active()
+        assert rt is not None
+        rt.metrics.streams = BrokenFamily()  # type: ignore[assignment]
+        rt.metrics.requests = BrokenFamily()  # type: ignore[assignment]
+        r = system.ask("still answered?")
+        assert r.done and r.text == "".join(answer_tokens("still answered?", 12))
+        assert (
+            system.sample("chunkwatch_instrumentation_errors_total", layer="sdk", stage="metrics")
+            >= 1
+        )
+        assert (
+            system.sample("chunkwatch_instrumentation_errors_total", layer="http", stage="metrics")
+            >= 1
+        )
+
+
+@pytest.mark.parametrize("observed", [{"capture_content": True}], indirect=True)
+def test_content_capture_is_opt_in_and_truncated(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """capture_content=True records the prompt and completion, cut to 1000 characters."""
+    gateway_.server.set_fault("pass")
+    long_prompt = "why? " * 400
+    s = client(gateway_).chat.completions.create(
+        model="d", messages=[{"role": "user", "content": long_prompt}], stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+    (span,) = [
+        sp
+        for sp in observed.exporter.get_finished_spans()
+        if (sp.attributes or {}).get(sc.A_LAYER) == sc.SDK
+    ]
+    attrs = span.attributes or {}
+    assert attrs[sc.A_PROMPT] == long_prompt[:1000]
+    assert attrs[sc.A_COMPLETION] == text
+
+
+def test_instrument_is_idempotent_and_uninstrument_restores() -> None:
+    """Two instrument() calls patch once and share a runtime; uninstrument() restores."""
+    original = httpx2.AsyncHTTPTransport.__dict__["handle_async_request"]
+    rt1 = chunkwatch.instrument(registry=CollectorRegistry())
+    rt2 = chunkwatch.instrument(registry=CollectorRegistry())
+    try:
+        assert rt1 is rt2
+        patched = httpx2.AsyncHTTPTransport.__dict__["handle_async_request"]
+        assert patched is not original
+        assert patched.__chunkwatch_original__ is original
+    finally:
+        chunkwatch.uninstrument()
+    assert httpx2.AsyncHTTPTransport.__dict__["handle_async_request"] is original
+    assert chunkwatch.runtime.active() is None
+
+
+def test_public_api_is_curated() -> None:
+    """`chunkwatch.__all__` is the public surface, and every name in it exists."""
+    assert sorted(chunkwatch.__all__) == sorted(set(chunkwatch.__all__))
+    for name in chunkwatch.__all__:
+        assert hasattr(chunkwatch, name), name
+    assert {
+        "instrument",
+        "uninstrument",
+        "StreamEmptyError",
+        "Outcome",
+        "Ledger",
+        "WatchedQueue",
+        "bind",
+        "request_ledger",
+        "error_payload",
+    } <= set(chunkwatch.__all__)
+
+
+def test_registered_as_an_opentelemetry_instrumentor() -> None:
+    """The `opentelemetry_instrumentor` entry point loads ChunkwatchInstrumentor."""
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="opentelemetry_instrumentor") if e.name == "chunkwatch"]
+    instrumentor = ep.load()()
+    instrumentor.instrument(registry=CollectorRegistry())
+    try:
+        assert chunkwatch.runtime.active() is not None
+    finally:
+        instrumentor.uninstrument()
+    assert chunkwatch.runtime.active() is None
