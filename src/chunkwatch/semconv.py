@@ -32,6 +32,9 @@ QUEUE_DEPTH_MAX: Final = "chunkwatch_queue_depth_max"
 SSE_DISCONNECTS: Final = "chunkwatch_sse_disconnects"
 INSTRUMENTATION_ERRORS: Final = "chunkwatch_instrumentation_errors"
 STALLS: Final = "chunkwatch_stalls"
+FALLBACKS: Final = "chunkwatch_fallbacks"  # guard: {upstream, reason}
+STREAM_MODE: Final = "chunkwatch_stream_mode"  # guard: {upstream}, 1 = tokens, 0 = updates
+BREAKER_TRANSITIONS: Final = "chunkwatch_breaker_transitions"  # guard: {upstream, to}
 GENAI_OPERATION_DURATION: Final = "gen_ai_client_operation_duration_seconds"
 GENAI_TIME_TO_FIRST_CHUNK: Final = "gen_ai_client_operation_time_to_first_chunk_seconds"
 
@@ -41,6 +44,8 @@ L_OUTCOME: Final = "outcome"
 L_UPSTREAM: Final = "upstream"
 L_STAGE: Final = "stage"
 L_KIND: Final = "kind"
+L_REASON: Final = "reason"  # "<outcome>@<layer>"
+L_TO: Final = "to"  # breaker state: closed, open, half_open
 
 # -- span names -------------------------------------------------------------------------------
 SPAN_SSE: Final = "sse stream"
@@ -75,6 +80,8 @@ A_QUEUE_DEPTH_MAX: Final = "chunkwatch.queue.depth_max"
 A_QUEUE_WAIT: Final = "chunkwatch.queue.wait"
 A_DISCONNECTED: Final = "chunkwatch.client_disconnected"
 A_MODE: Final = "chunkwatch.stream_mode"
+A_FALLBACK_REASON: Final = "chunkwatch.fallback.reason"
+EVENT_FALLBACK: Final = "chunkwatch.fallback"
 A_PROMPT: Final = "chunkwatch.content.prompt"  # only with capture_content=True
 A_COMPLETION: Final = "chunkwatch.content.completion"  # only with capture_content=True
 
