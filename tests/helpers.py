@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from chunkwatch import semconv as sc
+from chunkwatch.guard import BreakerConfig
 from chunkwatch.reference.agent import LLMConfig
 from chunkwatch.reference.client import ChatResult, chat
 from chunkwatch.reference.gateway import Gateway
@@ -75,7 +76,11 @@ def instrumented_system(
     deadlines: Deadlines | None = None,
     tracer_provider: TracerProvider | None = None,
     exporter: InMemorySpanExporter | None = None,
+    guard: bool = False,
+    breaker: BreakerConfig | None = None,
 ) -> Iterator[System]:
+    """Upstream, gateway and the instrumented service. The guard is off unless asked for:
+    most tests pin what chunkwatch *detects*, which the guard would heal."""
     exporter = exporter or InMemorySpanExporter()
     if tracer_provider is None:
         tracer_provider = TracerProvider()
@@ -90,6 +95,8 @@ def instrumented_system(
                 tracer_provider=tracer_provider,
                 deadlines=deadlines or Deadlines(first_chunk=1.0, idle=1.0, abort=True),
                 upstreams={f"127.0.0.1:{gw.port}": "test-gw"},
+                guard=guard,
+                breaker=breaker,
             )
             service = ServiceThread(create_app(config))
             try:

@@ -65,7 +65,9 @@ def system() -> Iterator[tuple[Running[Gateway], dict[str, ServiceThread]]]:
             services = {
                 mode: ServiceThread(
                     create_app(
-                        ServiceConfig(llm=LLMConfig(url=gw.url), mode=mode, instrument=False)
+                        ServiceConfig(
+                            llm=LLMConfig(url=gw.url), mode=mode, instrument=False, guard=False
+                        )
                     )
                 )
                 for mode in ("tokens", "updates")

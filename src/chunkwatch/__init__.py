@@ -5,8 +5,9 @@ See the README for the two-minute tour and ``docs/`` for the reference.
 
 from __future__ import annotations
 
-from chunkwatch.errors import StreamEmptyError, StreamStalledError
+from chunkwatch.errors import StreamEmptyError, StreamStalledError, StreamTruncatedError
 from chunkwatch.events import error_payload
+from chunkwatch.guard import BreakerConfig, Guard
 from chunkwatch.instrumentation import instrument, uninstrument
 from chunkwatch.ledger import Ledger, Tally, bind, current_ledger
 from chunkwatch.outcomes import End, Outcome, classify
@@ -20,6 +21,8 @@ from chunkwatch.watchdog import Deadlines
 __version__ = "0.1.0"
 
 __all__ = [
+    "BreakerConfig",
+    "Guard",
     "ChunkwatchMiddleware",
     "Deadlines",
     "End",
@@ -29,6 +32,7 @@ __all__ = [
     "SSEBody",
     "StreamEmptyError",
     "StreamStalledError",
+    "StreamTruncatedError",
     "Tally",
     "Verdict",
     "WatchedQueue",

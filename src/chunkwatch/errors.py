@@ -9,7 +9,7 @@ import httpx2
 if TYPE_CHECKING:
     from chunkwatch.verdict import Verdict
 
-__all__ = ["StreamEmptyError", "StreamStalledError"]
+__all__ = ["StreamEmptyError", "StreamStalledError", "StreamTruncatedError"]
 
 NO_GENERATIONS = "No generations found in stream."
 
@@ -28,6 +28,24 @@ class StreamEmptyError(ValueError):
         self.verdict = verdict
         where = f" [{verdict}: {verdict.detail}]" if verdict is not None and not verdict.ok else ""
         super().__init__(message + where)
+
+
+class StreamTruncatedError(ValueError):
+    """A token stream ended cleanly after content but without a ``finish_reason``.
+
+    The openai SDK and langchain accept such a stream as a complete (cut) answer;
+    chunkwatch raises instead, so the application can tell the user, and a cut
+    answer is not stored as a finished one. ``verdict`` names the layer
+    (usually ``truncated@gateway``).
+    """
+
+    def __init__(self, verdict: Verdict | None, chunks: int) -> None:
+        self.verdict = verdict
+        where = f" [{verdict}: {verdict.detail}]" if verdict is not None and not verdict.ok else ""
+        super().__init__(
+            f"the model's stream ended after {chunks} chunks without a finish_reason: "
+            f"the answer is incomplete{where}"
+        )
 
 
 class StreamStalledError(httpx2.ReadTimeout):

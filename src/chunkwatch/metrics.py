@@ -152,6 +152,26 @@ class Metrics:
             registry=reg,
         )
 
+        self.fallbacks = Counter(
+            sc.FALLBACKS,
+            "Model calls the guard re-issued without streaming, by reason (outcome@layer).",
+            (sc.L_UPSTREAM, sc.L_REASON),
+            registry=reg,
+        )
+        self.stream_mode = Gauge(
+            sc.STREAM_MODE,
+            "Mode new requests to the upstream start in: 1 = tokens, 0 = updates (breaker open).",
+            (sc.L_UPSTREAM,),
+            registry=reg,
+            multiprocess_mode="liveall",
+        )
+        self.breaker_transitions = Counter(
+            sc.BREAKER_TRANSITIONS,
+            "Guard breaker transitions per upstream, by the state moved to.",
+            (sc.L_UPSTREAM, sc.L_TO),
+            registry=reg,
+        )
+
     def _exemplar(self, trace_id: str | None) -> dict[str, str] | None:
         return {"trace_id": trace_id} if trace_id and not self.multiprocess else None
 

@@ -37,7 +37,7 @@ The rules, applied in this order (the first that matches wins):
    (``disconnected`` if its consumer cancelled it).
 6. ``abandoned`` / ``disconnected``: the consumer dropped / closed the stream before
    its end (a stream whose terminal marker was already seen is not cut short).
-7. ``empty``: ``StreamEmptyError`` ended it.
+7. ``empty`` / ``truncated``: ``StreamEmptyError`` / ``StreamTruncatedError`` ended it.
 8. ``error``: any other exception ended it (not a timeout, drop or parse error).
 9. ``empty``: zero units, ended cleanly or dropped.
 10. ``truncated``: the connection dropped after data, or the layer knows a terminal
@@ -126,6 +126,7 @@ _ABRUPT_NAMES = frozenset(
 _MALFORMED_NAMES = frozenset({"JSONDecodeError", "UnicodeDecodeError", "DecodingError"})
 _CLOSED_NAMES = frozenset({"CancelledError", "GeneratorExit", "ClientDisconnected"})
 _EMPTY_NAMES = frozenset({"StreamEmptyError"})
+_TRUNCATED_NAMES = frozenset({"StreamTruncatedError"})
 
 
 def end_for_exception(exc: BaseException) -> End:
@@ -219,6 +220,8 @@ def classify(ev: Evidence) -> Outcome:
         return Outcome.DISCONNECTED
     if ev.exc_type in _EMPTY_NAMES:
         return Outcome.EMPTY
+    if ev.exc_type in _TRUNCATED_NAMES:
+        return Outcome.TRUNCATED
     if ev.end is End.ERROR:  # an exception not classified above
         return Outcome.ERROR
     if ev.units == 0:

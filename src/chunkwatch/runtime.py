@@ -14,8 +14,10 @@ never sees it.
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import trace
@@ -236,6 +238,25 @@ class Runtime:
 
     def close(self) -> None:
         self.watchdog.stop()
+
+
+_extra: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "chunkwatch_extra_span_attributes", default={}
+)
+
+
+@contextmanager
+def span_attributes(attrs: Mapping[str, Any]) -> Iterator[None]:
+    """Extra attributes for the model-call spans opened in this block (e.g. a fallback's reason)."""
+    token = _extra.set({**_extra.get(), **attrs})
+    try:
+        yield
+    finally:
+        _extra.reset(token)
+
+
+def extra_span_attributes() -> dict[str, Any]:
+    return _extra.get()
 
 
 _active: Runtime | None = None

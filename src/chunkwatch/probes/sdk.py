@@ -31,11 +31,11 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
-from chunkwatch.errors import StreamEmptyError
+from chunkwatch.errors import StreamEmptyError, StreamTruncatedError
 from chunkwatch.ledger import Tally, bind, current_ledger
-from chunkwatch.outcomes import End
+from chunkwatch.outcomes import End, Outcome
 from chunkwatch.probes._patch import patch, unpatch
-from chunkwatch.runtime import Runtime, active
+from chunkwatch.runtime import Runtime, active, extra_span_attributes
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -61,6 +61,7 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
         sc.GEN_AI_REQUEST_STREAM: stream,
         sc.A_UPSTREAM: upstream,
     }
+    attrs.update(extra_span_attributes())
     prompt = rt.content(_last_user_text(kwargs.get("messages")))
     if prompt is not None:
         attrs[sc.A_PROMPT] = prompt
@@ -125,12 +126,17 @@ class _Chunks:
         tally.finish(end)
         _genai_metrics(self.rt, tally)
 
-    def empty_error(self) -> StreamEmptyError | None:
+    def end_error(self) -> ValueError | None:
+        """The error a cleanly ended stream raises: zero chunks, or cut before its end."""
         tally = self.tally
-        if not self.rt.translate_errors or tally.units or tally.exc_type:
+        if not self.rt.translate_errors or tally.exc_type or not tally.stream_requested:
             return None
         ledger = tally.ledger
-        return StreamEmptyError(ledger.verdict() if ledger is not None else None)
+        if not tally.units:
+            return StreamEmptyError(ledger.verdict() if ledger is not None else None)
+        if tally.outcome is Outcome.TRUNCATED:
+            return StreamTruncatedError(ledger.verdict() if ledger else None, tally.units)
+        return None
 
 
 def _span_facts(rt: Runtime, tally: Tally, completion: str | None) -> None:
@@ -206,7 +212,7 @@ def _watch_async(stream: Any, chunks: _Chunks) -> None:
             chunks.end(_end_for(exc), exc)
             raise
         chunks.end(End.CLEAN)
-        error = chunks.empty_error()
+        error = chunks.end_error()
         if error is not None:
             raise error
 
@@ -241,7 +247,7 @@ def _watch_sync(stream: Any, chunks: _Chunks) -> None:
             chunks.end(_end_for(exc), exc)
             raise
         chunks.end(End.CLEAN)
-        error = chunks.empty_error()
+        error = chunks.end_error()
         if error is not None:
             raise error
 

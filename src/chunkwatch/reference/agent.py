@@ -59,9 +59,15 @@ def make_model(config: LLMConfig, *, streaming: bool) -> AzureChatOpenAI:
     )
 
 
-def build_graph(model: BaseChatModel, *, checkpointer: Any = None) -> Any:
-    """model -> (tool calls?) -> tools -> model ... -> END, with per-thread memory."""
-    bound = model.bind_tools([lookup])
+def build_graph(model: BaseChatModel, *, checkpointer: Any = None, guard: Any = None) -> Any:
+    """model -> (tool calls?) -> tools -> model ... -> END, with per-thread memory.
+
+    With a :class:`chunkwatch.guard.Guard`, the model node's call falls back to a
+    non-streaming call when its token stream is broken.
+    """
+    bound: Any = model.bind_tools([lookup])
+    if guard is not None:
+        bound = guard.wrap(bound)
 
     async def call_model(state: MessagesState) -> dict[str, list[BaseMessage]]:
         reply = await bound.ainvoke(state["messages"])

@@ -30,9 +30,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import queue
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,7 +44,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 from werkzeug.exceptions import HTTPException
 
 import chunkwatch
+from chunkwatch.guard import BreakerConfig, Guard, GuardScope
 from chunkwatch.ledger import Ledger, bind
+from chunkwatch.metrics import upstream_name
 from chunkwatch.probes.queue import WatchedQueue
 from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
 from chunkwatch.reference.loop import AgentLoop
@@ -71,6 +75,9 @@ class ServiceConfig:
     tracer_provider: Any = None
     deadlines: Deadlines | None = None
     upstreams: dict[str, str] = field(default_factory=dict)
+    # The guard: fall back to state streaming when token streaming is broken.
+    guard: bool = True
+    breaker: BreakerConfig | None = None
 
 
 def message_json(msg: BaseMessage) -> dict[str, Any]:
@@ -96,9 +103,10 @@ class ChatService:
         self.config = config
         self.loop = loop or AgentLoop()
         checkpointer = InMemorySaver()
+        self.guard = Guard(config.breaker or BreakerConfig.from_env()) if config.guard else None
         self.graphs = {
             "tokens": build_graph(
-                make_model(config.llm, streaming=True), checkpointer=checkpointer
+                make_model(config.llm, streaming=True), checkpointer=checkpointer, guard=self.guard
             ),
             "updates": build_graph(
                 make_model(config.llm, streaming=False), checkpointer=checkpointer
@@ -115,12 +123,15 @@ class ChatService:
     ) -> None:
         """Run the agent and put every item; the last one is ``done`` or ``error``."""
         put = items.put
-        with bind(ledger):  # the request's ledger and trace, across the thread hand-off
+        with bind(ledger), self._guarded(mode, put) as scope:  # ledger and trace cross here
             try:
+                if scope is not None and scope.mode != mode:  # the breaker is open
+                    mode = "updates"
+                    put(("mode", {"mode": mode, "reason": scope.reason}))
                 deadline = self.config.request_timeout
                 async with asyncio.timeout(deadline if deadline and deadline > 0 else None):
                     if mode == "tokens":
-                        await self._tokens(message, thread_id, put)
+                        await self._tokens(message, thread_id, put, scope)
                     else:
                         await self._updates(message, thread_id, put)
             except Exception as exc:  # every failure reaches the client as `event: error`
@@ -131,19 +142,51 @@ class ChatService:
             finally:
                 items.producer_done()
 
-    async def _tokens(self, message: str, thread_id: str, put: Callable[[Item], None]) -> None:
+    @contextmanager
+    def _guarded(self, mode: Mode, put: Callable[[Item], None]) -> Iterator[GuardScope | None]:
+        """The request under the guard (tokens mode only): announces a switch to updates."""
+        if self.guard is None or mode != "tokens":
+            yield None
+            return
+
+        def announce(reason: str) -> None:
+            put(("mode", {"mode": "updates", "reason": reason}))
+
+        with self.guard.scope(self._upstream(), on_switch=announce) as scope:
+            yield scope
+
+    def _upstream(self) -> str:
+        rt = chunkwatch.runtime.active()
+        url = self.config.llm.url
+        return rt.upstream_for(url) if rt is not None else upstream_name(url, self.config.upstreams)
+
+    async def _tokens(
+        self,
+        message: str,
+        thread_id: str,
+        put: Callable[[Item], None],
+        scope: GuardScope | None = None,
+    ) -> None:
+        """astream_events v2: tokens as they come; after a guard switch, node updates."""
         inputs = {"messages": [HumanMessage(message)]}
         config = {"configurable": {"thread_id": thread_id}}
         async for ev in self.graphs["tokens"].astream_events(inputs, config, version="v2"):
             kind = ev["event"]
+            tokens = scope is None or scope.mode == "tokens"
             if kind == "on_chat_model_stream":
                 text = ev["data"]["chunk"].text
-                if text:
+                if text and tokens:
                     put(("token", {"text": text}))
-            elif kind == "on_tool_end":
+            elif kind == "on_tool_end" and tokens:
                 output = ev["data"].get("output")
                 content = output.text if isinstance(output, BaseMessage) else str(output)
                 put(("tool", {"name": ev["name"], "output": content}))
+            elif kind == "on_chain_end" and not tokens:
+                node = ev.get("metadata", {}).get("langgraph_node")
+                output = ev["data"].get("output")
+                if node == ev["name"] and isinstance(output, dict):
+                    messages = output.get("messages", [])
+                    put(("update", {"node": node, "messages": [message_json(m) for m in messages]}))
 
     async def _updates(self, message: str, thread_id: str, put: Callable[[Item], None]) -> None:
         inputs = {"messages": [HumanMessage(message)]}
@@ -273,6 +316,13 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument(
         "--no-instrument", dest="instrument", action="store_false", help="run without chunkwatch"
     )
+    p.add_argument(
+        "--no-guard",
+        dest="guard",
+        action="store_false",
+        default=os.environ.get("CHUNKWATCH_GUARD", "1") not in ("0", "false", ""),
+        help="do not fall back to state streaming when token streaming breaks",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -283,6 +333,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         heartbeat=args.heartbeat,
         request_timeout=args.request_timeout,
         instrument=args.instrument,
+        guard=args.guard,
     )
 
 

@@ -1,0 +1,53 @@
+"""The guard's breaker end to end (its own module: instrumentation is process-global,
+so no other instrumented system may be alive while it runs)."""
+
+from __future__ import annotations
+
+import time
+
+from chunkwatch.guard import BreakerConfig, BreakerState, Guard
+from chunkwatch.reference.upstream import answer_tokens
+
+from .helpers import System, instrumented_system
+
+PROMPT = "Is the stream healthy?"
+ANSWER = "".join(answer_tokens(PROMPT, 12))
+
+
+def chat_guard(system: System) -> Guard:
+    guard = system.service.app.extensions["chunkwatch.chat"].guard
+    assert guard is not None
+    return guard
+
+
+def test_breaker_walks_closed_open_half_open_closed() -> None:
+    """End to end with runtime gateway switching: N failures open the breaker; requests
+    then start in updates mode without a streaming attempt; after the cool-down one
+    request probes streaming; success closes the breaker."""
+    breaker = BreakerConfig(failures=2, window=60, cooldown=1.0)
+    with instrumented_system(token_delay=0.005, guard=True, breaker=breaker) as system:
+        guard = chat_guard(system)
+
+        def transitions(to: str) -> float:
+            return system.sample("chunkwatch_breaker_transitions_total", upstream="test-gw", to=to)
+
+        for _ in range(2):
+            assert system.ask(PROMPT, "zero").named("mode")[0]["reason"] == "empty@gateway"
+        assert guard.state("test-gw") is BreakerState.OPEN
+        assert transitions("open") == 1
+        assert system.sample("chunkwatch_stream_mode", upstream="test-gw") == 0
+
+        # open: no streaming attempt at all
+        system.gateway.server.reset_stats()
+        r = system.ask(PROMPT, "zero")
+        assert r.done and r.text == ANSWER
+        assert r.named("mode")[0]["reason"].startswith("breaker_open")
+        assert system.gateway.server.stats()["stream_requests"] == 0
+
+        # heal; after the cool-down one request probes token streaming and closes it
+        time.sleep(1.1)
+        r = system.ask(PROMPT, "pass")
+        assert r.done and r.named("mode") == [] and r.named("token")
+        assert transitions("half_open") == 1 and transitions("closed") == 1
+        assert guard.state("test-gw") is BreakerState.CLOSED
+        assert system.sample("chunkwatch_stream_mode", upstream="test-gw") == 1
