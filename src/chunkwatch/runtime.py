@@ -240,23 +240,23 @@ class Runtime:
         self.watchdog.stop()
 
 
-_extra: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "chunkwatch_extra_span_attributes", default={}
+_extra: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "chunkwatch_extra_span_attributes", default=None
 )
 
 
 @contextmanager
 def span_attributes(attrs: Mapping[str, Any]) -> Iterator[None]:
     """Extra attributes for the model-call spans opened in this block (e.g. a fallback's reason)."""
-    token = _extra.set({**_extra.get(), **attrs})
+    token = _extra.set({**(_extra.get() or {}), **attrs})
     try:
         yield
     finally:
         _extra.reset(token)
 
 
-def extra_span_attributes() -> dict[str, Any]:
-    return _extra.get()
+def extra_span_attributes() -> Mapping[str, Any]:
+    return _extra.get() or {}
 
 
 _active: Runtime | None = None
