@@ -22,10 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BreakerConfig",
-    "Guard",
     "ChunkwatchMiddleware",
     "Deadlines",
     "End",
+    "Guard",
     "Ledger",
     "Outcome",
     "Runtime",
