@@ -307,3 +307,31 @@ def test_registered_as_an_opentelemetry_instrumentor() -> None:
     finally:
         instrumentor.uninstrument()
     assert chunkwatch.runtime.active() is None
+
+
+def test_instrument_again_on_the_same_registry() -> None:
+    """instrument -> uninstrument -> instrument on one registry reuses its metrics."""
+    registry = CollectorRegistry()
+    rt1 = chunkwatch.instrument(registry=registry)
+    chunkwatch.uninstrument()
+    rt2 = chunkwatch.instrument(registry=registry)
+    try:
+        assert rt1 is not rt2 and rt1.metrics is rt2.metrics
+    finally:
+        chunkwatch.uninstrument()
+
+
+def test_a_registry_that_refuses_our_names_does_not_crash_the_host(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user metric already named chunkwatch_requests: instrument() still works, says why."""
+    from prometheus_client import Counter
+
+    registry = CollectorRegistry()
+    Counter("chunkwatch_requests", "the user's own", registry=registry)
+    rt = chunkwatch.instrument(registry=registry)
+    try:
+        assert rt.metrics.registry is not registry
+        assert "could not be registered" in caplog.text
+    finally:
+        chunkwatch.uninstrument()

@@ -37,49 +37,115 @@ def describe(result: ChatResult) -> str:
     if result.status != 200:
         return f"HTTP {result.status}: {result.body.decode(errors='replace')}"
     lines = []
+    for switch in result.named("mode"):
+        lines.append(f"event: mode   -> {switch['mode']} ({switch['reason']})")
     if result.text:
         lines.append(f"answer: {result.text.strip()!r}")
-    if result.error:
-        lines.append(f"event: error  {result.error['type']}: {result.error['message']}")
+    error = result.error
+    if error:
+        lines.append(f"event: error  {error['type']}")
+        if "layer" in error:
+            lines.append(f"   verdict: {error['outcome']}@{error['layer']}")
+            lines.append(f"   {error['detail']}")
+        else:
+            lines.append(f"   {error['message']}")
     lines.append(
-        f"events: {', '.join(e.event for e in result.events) or 'none'}"
-        f"  ({result.elapsed * 1000:.0f} ms, {'complete' if result.complete else 'CUT'})"
+        f"events: {_events(result)}  ({result.elapsed * 1000:.0f} ms, "
+        f"{'complete' if result.complete else 'CUT'})"
     )
     return "\n".join(lines)
 
 
+def _events(result: ChatResult) -> str:
+    names = [e.event for e in result.events]
+    out: list[str] = []
+    for name in names:
+        if out and out[-1].startswith(name + " x"):
+            n = int(out[-1].split(" x")[1]) + 1
+            out[-1] = f"{name} x{n}"
+        elif out and out[-1] == name:
+            out[-1] = f"{name} x2"
+        else:
+            out.append(name)
+    return ", ".join(out) or "none"
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    if not args.verbose:  # the per-request log lines are for services; here we print
+        logging.getLogger("chunkwatch").setLevel(logging.ERROR)
     upstream = start_in_thread(Upstream(tokens=args.tokens, token_delay=args.token_delay))
     gateway = start_in_thread(Gateway(upstream.url))
-    services = {
-        mode: ServiceThread(create_app(ServiceConfig(llm=LLMConfig(url=gateway.url), mode=mode)))
-        for mode in ("tokens", "updates")
+    names = {gateway.url.removeprefix("http://"): "demo-gateway"}
+    config = ServiceConfig(llm=LLMConfig(url=gateway.url), mode="tokens", upstreams=names)
+    apps = {
+        "bare": ServiceConfig(llm=config.llm, mode="tokens", instrument=False, guard=False),
+        "observed": ServiceConfig(llm=config.llm, upstreams=names, guard=False),
+        "guarded": ServiceConfig(llm=config.llm, upstreams=names, guard=True),
     }
     try:
-        print(f"upstream  {upstream.url}   (local OpenAI-compatible model)")
-        print(f"gateway   {gateway.url}   (fault-injecting reverse proxy)")
-        print(f"service   {services['tokens'].url}   (Flask + LangGraph, --mode tokens)")
+        print(f"upstream  {upstream.url}   local OpenAI-compatible model")
+        print(f"gateway   {gateway.url}   fault-injecting reverse proxy")
         steps = [
-            ("pass", "tokens", "1. healthy gateway, token streaming"),
-            ("zero", "tokens", "2. gateway switched to `zero`: 200 text/event-stream, no chunk"),
-            ("zero", "updates", "3. same broken gateway, the incident's fix: --mode updates"),
+            ("bare", "pass", "1. healthy gateway: the Flask + LangGraph service streams tokens"),
+            (
+                "bare",
+                "zero",
+                "2. the gateway breaks (`zero`: 200 text/event-stream, closed with no chunk):\n"
+                "   the incident, as the bare service shows it",
+            ),
+            ("observed", "zero", "3. the same request with chunkwatch: the layer is named"),
+            (
+                "guarded",
+                "zero",
+                "4. with the guard: the broken streaming call is re-issued without streaming",
+            ),
         ]
         ok = True
-        for fault, mode, title in steps:
-            gateway.server.set_fault(fault)
-            result = chat(services[mode].url, QUESTION, timeout=60)
-            print(f"\n{title}\n{textwrap.indent(describe(result), '   ')}")
-            expected_ok = not (fault == "zero" and mode == "tokens")
-            ok &= result.done == expected_ok
+        for which, fault, title in steps:
+            service = ServiceThread(create_app(apps[which]))
+            try:
+                gateway.server.set_fault(fault)
+                result = chat(service.url, QUESTION, timeout=60)
+                print(f"\n{title}\n{textwrap.indent(describe(result), '   ')}")
+                ok &= result.done == (fault == "pass" or which == "guarded")
+                if which == "guarded":
+                    print(_summary(service.url))
+            finally:
+                service.stop()
         print(
-            "\nThe broken gateway answered 200 and closed the stream without data; the SDK saw\n"
+            "\nThe gateway answered 200 and closed the stream without data. Bare, the SDK saw\n"
             "zero chunks and no error, and langchain-core raised `No generations found in\n"
-            "stream` three layers up. Without token streaming from the network, the same\n"
-            "gateway serves the answer."
+            "stream` three layers up. chunkwatch names the gateway, counts it in\n"
+            'chunkwatch_requests_total{outcome="empty",layer="gateway"} (the\n'
+            "ChunkwatchEmptyStreams alert), and the guard keeps users served meanwhile."
         )
         return 0 if ok else 1
     finally:
-        for svc in services.values():
-            svc.stop()
         gateway.stop()
         upstream.stop()
+
+
+def _summary(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    empty = _metric(text, "chunkwatch_requests_total", outcome="empty", layer="gateway")
+    fallbacks = _metric(text, "chunkwatch_fallbacks_total")
+    return (
+        f'   /metrics: chunkwatch_requests_total{{outcome="empty",layer="gateway"}} '
+        f"{empty:g}, chunkwatch_fallbacks_total {fallbacks:g}"
+    )

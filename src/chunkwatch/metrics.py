@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import weakref
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -41,6 +43,8 @@ GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 DEPTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 _NAME_RE = re.compile(r"[^a-z0-9_.-]")
+_lock = threading.Lock()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
 
 
 def upstream_name(url: str, names: dict[str, str] | None = None) -> str:
@@ -59,7 +63,21 @@ def upstream_name(url: str, names: dict[str, str] | None = None) -> str:
 
 
 class Metrics:
-    """The chunkwatch metrics on ``registry`` (the default registry if none is given)."""
+    """The chunkwatch metrics on ``registry`` (the default registry if none is given).
+
+    Use :meth:`on`: a registry holds each name once, so the metrics of a registry are
+    created once and shared by every runtime that uses it (instrument, uninstrument,
+    instrument again).
+    """
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry | None = None) -> Metrics:
+        reg = REGISTRY if registry is None else registry
+        with _lock:
+            metrics = _by_registry.get(reg)
+            if metrics is None:
+                metrics = _by_registry[reg] = cls(reg)
+            return metrics
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = REGISTRY if registry is None else registry

@@ -62,7 +62,15 @@ class Runtime:
     ) -> None:
         from chunkwatch import __version__
 
-        self.metrics = Metrics(registry)
+        try:
+            self.metrics = Metrics.on(registry)
+        except ValueError as err:  # the registry refuses our names: never crash the host
+            log.warning(
+                "chunkwatch: metrics could not be registered (%s); they are kept in a "
+                "private registry that is not exported",
+                err,
+            )
+            self.metrics = Metrics.on(CollectorRegistry())
         self.tracer = trace.get_tracer("chunkwatch", __version__, tracer_provider=tracer_provider)
         self.upstreams = dict(upstreams or {})
         self.deadlines = deadlines or Deadlines()
