@@ -7,7 +7,8 @@ daemon thread watches every open stream; the per-chunk path does nothing for it
 
 Defaults (see ``docs/configuration.md``): 30 s to the first chunk and 30 s
 between chunks, for the ``gateway`` and ``sdk`` layers; the layers above see
-tool runs and are not watched unless configured. With ``abort=True`` a stalled
+tool runs and are not watched unless configured. Only streams are watched: a
+non-streaming call's single response takes the whole generation time. With ``abort=True`` a stalled
 upstream request is aborted with :class:`chunkwatch.StreamStalledError` — the
 reference service turns this on, because ``AzureChatOpenAI`` has no HTTP
 timeouts by default.

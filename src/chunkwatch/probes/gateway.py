@@ -90,6 +90,7 @@ def _open(rt: Runtime, request: Any) -> Tally:
         stream_requested=stream,
         terminal_known=stream,
         needs_status=True,
+        watch=stream,  # a buffered answer has no first chunk before the whole generation
     )
 
 

@@ -67,7 +67,12 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
         attrs[sc.A_PROMPT] = prompt
     span = rt.start_span(f"chat {model}", sc.SDK, kind=SpanKind.CLIENT, attributes=attrs)
     tally = rt.open(
-        sc.SDK, upstream=upstream, span=span, stream_requested=stream, terminal_known=stream
+        sc.SDK,
+        upstream=upstream,
+        span=span,
+        stream_requested=stream,
+        terminal_known=stream,
+        watch=stream,  # deadlines are for streams: a buffered answer takes the whole generation
     )
     tally.facts["genai"] = (provider, model)
     return tally

@@ -31,6 +31,7 @@ class ChatResult:
     body: bytes = b""  # the raw body of a non-SSE answer (a JSON error)
     elapsed: float = 0.0
     first_event_after: float | None = None
+    first_content_after: float | None = None  # the first `token` or `update` event
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [json.loads(e.data) for e in self.events if e.event == name]
@@ -104,6 +105,8 @@ def _read_events(resp: http.client.HTTPResponse, result: ChatResult, t0: float) 
             for ev in parser.feed(chunk):
                 if result.first_event_after is None:
                     result.first_event_after = time.perf_counter() - t0
+                if result.first_content_after is None and ev.event in ("token", "update"):
+                    result.first_content_after = time.perf_counter() - t0
                 result.events.append(ev)
         result.complete = True
     except http.client.IncompleteRead:
