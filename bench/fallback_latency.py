@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chunkwatch.guard import BreakerConfig  # noqa: E402
-from chunkwatch.watchdog import Deadlines  # noqa: E402
-from tests.helpers import instrumented_system  # noqa: E402
+from chunkwatch.guard import BreakerConfig
+from chunkwatch.watchdog import Deadlines
+from tests.helpers import instrumented_system
 
 CASES = [("pass", {}), ("zero", {}), ("reject-stream-options", {}), ("stall", {"limit": 30.0})]
 
