@@ -228,3 +228,42 @@ def test_no_failed_to_detach_warnings_on_disconnect(
     assert attrs[sc.A_VERDICT] == "disconnected@sse"
     assert system.sample("chunkwatch_sse_disconnects_total", upstream="test-gw") == before + 1
     assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
+
+
+@pytest.mark.parametrize(
+    ("setting", "why"),
+    [
+        ({"token_delay": 0.4, "tokens": 5}, "slow tokens, below the 1 s idle deadline"),
+        ({"token_delay": 0.0}, "a fast stream, all tokens at once from the model"),
+        ({"content_filter": True}, "Azure's prompt-filter first chunk with choices: []"),
+        ({"first_token_delay": 0.6}, "a slow first token, below the 1 s first-chunk deadline"),
+    ],
+)
+def test_no_false_positives_on_healthy_streams(
+    system: System, setting: dict[str, Any], why: str
+) -> None:
+    """Healthy streams that look unusual are ok at every layer, with no stall counted."""
+    up = system.upstream.server
+    saved = {key: getattr(up, key) for key in setting}
+    stalls_before = sum(
+        system.sample("chunkwatch_stalls_total", layer=layer, kind=kind, upstream="test-gw")
+        for layer in ("gateway", "sdk")
+        for kind in ("first_chunk", "idle")
+    )
+    try:
+        for key, value in setting.items():
+            setattr(up, key, value)
+        r = system.ask(PROMPT)
+    finally:
+        for key, value in saved.items():
+            setattr(up, key, value)
+    assert r.done, why
+    assert (system.root().attributes or {})[sc.A_VERDICT] == "ok", why
+    for span in system.spans():
+        assert (span.attributes or {}).get(sc.A_OUTCOME, "ok") == "ok", (why, span.name)
+    stalls_after = sum(
+        system.sample("chunkwatch_stalls_total", layer=layer, kind=kind, upstream="test-gw")
+        for layer in ("gateway", "sdk")
+        for kind in ("first_chunk", "idle")
+    )
+    assert stalls_after == stalls_before, why
