@@ -24,6 +24,15 @@ def upstream() -> Iterator[Running[Upstream]]:
         yield up
 
 
+@pytest.fixture(scope="session")
+def azure_upstream() -> Iterator[Running[Upstream]]:
+    """Like ``upstream``, answering as Azure OpenAI with content filtering: every stream
+    starts with a prompt-filter chunk (``choices: []``). Do not change its settings."""
+    up = Upstream(tokens=UPSTREAM_TOKENS, token_delay=UPSTREAM_TOKEN_DELAY, content_filter=True)
+    with start_in_thread(up) as running:
+        yield running
+
+
 @pytest.fixture
 def gateway(upstream: Running[Upstream]) -> Iterator[Running[Gateway]]:
     """A fresh gateway (fault ``pass``) in front of the session upstream."""

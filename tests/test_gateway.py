@@ -18,7 +18,9 @@ from typing import Any
 import httpx2
 import pytest
 
-from chunkwatch.reference.gateway import FAULT_MODES, FAULT_PARAMS, Gateway
+from chunkwatch.reference import faults
+from chunkwatch.reference import gateway as gateway_module
+from chunkwatch.reference.gateway import FAULT_MODES, FAULT_PARAMS, Gateway, aggregate
 from chunkwatch.reference.threaded import Running, start_in_thread
 from chunkwatch.reference.upstream import Upstream, answer_tokens
 from chunkwatch.sse import Event, SSEParser
@@ -188,6 +190,25 @@ def test_fault_modes_constant_lists_every_mode() -> None:
     assert set(FAULT_PARAMS) <= set(FAULT_MODES)
 
 
+def test_gateway_module_reexports_the_fault_api() -> None:
+    """The names tests, the demo and users import from chunkwatch.reference.gateway are the
+    very objects defined in chunkwatch.reference.faults, and both __all__ lists are curated."""
+    assert gateway_module.__all__ == [
+        "FAULT_MODES",
+        "FAULT_PARAMS",
+        "FaultSetting",
+        "Gateway",
+        "add_gateway_parser",
+        "aggregate",
+        "main",
+        "run_gateway",
+    ]
+    for name in ("FAULT_MODES", "FAULT_PARAMS", "FaultSetting", "aggregate"):
+        assert getattr(gateway_module, name) is getattr(faults, name), name
+    assert all(hasattr(faults, name) for name in faults.__all__)
+    assert all(hasattr(gateway_module, name) for name in gateway_module.__all__)
+
+
 def test_pass_forwards_the_upstream_stream_unchanged(
     gateway: Running[Gateway], upstream: Running[Upstream]
 ) -> None:
@@ -261,6 +282,55 @@ def test_json_aggregates_the_stream_into_a_chat_completion(gateway: Running[Gate
     assert body["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == TOKENS
+
+
+def test_json_keeps_the_envelope_behind_azures_prompt_filter_chunk(
+    azure_upstream: Running[Upstream],
+) -> None:
+    """json in front of an Azure content-filtering upstream: the chat.completion takes its
+    id and model from the first real chunk, not from the prompt-filter chunk's blanks."""
+    with start_in_thread(Gateway(azure_upstream.url, fault="json")) as gw:
+        body = json.loads(call(gw).body)
+    assert body["id"].startswith("chatcmpl-") and body["model"] == "gpt-4o"
+    assert body["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_aggregate_builds_a_chat_completion_from_plain_events() -> None:
+    """aggregate (the json mode's logic, no I/O): content joined, tool-call fragments merged
+    by index, the last finish reason and the usage kept; an event that is not a JSON object
+    and a chunk without an id (Azure's prompt filter) do not set the envelope."""
+
+    def chunk(choices: list[Any], **extra: Any) -> Event:
+        return Event(
+            data=json.dumps({"id": "c1", "model": "m", "created": 7, "choices": choices, **extra})
+        )
+
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "f", "arguments": ""},
+    }
+    events = [
+        Event(data=json.dumps({"id": "", "model": "", "created": 0, "choices": []})),
+        Event(data="not json"),
+        chunk([{"delta": {"role": "assistant", "content": "Hi "}}]),
+        chunk([{"delta": {"content": "there."}}]),
+        chunk([{"delta": {"tool_calls": [call]}}]),
+        chunk([{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}}]),
+        chunk([{"delta": {}, "finish_reason": "tool_calls"}]),
+        chunk([], usage={"completion_tokens": 4}),
+        Event(data="[DONE]"),
+    ]
+    body = aggregate(events)
+    assert (body["id"], body["model"], body["created"]) == ("c1", "m", 7)
+    message = body["choices"][0]["message"]
+    assert message["content"] == "Hi there."
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    assert body["usage"] == {"completion_tokens": 4}
 
 
 def test_html_is_a_block_page(gateway: Running[Gateway]) -> None:

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from chunkwatch.reference.gateway import FAULT_MODES, Gateway
-from chunkwatch.reference.threaded import Running
-from chunkwatch.reference.upstream import answer_tokens
+from chunkwatch.reference.threaded import Running, start_in_thread
+from chunkwatch.reference.upstream import Upstream, answer_tokens
 
 PROMPT = "How do gateways break streams?"
 TOKENS = 12  # the session upstream (conftest.py)
@@ -229,3 +229,21 @@ def test_non_stream_call_succeeds_under_every_fault(gateway: Running[Gateway]) -
         done = client.chat.completions.create(**args)
         assert done.choices[0].message.content == ANSWER, mode
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "chunks", "content"), [("pass", ALL + 1, "full"), ("truncate", 3, "partial")]
+)
+def test_sdk_through_the_gateway_with_an_azure_content_filtering_upstream(
+    azure_upstream: Running[Upstream], mode: str, chunks: int, content: str
+) -> None:
+    """Azure's prompt-filter event reaches the SDK as one more chunk, first, with
+    `choices == []`: pass yields it and the full answer; truncate counts it as one of its
+    3 data events (filter, role, one token), so the answer is cut a token earlier."""
+    with start_in_thread(Gateway(azure_upstream.url, fault=mode)) as gw:
+        seen = stream_sync(gw.url)
+    check(seen, Expect(chunks, content))
+    assert seen.chunks[0].choices == []
+    assert (seen.chunks[0].model_extra or {})["prompt_filter_results"][0]["prompt_index"] == 0
+    if mode == "truncate":
+        assert seen.content == answer_tokens(PROMPT, TOKENS)[0]

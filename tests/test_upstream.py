@@ -3,6 +3,7 @@ paths through the real SDK, deterministic answers, tool calls, errors, and pace 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -20,7 +21,13 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream, answer_tokens, tool_call_id
+from chunkwatch.reference.upstream import (
+    Upstream,
+    add_upstream_parser,
+    answer_tokens,
+    tool_call_id,
+    upstream_from_args,
+)
 from chunkwatch.sse import SSEParser
 
 USER: Any = [{"role": "user", "content": "What is the weather like?"}]
@@ -293,6 +300,180 @@ def test_client_disconnect_stops_the_stream() -> None:
         while up.server.stats["active_streams"] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert up.server.stats["aborted_streams"] == 1 and up.server.stats["active_streams"] == 0
+
+
+# -- realism: generation time, time to first token, Azure content filtering ---------------
+
+SAFE = {"filtered": False, "severity": "safe"}
+PROMPT_FILTER_CHUNK = {
+    "id": "",
+    "object": "",
+    "created": 0,
+    "model": "",
+    "choices": [],
+    "prompt_filter_results": [
+        {
+            "prompt_index": 0,
+            "content_filter_results": {
+                "hate": SAFE,
+                "self_harm": SAFE,
+                "sexual": SAFE,
+                "violence": SAFE,
+                "jailbreak": {"filtered": False, "detected": False},
+            },
+        }
+    ],
+}
+
+
+def timed_post(url: str, body: dict[str, Any]) -> tuple[httpx2.Response, float]:
+    start = time.perf_counter()
+    resp = post(url, body)
+    return resp, time.perf_counter() - start
+
+
+def test_non_stream_answer_takes_the_generation_time() -> None:
+    """stream=false answers after first_token_delay + tokens x token_delay (0.05 + 8 x 0.03 =
+    0.29 s), no sooner than the same answer streamed ends; a tool call waits one token_delay
+    per argument fragment, as its stream does."""
+    answer = "".join(answer_tokens(USER[0]["content"], 8))
+    with start_in_thread(Upstream(tokens=8, token_delay=0.03, first_token_delay=0.05)) as up:
+        resp, buffered = timed_post(up.url, {"messages": USER})
+        assert resp.json()["choices"][0]["message"]["content"] == answer
+        _, streamed = timed_post(up.url, {"messages": USER, "stream": True})
+        assert 0.28 <= buffered < 0.29 + 0.3
+        assert buffered >= streamed - 0.05
+        text = "[[tool]] look it up"
+        fragments = -(-len(json.dumps({"query": text})) // 12)  # 12 characters per fragment
+        tool = {"messages": [{"role": "user", "content": text}], "tools": TOOLS}
+        resp, tool_time = timed_post(up.url, tool)
+        assert resp.json()["choices"][0]["finish_reason"] == "tool_calls"
+        assert tool_time >= 0.05 + fragments * 0.03 - 0.01
+
+
+def head_and_first_event(port: int) -> tuple[float, float, bytes]:
+    """Seconds to the end of the response head and to the first `data:` line, and the bytes."""
+    body = json.dumps({"messages": USER, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        start = time.perf_counter()
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        data, t_head = b"", None
+        while b"data:" not in data.partition(b"\r\n\r\n")[2]:
+            data += sock.recv(65536)
+            if t_head is None and b"\r\n\r\n" in data:
+                t_head = time.perf_counter() - start
+        t_first = time.perf_counter() - start
+        while more := sock.recv(65536):
+            data += more
+    assert t_head is not None
+    return t_head, t_first, data
+
+
+def test_first_token_delay_holds_the_role_chunk_not_the_head() -> None:
+    """first_token_delay: the 200 head goes out at once, the role chunk follows after the
+    delay, then the tokens, finish chunk and [DONE]; setting it on the running server
+    applies to the next request."""
+    with start_in_thread(Upstream(tokens=3, token_delay=0.0, first_token_delay=0.3)) as up:
+        t_head, t_first, data = head_and_first_event(up.port)
+        assert data.startswith(b"HTTP/1.1 200") and t_head < 0.15 and t_first >= 0.29
+        assert b'"role": "assistant"' in data and data.count(b"data: ") == 1 + 3 + 1 + 1
+        up.server.first_token_delay = 0.0
+        _, t_first, _ = head_and_first_event(up.port)
+        assert t_first < 0.2
+
+
+def test_azure_content_filter_stream_on_the_wire() -> None:
+    """content_filter: the first SSE event is Azure's prompt-filter chunk, exactly; text
+    chunks then rate their content (`content_filter_results` with every category safe), the
+    role and finish chunks carry `{}`; the rest of the stream is unchanged."""
+    with start_in_thread(Upstream(tokens=4, token_delay=0, content_filter=True)) as up:
+        _, data = stream_events(up.url, {"model": "m", "messages": USER})
+    assert json.loads(data[0]) == PROMPT_FILTER_CHUNK
+    role, *tokens, finish = [json.loads(d)["choices"][0] for d in data[1:-1]]
+    assert role["content_filter_results"] == finish["content_filter_results"] == {}
+    assert role["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert [t["delta"]["content"] for t in tokens] == answer_tokens(USER[0]["content"], 4)
+    for token in tokens:
+        assert token["content_filter_results"] == {
+            "hate": SAFE,
+            "self_harm": SAFE,
+            "sexual": SAFE,
+            "violence": SAFE,
+        }
+    assert finish["finish_reason"] == "stop" and data[-1] == "[DONE]"
+
+
+def test_azure_client_streams_the_full_answer_past_the_prompt_filter_chunk(
+    azure_upstream: Running[Upstream],
+) -> None:
+    """openai.AzureOpenAI yields the prompt-filter event as a chunk with `choices == []`
+    (its filter results in `model_extra`), then the role, token, finish and usage chunks:
+    the joined content is the full answer. The non-stream answer carries
+    `prompt_filter_results` and the choice's `content_filter_results`, as Azure's does."""
+    client = openai.AzureOpenAI(
+        azure_endpoint=azure_upstream.url,
+        api_key="k",
+        api_version="2024-10-21",
+        max_retries=0,
+        timeout=5,
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="dep", messages=USER, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    first = chunks[0]
+    assert first.choices == [] and first.id == "" and first.usage is None
+    assert (first.model_extra or {})["prompt_filter_results"] == PROMPT_FILTER_CHUNK[
+        "prompt_filter_results"
+    ]
+    assert len(chunks) == 1 + UPSTREAM_TOKENS + 3
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(ANSWER)
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == UPSTREAM_TOKENS
+    done = client.chat.completions.create(model="dep", messages=USER)
+    assert done.choices[0].message.content == "".join(ANSWER)
+    assert (done.model_extra or {})["prompt_filter_results"][0]["prompt_index"] == 0
+    assert (done.choices[0].model_extra or {})["content_filter_results"]["hate"] == SAFE
+
+
+def test_content_filter_switches_on_a_running_server() -> None:
+    """content_filter and tokens set on the running server apply from the next request on;
+    a request already streaming keeps the settings it started with."""
+    with start_in_thread(Upstream(tokens=2, token_delay=0.1)) as up:
+        body = json.dumps({"messages": USER, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", up.port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+            )
+            early = sock.recv(65536)  # the head and the role chunk
+            up.server.content_filter, up.server.tokens, up.server.token_delay = True, 5, 0.0
+            while more := sock.recv(65536):
+                early += more
+        assert b"prompt_filter_results" not in early and early.count(b"data: ") == 1 + 2 + 1 + 1
+        _, filtered = stream_events(up.url, {"messages": USER})
+        assert json.loads(filtered[0]) == PROMPT_FILTER_CHUNK
+        assert len(filtered) == 1 + 1 + 5 + 1 + 1
+        assert "prompt_filter_results" in post(up.url, {"messages": USER}).json()
+
+
+def test_cli_options_reach_the_server() -> None:
+    """`chunkwatch upstream --first-token-delay S --azure-content-filter` builds an Upstream
+    with those settings; without the flags, no delay and no filter."""
+    parser = argparse.ArgumentParser()
+    add_upstream_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["upstream", "--port", "0", "--first-token-delay", "0.25", "--azure-content-filter"]
+    )
+    server = upstream_from_args(args)
+    assert (server.first_token_delay, server.content_filter) == (0.25, True)
+    default = upstream_from_args(parser.parse_args(["upstream"]))
+    assert (default.first_token_delay, default.content_filter) == (0.0, False)
+    assert (default.tokens, default.token_delay, default.port) == (12, 0.02, 8400)
 
 
 # -- the HTTP toolkit's limits ---------------------------------------------------------------

@@ -4,12 +4,14 @@ Server side: :class:`HTTPServer` reads requests with limits (request line and
 headers at most 64 KiB, a body by ``Content-Length`` of at most 1 MiB; chunked
 request bodies are refused with 411), keeps HTTP/1.1 connections alive (75 s idle
 at most), and hands each request to an async handler together with a
-:class:`Responder`, which writes a whole response (:meth:`Responder.send`), a
-streamed one (:meth:`Responder.start` / :meth:`Responder.write` /
-:meth:`Responder.end`), or drops the connection abruptly (:meth:`Responder.abort`).
+:class:`Responder`, which writes a whole response (:meth:`Responder.send`,
+:meth:`Responder.send_json`), a streamed one (:meth:`Responder.start` /
+:meth:`Responder.write` / :meth:`Responder.end`), or drops the connection
+abruptly (:meth:`Responder.abort`).
 
-Client side (the gateway's way to its upstream): :func:`read_response_head` and
-:func:`iter_body`, which yields body bytes as they arrive, whatever the framing.
+The message-head helpers (:func:`read_head`, :func:`parse_headers`,
+:func:`parse_content_length`, :func:`find_header`) are shared with the client
+side, the gateway's way to its upstream: :mod:`chunkwatch.reference._client`.
 
 Not a general-purpose server: no TLS termination, no pipelining, no HTTP/2.
 """
@@ -18,22 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 
 __all__ = [
+    "JSON_HEADERS",
     "MAX_BODY",
     "MAX_HEAD",
     "ClientGone",
     "HTTPError",
     "HTTPServer",
+    "Headers",
     "Request",
     "Responder",
-    "ResponseHead",
-    "iter_body",
-    "read_response_head",
+    "find_header",
+    "parse_content_length",
+    "parse_headers",
+    "read_head",
 ]
 
 log = logging.getLogger("chunkwatch.http")
@@ -42,6 +48,7 @@ MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
 IDLE_TIMEOUT = 75.0  # seconds a kept-alive connection may wait for its next request (nginx's)
 Headers = list[tuple[str, str]]
+JSON_HEADERS: Headers = [("Content-Type", "application/json")]
 Handler = Callable[["Request", "Responder"], Awaitable[None]]
 
 
@@ -58,7 +65,7 @@ class ClientGone(ConnectionError):
     """The peer closed the connection while we were writing to it."""
 
 
-def _find(headers: Headers, name: str) -> str | None:
+def find_header(headers: Headers, name: str) -> str | None:
     name = name.lower()
     for key, value in headers:
         if key.lower() == name:
@@ -83,7 +90,7 @@ class Request:
         return self.target.partition("?")[2]
 
     def header(self, name: str) -> str | None:
-        return _find(self.headers, name)
+        return find_header(self.headers, name)
 
     @property
     def keep_alive(self) -> bool:
@@ -93,7 +100,7 @@ class Request:
         return "close" not in conn
 
 
-def _parse_headers(lines: list[bytes]) -> Headers:
+def parse_headers(lines: list[bytes]) -> Headers:
     headers: Headers = []
     for raw in lines:
         if raw[:1] in (b" ", b"\t"):
@@ -105,7 +112,7 @@ def _parse_headers(lines: list[bytes]) -> Headers:
     return headers
 
 
-async def _read_head(reader: asyncio.StreamReader) -> list[bytes] | None:
+async def read_head(reader: asyncio.StreamReader) -> list[bytes] | None:
     """The head's lines, or None when the peer closed cleanly before sending one."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -118,7 +125,7 @@ async def _read_head(reader: asyncio.StreamReader) -> list[bytes] | None:
     return head.lstrip(b"\r\n").split(b"\r\n")[:-2]
 
 
-def _content_length(headers: Headers) -> int | None:
+def parse_content_length(headers: Headers) -> int | None:
     values = {v.strip() for k, v in headers if k.lower() == "content-length"}
     if not values:
         return None
@@ -131,16 +138,16 @@ async def read_request(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> Request | None:
     """Read one request; None at a clean end of the connection."""
-    lines = await _read_head(reader)
+    lines = await read_head(reader)
     if lines is None:
         return None
     parts = lines[0].decode("latin-1").split(" ")
     if len(parts) != 3 or not parts[0].isalpha() or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise HTTPError(400, f"malformed request line: {lines[0][:80]!r}")
-    req = Request(parts[0], parts[1], parts[2], _parse_headers(lines[1:]))
+    req = Request(parts[0], parts[1], parts[2], parse_headers(lines[1:]))
     if req.header("transfer-encoding") is not None:
         raise HTTPError(411, "chunked request bodies are not accepted; send Content-Length")
-    length = _content_length(req.headers) or 0
+    length = parse_content_length(req.headers) or 0
     if length > MAX_BODY:
         raise HTTPError(413, f"request body of {length} bytes exceeds the {MAX_BODY} byte limit")
     if length:
@@ -171,6 +178,12 @@ class Responder:
         """A complete response with ``Content-Length``."""
         await self.start(status, headers, content_length=len(body), body=body)
         self.finished = True
+
+    async def send_json(
+        self, status: int, obj: object, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """A complete ``application/json`` response with ``obj`` as its body."""
+        await self.send(status, [*JSON_HEADERS, *headers], json.dumps(obj).encode())
 
     async def start(
         self,
@@ -334,87 +347,3 @@ async def _refuse(writer: asyncio.StreamWriter, err: HTTPError) -> None:
     )
     with contextlib.suppress(ConnectionError):
         await writer.drain()
-
-
-# -- client side ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ResponseHead:
-    status: int
-    reason: str
-    headers: Headers
-    framing: str  # "chunked", "length", "close" or "none"
-    length: int = 0
-
-    def header(self, name: str) -> str | None:
-        return _find(self.headers, name)
-
-    @property
-    def keep_alive(self) -> bool:
-        return "close" not in (self.header("connection") or "").lower() and self.framing != "close"
-
-
-async def read_response_head(reader: asyncio.StreamReader, method: str = "GET") -> ResponseHead:
-    """Read a status line and headers (skipping 1xx); raises ConnectionError on EOF."""
-    while True:
-        lines = await _read_head(reader)
-        if lines is None:
-            raise ConnectionError("upstream closed the connection without a response")
-        version, _, rest = lines[0].decode("latin-1").partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise HTTPError(502, f"malformed status line from upstream: {lines[0][:80]!r}")
-        if not 100 <= int(code) < 200:
-            break
-    head = ResponseHead(int(code), reason, _parse_headers(lines[1:]), "close")
-    te = (head.header("transfer-encoding") or "").lower()
-    length = _content_length(head.headers)
-    if method == "HEAD" or head.status in (204, 304):
-        head.framing = "none"
-    elif "chunked" in te:
-        head.framing = "chunked"
-    elif length is not None:
-        head.framing, head.length = "length", length
-    return head
-
-
-async def iter_body(reader: asyncio.StreamReader, head: ResponseHead) -> AsyncIterator[bytes]:
-    """Body bytes as they arrive (chunked framing removed). A body cut short raises
-    ConnectionError; a clean end just stops."""
-    if head.framing == "chunked":
-        while size := await _chunk_size(reader):
-            async for piece in _exactly(reader, size):
-                yield piece
-            await _crlf(reader)
-        await _crlf(reader)  # the terminator's empty trailer section
-    elif head.framing == "length":
-        async for piece in _exactly(reader, head.length):
-            yield piece
-    elif head.framing == "close":
-        while piece := await reader.read(65536):
-            yield piece
-
-
-async def _chunk_size(reader: asyncio.StreamReader) -> int:
-    line = await reader.readline()
-    if not line.endswith(b"\n"):
-        raise ConnectionError("upstream dropped the connection inside a chunked body")
-    try:
-        return int(line.split(b";")[0].strip(), 16)
-    except ValueError as err:
-        raise ConnectionError(f"upstream sent a malformed chunk size line: {line[:40]!r}") from err
-
-
-async def _crlf(reader: asyncio.StreamReader) -> None:
-    if await reader.readline() != b"\r\n":
-        raise ConnectionError("upstream sent a malformed or incomplete chunked body")
-
-
-async def _exactly(reader: asyncio.StreamReader, size: int) -> AsyncIterator[bytes]:
-    while size > 0:
-        piece = await reader.read(min(size, 65536))
-        if not piece:
-            raise ConnectionError(f"upstream dropped the connection with {size} body bytes missing")
-        size -= len(piece)
-        yield piece

@@ -3,37 +3,28 @@
 Usage::
 
     chunkwatch upstream --port 8400 --tokens 12 --token-delay 0.02
+    chunkwatch upstream --first-token-delay 0.5 --azure-content-filter
     # or, in-process:
     from chunkwatch.reference.threaded import start_in_thread
     with start_in_thread(Upstream(tokens=12, token_delay=0.02)) as up:
         client = openai.OpenAI(base_url=up.url + "/v1", api_key="any")
 
-Routes:
+Routes: ``POST /v1/chat/completions`` and
+``POST /openai/deployments/{deployment}/chat/completions?api-version=...`` (any
+API key or none); ``GET /_stats`` (request counters as JSON), ``DELETE /_stats``.
 
-* ``POST /v1/chat/completions`` and
-  ``POST /openai/deployments/{deployment}/chat/completions?api-version=...``
-  (any API key is accepted; none is required).
-* ``GET /_stats``: request counters as JSON; ``DELETE /_stats`` resets them.
-
-Answers are deterministic: :func:`answer_tokens` derives them from the text of the
-last ``user`` message, so a test knows the expected answer. ``stream: true``
-answers with a chunked ``text/event-stream`` of ``chat.completion.chunk`` events,
-exactly in OpenAI's order: a role chunk (``delta.role="assistant"``,
-``content=""``), one chunk per token, a chunk with an empty delta and the
-``finish_reason``, a usage chunk with ``choices: []`` when
-``stream_options.include_usage`` is set, and ``data: [DONE]``. Tokens are paced
-``token_delay`` seconds apart on an absolute schedule, so a busy server does not
-drift behind its pace; every chunk is written as soon as it is produced.
-
-Tool calls: when the request has ``tools`` and the last message is a ``user``
-message containing ``[[tool]]``, the answer is one call to the first tool with
-``arguments = {"query": <the user text>}`` and ``finish_reason="tool_calls"``
-(streamed as OpenAI does: id and name with empty arguments first, then argument
-fragments). After a ``tool`` message the answer is text again.
-
-``max_tokens`` and sampling parameters are accepted and ignored. Malformed
-requests get OpenAI-style ``400`` errors; unknown paths ``404``; wrong methods
-``405``.
+Answers are deterministic (:func:`answer_tokens` of the last ``user`` message's
+text). ``stream: true`` is OpenAI's exact chunk sequence -- role chunk, one chunk
+per token, finish chunk, usage chunk if ``stream_options.include_usage``,
+``[DONE]`` -- with the head at once, the role chunk ``first_token_delay`` seconds
+later and the tokens ``token_delay`` apart on an absolute schedule. ``stream:
+false`` answers one ``chat.completion`` after that same generation time.
+``content_filter`` answers as Azure OpenAI with content filtering does (a
+prompt-filter chunk first, ``content_filter_results`` on choices). A request with
+``tools`` whose last ``user`` message contains ``[[tool]]`` is answered with one
+call to the first tool. The four settings (``tokens``, ``token_delay``,
+``first_token_delay``, ``content_filter``) may be changed while the server runs.
+Malformed requests get OpenAI-style 400s. ``docs/upstream.md`` is the reference.
 """
 
 from __future__ import annotations
@@ -61,6 +52,7 @@ __all__ = [
     "main",
     "run_upstream",
     "tool_call_id",
+    "upstream_from_args",
 ]
 
 TOOL_MARKER = "[[tool]]"
@@ -76,6 +68,18 @@ _CHAT_PATHS = ("/v1/chat/completions",)
 _AZURE_PREFIX = "/openai/deployments/"
 _FINGERPRINT = "fp_chunkwatch"
 _ARG_FRAGMENT = 12  # characters of tool-call arguments per streamed fragment
+_SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
+_SAFE = {"filtered": False, "severity": "safe"}
+_CONTENT_FILTER = {"hate": _SAFE, "self_harm": _SAFE, "sexual": _SAFE, "violence": _SAFE}
+_PROMPT_FILTER = [
+    {
+        "prompt_index": 0,
+        "content_filter_results": {
+            **_CONTENT_FILTER,
+            "jailbreak": {"filtered": False, "detected": False},
+        },
+    }
+]
 
 
 def _stable_int(text: str) -> int:
@@ -109,10 +113,9 @@ class BadRequest(Exception):
 
 def openai_error(
     message: str, type_: str, param: str | None = None, code: str | None = None
-) -> bytes:
+) -> dict[str, Any]:
     """An OpenAI-style error body."""
-    err = {"message": message, "type": type_, "param": param, "code": code}
-    return json.dumps({"error": err}).encode()
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 # -- the request ---------------------------------------------------------------------------
@@ -158,11 +161,8 @@ def _parse(body: bytes) -> dict[str, Any]:
         )
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise BadRequest(
-                f"Invalid 'messages[{i}]': expected an object with a string 'role'.",
-                f"messages[{i}]",
-                "invalid_type",
-            )
+            message = f"Invalid 'messages[{i}]': expected an object with a string 'role'."
+            raise BadRequest(message, f"messages[{i}]", "invalid_type")
     if not isinstance(req.get("stream", False), bool):
         raise BadRequest("Invalid type for 'stream': expected a boolean.", "stream", "invalid_type")
     return req
@@ -188,12 +188,13 @@ def _wants_tool(req: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class _Answer:
-    """What one request is answered: text tokens, or one tool call."""
+    """What one request is answered: text tokens, or one tool call (Azure-filtered or not)."""
 
-    def __init__(self, req: dict[str, Any], model: str, tokens: int) -> None:
+    def __init__(self, req: dict[str, Any], model: str, tokens: int, filtered: bool) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model = model
+        self.filtered = filtered
         user = _last_user_text(req["messages"])
         self.prompt_tokens = sum(len(_text(m.get("content")).split()) + 4 for m in req["messages"])
         tool = _wants_tool(req)
@@ -224,36 +225,23 @@ class _Answer:
         }
         if self.tool_call:
             tc = self.tool_call
+            function = {"name": tc["name"], "arguments": tc["arguments"]}
             message["content"] = None
-            message["tool_calls"] = [
-                {
-                    "id": tc["id"],
-                    "type": "function",
-                    "function": {"name": tc["name"], "arguments": tc["arguments"]},
-                }
-            ]
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": self.finish_reason,
-        }
-        return {**self._envelope("chat.completion"), "choices": [choice], "usage": self.usage()}
+            message["tool_calls"] = [{"id": tc["id"], "type": "function", "function": function}]
+        choice = self._choice("message", message, self.finish_reason)
+        body = {**self._envelope("chat.completion"), "choices": [choice], "usage": self.usage()}
+        return {**body, "prompt_filter_results": _PROMPT_FILTER} if self.filtered else body
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = self._choice("delta", delta, finish)
         return json.dumps({**self._envelope("chat.completion.chunk"), "choices": [choice]})
 
     def first_delta(self) -> dict[str, Any]:
         if not self.tool_call:
             return {"role": "assistant", "content": "", "refusal": None}
         tc = self.tool_call
-        call = {
-            "index": 0,
-            "id": tc["id"],
-            "type": "function",
-            "function": {"name": tc["name"], "arguments": ""},
-        }
+        function = {"name": tc["name"], "arguments": ""}
+        call = {"index": 0, "id": tc["id"], "type": "function", "function": function}
         return {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
 
     def piece_delta(self, piece: str) -> dict[str, Any]:
@@ -265,6 +253,18 @@ class _Answer:
         return json.dumps(
             {**self._envelope("chat.completion.chunk"), "choices": [], "usage": self.usage()}
         )
+
+    def prompt_filter_chunk(self) -> str:
+        """Azure's first stream event: the prompt's filter results, before any choice."""
+        envelope = {"id": "", "object": "", "created": 0, "model": "", "choices": []}
+        return json.dumps({**envelope, "prompt_filter_results": _PROMPT_FILTER})
+
+    def _choice(self, key: str, value: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        """A choice with ``key`` ("delta" or "message"); Azure also rates its text."""
+        choice = {"index": 0, key: value, "logprobs": None, "finish_reason": finish}
+        if self.filtered:  # the role, tool-call and finish choices carry {}
+            choice["content_filter_results"] = _CONTENT_FILTER if value.get("content") else {}
+        return choice
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {
@@ -292,13 +292,22 @@ def _zero_stats() -> dict[str, int]:
 
 
 class Upstream:
-    """The model endpoint. ``tokens`` and ``token_delay`` may be changed while it runs."""
+    """The model endpoint. Its four answer settings may be changed while it runs."""
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, tokens: int = 12, token_delay: float = 0.02
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tokens: int = 12,
+        token_delay: float = 0.02,
+        first_token_delay: float = 0.0,
+        content_filter: bool = False,
     ) -> None:
         self.tokens = tokens
         self.token_delay = token_delay
+        self.first_token_delay = first_token_delay
+        self.content_filter = content_filter
         self._http = HTTPServer(self._handle, host, port)
         self.stats = _zero_stats()
 
@@ -325,39 +334,26 @@ class Upstream:
         path = req.path
         if path == "/_stats":
             await self._stats(req, resp)
-        elif path in _CHAT_PATHS or _azure_deployment(path) is not None:
-            if req.method != "POST":
-                await _json(
-                    resp,
-                    405,
-                    openai_error(
-                        f"Method {req.method} not allowed; use POST.", "invalid_request_error"
-                    ),
-                    [("Allow", "POST")],
-                )
-            else:
-                await self._chat(req, resp, _azure_deployment(path))
-        else:
-            body = openai_error(
-                f"Unknown request URL: {req.method} {path}.",
-                "invalid_request_error",
-                None,
-                "unknown_url",
+        elif path not in _CHAT_PATHS and _azure_deployment(path) is None:
+            message = f"Unknown request URL: {req.method} {path}."
+            error = openai_error(message, "invalid_request_error", None, "unknown_url")
+            await resp.send_json(404, error)
+        elif req.method != "POST":
+            error = openai_error(
+                f"Method {req.method} not allowed; use POST.", "invalid_request_error"
             )
-            await _json(resp, 404, body)
+            await resp.send_json(405, error, [("Allow", "POST")])
+        else:
+            await self._chat(req, resp, _azure_deployment(path))
 
     async def _stats(self, req: Request, resp: Responder) -> None:
         if req.method == "DELETE":
             self.reset_stats()
         elif req.method != "GET":
-            await _json(
-                resp,
-                405,
-                openai_error("Use GET or DELETE on /_stats.", "invalid_request_error"),
-                [("Allow", "GET, DELETE")],
-            )
+            error = openai_error("Use GET or DELETE on /_stats.", "invalid_request_error")
+            await resp.send_json(405, error, [("Allow", "GET, DELETE")])
             return
-        await _json(resp, 200, json.dumps(self.stats).encode())
+        await resp.send_json(200, self.stats)
 
     async def _chat(self, req: Request, resp: Responder, deployment: str | None) -> None:
         self.stats["requests"] += 1
@@ -365,32 +361,40 @@ class Upstream:
             body = _parse(req.body)
         except BadRequest as err:
             self.stats["bad_requests"] += 1
-            await _json(
-                resp, 400, openai_error(err.message, "invalid_request_error", err.param, err.code)
-            )
+            error = openai_error(err.message, "invalid_request_error", err.param, err.code)
+            await resp.send_json(400, error)
             return
         model = body.get("model") or deployment or "chunkwatch-upstream"
-        answer = _Answer(body, str(model), max(0, int(self.tokens)))
+        tokens, filtered = max(0, int(self.tokens)), bool(self.content_filter)
+        answer = _Answer(body, str(model), tokens, filtered)
+        ttft, delay = max(0.0, float(self.first_token_delay)), max(0.0, float(self.token_delay))
         if not body.get("stream"):
             self.stats["non_stream_requests"] += 1
-            await _json(resp, 200, json.dumps(answer.completion()).encode())
+            await asyncio.sleep(ttft + len(answer.pieces) * delay)  # the model's generation time
+            await resp.send_json(200, answer.completion())
             return
         self.stats["stream_requests"] += 1
         options = body.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        await self._stream(resp, answer, usage)
+        await self._stream(resp, answer, usage, ttft, delay)
 
-    async def _stream(self, resp: Responder, answer: _Answer, usage: bool) -> None:
+    async def _stream(
+        self, resp: Responder, answer: _Answer, usage: bool, ttft: float, delay: float
+    ) -> None:
         self.stats["active_streams"] += 1
         outcome = "aborted_streams"
         try:
-            await resp.start(
-                200,
-                [*_SSE_HEADERS, ("x-request-id", answer.id)],
-                body=format_event(answer.chunk(answer.first_delta())),
-            )
+            head = [*_SSE_HEADERS, ("x-request-id", answer.id)]
+            prelude = format_event(answer.prompt_filter_chunk()) if answer.filtered else b""
+            role = format_event(answer.chunk(answer.first_delta()))
+            if ttft > 0:  # the head (and Azure's prompt filter) at once, the role chunk later
+                await resp.start(200, head, body=prelude)
+                await asyncio.sleep(ttft)
+                await resp.write(role)
+            else:
+                await resp.start(200, head, body=prelude + role)
             loop = asyncio.get_running_loop()
-            start, delay = loop.time(), float(self.token_delay)
+            start = loop.time()
             for i, piece in enumerate(answer.pieces, 1):
                 wait = start + i * delay - loop.time()
                 if wait > 0:
@@ -407,21 +411,12 @@ class Upstream:
             self.stats[outcome] += 1
 
 
-_SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
-
-
 def _azure_deployment(path: str) -> str | None:
     """``{deployment}`` of ``/openai/deployments/{deployment}/chat/completions``."""
     if not path.startswith(_AZURE_PREFIX) or not path.endswith("/chat/completions"):
         return None
     name = path[len(_AZURE_PREFIX) : -len("/chat/completions")]
     return name if name and "/" not in name else None
-
-
-async def _json(
-    resp: Responder, status: int, body: bytes, extra: list[tuple[str, str]] | None = None
-) -> None:
-    await resp.send(status, [("Content-Type", "application/json"), *(extra or [])], body)
 
 
 # -- command line --------------------------------------------------------------------------
@@ -438,19 +433,38 @@ def add_upstream_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8400, help="port (default 8400; 0 picks a free one)")
     p.add_argument("--tokens", type=int, default=12, help="tokens per answer (default 12)")
     p.add_argument(
-        "--token-delay",
+        "--token-delay", type=float, default=0.02, help="seconds between tokens (default 0.02)"
+    )
+    p.add_argument(
+        "--first-token-delay",
         type=float,
-        default=0.02,
-        help="seconds between streamed tokens (default 0.02)",
+        default=0.0,
+        help="seconds before the first token, after the response head (default 0)",
+    )
+    p.add_argument(
+        "--azure-content-filter",
+        action="store_true",
+        help="answer as Azure OpenAI with content filtering: prompt and content filter results",
     )
     p.set_defaults(func=run_upstream)
     return p
 
 
+def upstream_from_args(args: argparse.Namespace) -> Upstream:
+    """An :class:`Upstream` from parsed ``upstream`` arguments."""
+    return Upstream(
+        args.host,
+        args.port,
+        tokens=args.tokens,
+        token_delay=args.token_delay,
+        first_token_delay=args.first_token_delay,
+        content_filter=args.azure_content_filter,
+    )
+
+
 def run_upstream(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; exit status 0."""
-    server = Upstream(args.host, args.port, tokens=args.tokens, token_delay=args.token_delay)
-    return asyncio.run(run_until_signal(server, "upstream"))
+    return asyncio.run(run_until_signal(upstream_from_args(args), "upstream"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
