@@ -86,7 +86,8 @@ def instrument_app(app: Any, rt: Runtime, *, metrics_path: str | None = "/metric
     if app.extensions.get(_APP_MARK) is not None:
         return
     original = app.wsgi_app
-    app.wsgi_app = ChunkwatchMiddleware(original, rt)
+    skip = [metrics_path] if metrics_path else []
+    app.wsgi_app = ChunkwatchMiddleware(original, rt, skip_paths=skip)
     app.extensions[_APP_MARK] = original
     app.before_request(_note_route)
     if metrics_path:

@@ -42,7 +42,7 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEPTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
-_NAME_RE = re.compile(r"[^a-z0-9_.-]")
+_NAME_RE = re.compile(r"[^a-z0-9_.:-]")
 _lock = threading.Lock()
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
 
@@ -51,7 +51,7 @@ def upstream_name(url: str, names: dict[str, str] | None = None) -> str:
     """The ``upstream`` label for ``url``: a configured name, else ``host[:port]``.
 
     ``names`` maps ``host``, ``host:port`` or a URL prefix to a name. Never a path,
-    never a query; at most 64 characters of ``[a-z0-9_.-]``.
+    never a query; at most 64 characters of ``[a-z0-9_.:-]``.
     """
     parts = urlsplit(url if "//" in url else f"//{url}")
     host = (parts.hostname or "unknown").lower()
@@ -190,7 +190,7 @@ class Metrics:
             registry=reg,
         )
 
-    def _exemplar(self, trace_id: str | None) -> dict[str, str] | None:
+    def exemplar(self, trace_id: str | None) -> dict[str, str] | None:
         return {"trace_id": trace_id} if trace_id and not self.multiprocess else None
 
     def stream_opened(self, layer: str) -> None:
@@ -200,7 +200,7 @@ class Metrics:
         self, t: Tally, trace_id: str | None = None, *, counted: bool = False
     ) -> None:
         """Write one finished stream. ``counted``: its outcome was already counted (a stall)."""
-        ex = self._exemplar(trace_id)
+        ex = self.exemplar(trace_id)
         layer, upstream = t.layer, t.upstream
         self.open.labels(layer).dec()
         if not counted:
@@ -216,13 +216,13 @@ class Metrics:
     def stall(self, t: Tally, kind: str, trace_id: str | None = None) -> None:
         """A stall, counted when detected (the stream is still open)."""
         self.stalls.labels(t.layer, kind, t.upstream).inc()
-        self.streams.labels(t.layer, "stalled", t.upstream).inc(exemplar=self._exemplar(trace_id))
+        self.streams.labels(t.layer, "stalled", t.upstream).inc(exemplar=self.exemplar(trace_id))
 
     def request_finished(
         self, verdict: Verdict, upstream: str, trace_id: str | None = None
     ) -> None:
         self.requests.labels(str(verdict.outcome), verdict.layer, upstream).inc(
-            exemplar=self._exemplar(trace_id)
+            exemplar=self.exemplar(trace_id)
         )
 
     def instrumentation_error(self, layer: str, stage: str) -> None:

@@ -138,7 +138,10 @@ class Runtime:
             t.upstream = t.ledger.upstream  # opened before the request reached a model
         span = t.span
         try:
-            self.metrics.stream_finished(t, trace_id_of(span), counted=t.stalled is not None)
+            if t.facts.get("not_a_stream"):
+                self.metrics.open.labels(t.layer).dec()
+            else:
+                self.metrics.stream_finished(t, trace_id_of(span), counted=t.stalled is not None)
         except Exception:
             self.bookkeeping_error(t.layer, "metrics")
         if span is None:

@@ -97,7 +97,8 @@ class Watchdog:
         idle_ns = None if idle is None else int(idle * 1e9)
         with self._lock:
             self._watched[id(tally)] = (tally, first_ns, idle_ns)
-            if self._thread is None and not self._stopped:
+            # not alive: never started, or started before a fork (threads do not survive it)
+            if (self._thread is None or not self._thread.is_alive()) and not self._stopped:
                 self._thread = threading.Thread(
                     target=self._run, name="chunkwatch-watchdog", daemon=True
                 )

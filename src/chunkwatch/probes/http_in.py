@@ -59,13 +59,16 @@ _GETTER = _EnvironGetter()
 class ChunkwatchMiddleware:
     """WSGI middleware: the ``http`` and ``sse`` probes for any WSGI app."""
 
-    def __init__(self, app: WSGIApp, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self, app: WSGIApp, runtime: Runtime | None = None, *, skip_paths: Iterable[str] = ()
+    ) -> None:
         self.app = app
         self._runtime = runtime
+        self._skip = frozenset(skip_paths)  # e.g. the metrics path: a scrape is not a request
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         rt = self._runtime or active()
-        if rt is None:
+        if rt is None or environ.get("PATH_INFO") in self._skip:
             return self.app(environ, start_response)
         try:
             ledger, tally = self._open(rt, environ)
@@ -158,6 +161,7 @@ class _Request:
             span.update_name(f"{tally.facts['method']} {route}")
             span.set_attribute(sc.HTTP_ROUTE, route)
         if not self.streaming:
+            tally.facts["not_a_stream"] = True  # a span, but no stream metrics
             tally.finish(end)
             return
         tally.facts["keep_span_open"] = True  # the verdict goes on it first

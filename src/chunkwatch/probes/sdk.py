@@ -35,7 +35,7 @@ from chunkwatch.errors import StreamEmptyError, StreamTruncatedError
 from chunkwatch.ledger import Tally, bind, current_ledger
 from chunkwatch.outcomes import End, Outcome
 from chunkwatch.probes._patch import patch, unpatch
-from chunkwatch.runtime import Runtime, active, extra_span_attributes
+from chunkwatch.runtime import Runtime, active, extra_span_attributes, trace_id_of
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -170,9 +170,14 @@ def _genai_metrics(rt: Runtime, tally: Tally) -> None:
     try:
         provider, model = tally.facts["genai"]
         error = "" if tally.outcome == "ok" else str(tally.outcome)
-        rt.metrics.genai_duration.labels("chat", provider, model, error).observe(tally.duration)
+        ex = rt.metrics.exemplar(trace_id_of(tally.span))
+        rt.metrics.genai_duration.labels("chat", provider, model, error).observe(
+            tally.duration, exemplar=ex
+        )
         if tally.time_to_first is not None and tally.stream_requested:
-            rt.metrics.genai_ttfc.labels("chat", provider, model).observe(tally.time_to_first)
+            rt.metrics.genai_ttfc.labels("chat", provider, model).observe(
+                tally.time_to_first, exemplar=ex
+            )
     except Exception:
         rt.bookkeeping_error(sc.SDK, "metrics")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -24,11 +25,22 @@ T = TypeVar("T")
 
 
 class AgentLoop:
-    """Runs coroutines on a private event loop in a daemon thread."""
+    """Runs coroutines on a private event loop in a daemon thread.
+
+    Fork-safe: a thread does not survive ``fork()``, so a process forked after the
+    loop started (gunicorn ``--preload``) gets a new loop and thread on its first
+    :meth:`submit`, instead of queueing tasks on a loop nothing runs.
+    """
 
     def __init__(self, name: str = "chunkwatch-agent-loop") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -37,6 +49,10 @@ class AgentLoop:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` as a task; cancelling the returned future cancels the task."""
+        if self._pid != os.getpid():  # forked: the parent's thread does not exist here
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._start()
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def close(self, timeout: float = 5.0) -> None:

@@ -35,7 +35,7 @@ import queue
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from flask import Flask, Response, jsonify, request
@@ -340,7 +340,12 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
 def run_serve(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
-    app = create_app(config_from_args(args))
+    from chunkwatch import telemetry
+
+    config = config_from_args(args)
+    if config.instrument:  # OTEL_* from the environment; None (API no-op) when unconfigured
+        config = replace(config, tracer_provider=telemetry.setup_tracing(set_global=True))
+    app = create_app(config)
     server = make_server(args.host, args.port, app, threaded=True)
     print(f"chunkwatch serve listening on http://{args.host}:{server.server_port}", flush=True)
     try:
@@ -349,6 +354,7 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.server_close()
+        telemetry.shutdown()
     return 0
 
 
