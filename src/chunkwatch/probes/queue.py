@@ -73,7 +73,13 @@ class WatchedQueue(Generic[T]):
         self._producer_done = True
         span, self._publish = self._publish, None
         if span is not None:
-            span.set_attributes({sc.MESSAGING_BATCH_COUNT: self._put, sc.A_CHUNKS: self._put})
+            span.set_attributes(
+                {
+                    sc.MESSAGING_BATCH_COUNT: self._put,
+                    sc.A_CHUNKS: self._put,
+                    sc.A_OUTCOME: "ok",  # the producer handed everything over
+                }
+            )
             span.end()
 
     # -- consumer side (the response thread) ------------------------------------------------
