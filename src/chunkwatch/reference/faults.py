@@ -5,8 +5,10 @@
 answers one request as its mode does. Modes that transform the stream hand the
 gateway a :data:`Transform` to apply to the upstream's ``200 text/event-stream``
 answer (the gateway's :data:`Proxy` forwards, and owns every other outcome); the
-others answer without the upstream. :func:`aggregate` is the ``json`` mode's
-logic: the ``chat.completion`` a buffering gateway builds from chunk events.
+others answer without the upstream. :func:`aggregate` (the ``json`` mode's
+logic: the ``chat.completion`` a buffering gateway builds from chunk events) and
+:func:`openai_error` live, with the canned error pages and bodies, in the I/O-free
+:mod:`chunkwatch.reference._bodies` and are re-exported here.
 ``docs/gateway.md`` has every mode on the wire and what the openai SDK makes of it.
 """
 
@@ -15,14 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 
+from chunkwatch.reference._bodies import (
+    BLOCK_PAGE,
+    NGINX_TITLES,
+    aggregate,
+    nginx_page,
+    openai_error,
+    status_body,
+)
 from chunkwatch.reference._client import Exchange
 from chunkwatch.reference._http import Request, Responder
 from chunkwatch.sse import Event, format_comment, format_event
@@ -140,12 +148,6 @@ async def inject(call: Call) -> None:
         await call.proxy(call, _TRANSFORMS[mode])
 
 
-def openai_error(
-    message: str, type_: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 # -- the faults that transform the upstream's stream -----------------------------------------
 
 
@@ -259,56 +261,6 @@ def _is_final(event: Event) -> bool:
     return any(isinstance(choice, dict) and choice.get("finish_reason") for choice in choices)
 
 
-def aggregate(events: Sequence[Event]) -> dict[str, Any]:
-    """The ``chat.completion`` a gateway builds from ``chat.completion.chunk`` events.
-
-    The envelope (id, created, model) comes from the first chunk that has an id, so
-    Azure's prompt-filter chunk (``"id": ""``, ``choices: []``) does not blank it.
-    """
-    first: dict[str, Any] = {}
-    content: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
-    finish, usage = None, None
-    for event in events:
-        try:
-            obj = json.loads(event.data)
-        except ValueError:
-            continue
-        if not isinstance(obj, dict):
-            continue
-        first = first or (obj if obj.get("id") else {})
-        usage = obj.get("usage") or usage
-        for choice in obj.get("choices") or []:
-            delta = choice.get("delta") or {}
-            content.append(delta.get("content") or "")
-            for call in delta.get("tool_calls") or []:
-                _merge_call(calls.setdefault(call.get("index", 0), {}), call)
-            finish = choice.get("finish_reason") or finish
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
-    if calls:
-        message["content"] = message["content"] or None
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    result = {
-        "id": first.get("id", "chatcmpl-gateway"),
-        "object": "chat.completion",
-        "created": first.get("created", int(time.time())),
-        "model": first.get("model", ""),
-        "choices": [choice],
-    }
-    return {**result, "usage": usage} if usage else result
-
-
-def _merge_call(into: dict[str, Any], delta: dict[str, Any]) -> None:
-    if delta.get("id"):
-        into["id"] = delta["id"]
-        into["type"] = delta.get("type", "function")
-    fn = into.setdefault("function", {"name": "", "arguments": ""})
-    part = delta.get("function") or {}
-    fn["name"] = part.get("name") or fn["name"]
-    fn["arguments"] += part.get("arguments") or ""
-
-
 # -- the faults that answer without the upstream ---------------------------------------------
 
 
@@ -328,7 +280,7 @@ async def _done_only(c: Call) -> None:
 
 
 async def _html(c: Call) -> None:
-    await c.resp.send(200, _HTML, _BLOCK_PAGE.encode())
+    await c.resp.send(200, _HTML, BLOCK_PAGE.encode())
 
 
 async def _stall(c: Call) -> None:
@@ -356,11 +308,11 @@ async def _keepalive_only(c: Call) -> None:
 
 async def _status(c: Call) -> None:
     status = int(c.params["status"])
-    if status in _NGINX_TITLES:
-        await c.resp.send(status, _HTML, _nginx_page(status).encode())
+    if status in NGINX_TITLES:
+        await c.resp.send(status, _HTML, nginx_page(status).encode())
         return
     retry = [("Retry-After", "1")] if status == 429 else []
-    await c.resp.send_json(status, _status_body(status), retry)
+    await c.resp.send_json(status, status_body(status), retry)
 
 
 async def _reject_stream_options(c: Call) -> None:
@@ -374,49 +326,6 @@ async def _reject_stream_options(c: Call) -> None:
     message = "Unrecognized request argument supplied: stream_options"
     await c.resp.send_json(400, openai_error(message, "invalid_request_error"))
 
-
-_RATE_LIMITED = "Rate limit reached for requests. Please retry after 1 second."
-_STATUS_ERRORS = {
-    400: ("The gateway rejected the request: invalid request.", "invalid_request_error", None),
-    429: (_RATE_LIMITED, "requests", "rate_limit_exceeded"),
-}
-_SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
-_NGINX_TITLES = {
-    502: "Bad Gateway",
-    503: "Service Temporarily Unavailable",
-    504: "Gateway Time-out",
-}
-
-
-def _status_body(status: int) -> dict[str, Any]:
-    if status in _STATUS_ERRORS:
-        return openai_error(*_STATUS_ERRORS[status])
-    if status >= 500:
-        return openai_error(_SERVER_ERROR, "server_error")
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    return openai_error(f"{status} {phrase} (from the gateway)", "invalid_request_error")
-
-
-def _nginx_page(status: int) -> str:
-    title = f"{status} {_NGINX_TITLES[status]}"
-    return (
-        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
-        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-    )
-
-
-_BLOCK_PAGE = """<!DOCTYPE html>
-<html><head><title>Access Denied</title></head>
-<body>
-<h1>Web Page Blocked</h1>
-<p>Access to the requested resource has been blocked by your organization's web gateway
-(policy: streaming content inspection).</p>
-<p>If you believe this is an error, contact your IT service desk.</p>
-</body></html>
-"""
 
 _TRANSFORMS: dict[str, Transform | None] = {
     "pass": None,
