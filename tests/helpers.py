@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -103,3 +106,26 @@ def instrumented_system(
                 yield System(up, gw, service, registry, exporter)
             finally:
                 service.stop()
+
+
+def open_chat(url: str, message: str) -> socket.socket:
+    """POST /chat on a raw socket (so a test can read part of the stream and hang up)."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10)
+    body = json.dumps({"message": message}).encode()
+    sock.sendall(
+        b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes, count: int = 1) -> bytes:
+    """Read until ``marker`` was seen ``count`` times; fails if the stream ends first."""
+    got = b""
+    while got.count(marker) < count:
+        chunk = sock.recv(4096)
+        assert chunk, f"the stream ended before {count} x {marker!r}"
+        got += chunk
+    return got

@@ -9,10 +9,8 @@ and an OpenTelemetry SDK tracer provider (``tests/helpers.py``).
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import socket
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -29,7 +27,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.outcomes import Outcome
 from chunkwatch.runtime import active
 
-from .helpers import System, instrumented_system
+from .helpers import System, instrumented_system, open_chat, read_until
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 PROMPT = "What does the scraper see?"
@@ -92,19 +90,8 @@ def family_of(sample: str) -> str | None:
 
 def disconnect_midstream(system: System) -> None:
     """A client that reads two tokens and goes away (a real ``sse`` disconnect)."""
-    url = urlsplit(system.service.url)
-    body = json.dumps({"message": PROMPT}).encode()
-    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        got = b""
-        while got.count(b"event: token") < 2:
-            chunk = sock.recv(4096)
-            assert chunk, "the stream ended before two tokens"
-            got += chunk
+    with open_chat(system.service.url, PROMPT) as sock:
+        read_until(sock, b"event: token", 2)
 
 
 def test_plain_prometheus_text_by_default(system: System) -> None:

@@ -17,7 +17,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.reference.gateway import FAULT_MODES
 from chunkwatch.reference.upstream import answer_tokens
 
-from .helpers import API_KEY, System, instrumented_system
+from .helpers import API_KEY, System, instrumented_system, open_chat, read_until
 
 PROMPT = "Which layer dropped the data?"
 
@@ -205,24 +205,12 @@ def test_no_failed_to_detach_warnings_on_disconnect(
     system: System, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client that goes away mid-stream: disconnected@sse, and no context-detach errors."""
-    import json
-    import socket
-
     system.gateway.server.set_fault("pass")
     system.exporter.clear()
     before = system.sample("chunkwatch_sse_disconnects_total", upstream="test-gw")
     caplog.set_level(logging.WARNING)
-    host, port = system.service.url.removeprefix("http://").split(":")
-    body = json.dumps({"message": PROMPT}).encode()
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(
-            b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        got = b""
-        while got.count(b"event: token") < 2:
-            got += sock.recv(4096)
+    with open_chat(system.service.url, PROMPT) as sock:
+        read_until(sock, b"event: token", 2)
     attrs = system.root().attributes or {}
     assert attrs[sc.A_VERDICT] == "disconnected@sse"
     assert system.sample("chunkwatch_sse_disconnects_total", upstream="test-gw") == before + 1

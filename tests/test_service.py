@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +15,8 @@ from chunkwatch.reference.client import chat
 from chunkwatch.reference.service import ServiceConfig, ServiceThread, create_app
 from chunkwatch.reference.threaded import Running, start_in_thread
 from chunkwatch.reference.upstream import Upstream, answer_tokens
+
+from .helpers import open_chat, read_until
 
 
 @pytest.fixture(scope="module")
@@ -134,25 +135,13 @@ def test_healthz(tokens_service: ServiceThread) -> None:
     assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
 
 
-def open_stream(url: str, message: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    body = json.dumps({"message": message}).encode()
-    sock.sendall(
-        b"POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    return sock
-
-
 def test_first_bytes_are_flushed_before_the_first_token() -> None:
     """Headers and the `: open` comment arrive at once, long before a slow first token."""
     slow = start_in_thread(Upstream(tokens=2, token_delay=1.0))
     svc = serve(slow.url)
     try:
         t0 = time.perf_counter()
-        sock = open_stream(svc.url, "slow")
+        sock = open_chat(svc.url, "slow")
         first = b""
         while b": open" not in first and len(first) < 65536:
             first += sock.recv(4096)
@@ -174,10 +163,8 @@ def test_client_disconnect_stops_the_run_and_closes_the_upstream_request() -> No
     up = start_in_thread(Upstream(tokens=400, token_delay=0.025))  # a 10 s answer
     svc = serve(up.url)
     try:
-        sock = open_stream(svc.url, "a long answer")
-        received = b""
-        while received.count(b"event: token") < 3:
-            received += sock.recv(4096)
+        sock = open_chat(svc.url, "a long answer")
+        read_until(sock, b"event: token", 3)
         assert up.server.stats["active_streams"] == 1
         sock.close()
         t_close = time.perf_counter()
