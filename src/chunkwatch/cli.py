@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chunkwatch import demo
+    from chunkwatch import demo, doctor
     from chunkwatch.reference import gateway, service, upstream
 
     parser = argparse.ArgumentParser(
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_gateway_parser(sub)
     service.add_serve_parser(sub)
     demo.add_demo_parser(sub)
+    doctor.add_doctor_parser(sub)
     return parser
 
 

@@ -18,6 +18,21 @@ SSE: Final = "sse"
 HTTP: Final = "http"
 LAYERS: Final = (GATEWAY, SDK, LANGGRAPH, QUEUE, SSE, HTTP)
 NO_LAYER: Final = "none"  # the verdict layer of a healthy request
+MODEL: Final = "model"  # doctor: the direct model endpoint fails too
+
+# Response headers that identify a request to a gateway's or cloud's support team
+# (recorded by the gateway probe and the doctor; values only, truncated).
+REQUEST_ID_HEADERS: Final = (
+    "x-request-id",
+    "apim-request-id",
+    "x-ms-request-id",
+    "x-ms-client-request-id",
+    "x-azure-ref",
+    "cf-ray",
+    "x-amzn-requestid",
+    "x-amz-apigw-id",
+    "x-cloud-trace-context",
+)
 
 # -- metric names (Prometheus; counters are exposed with the `_total` suffix) -------------------
 REQUESTS: Final = "chunkwatch_requests"

@@ -51,7 +51,6 @@ __all__ = ["instrument", "uninstrument"]
 _OWNER = "chunkwatch.gateway"
 _MODEL_PATHS = ("/chat/completions", "/completions", "/responses")
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
-_REQUEST_ID_HEADERS = ("x-request-id", "apim-request-id", "x-ms-request-id", "cf-ray")
 
 
 def _is_model_call(request: Any) -> bool:
@@ -119,7 +118,7 @@ def _note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
         facts["chunkwatch.http.content_length"] = tally.content_length
     if tally.content_encoding:
         facts["chunkwatch.http.content_encoding"] = tally.content_encoding
-    for name in _REQUEST_ID_HEADERS:
+    for name in sc.REQUEST_ID_HEADERS:
         if name in headers:
             facts[f"chunkwatch.http.{name.replace('-', '_')}"] = headers[name][:128]
     tally.facts["span_attributes"] = facts

@@ -1,0 +1,5 @@
+import sys
+
+from chunkwatch.doctor.cli import main
+
+sys.exit(main())
