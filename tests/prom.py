@@ -1,0 +1,254 @@
+"""Test helpers for the shipped Prometheus rules and Grafana dashboards.
+
+* :func:`binary` finds ``prometheus`` / ``promtool`` (Debian's ``prometheus``
+  package; ``scripts/bootstrap --test`` installs it) or fails the test saying so.
+* :class:`Prometheus` runs a real Prometheus on a free loopback port and talks to
+  its HTTP API; :func:`compress_durations` shortens the rules' windows and ``for``
+  durations so an end-to-end run takes seconds instead of minutes.
+* :func:`dashboards`, :func:`panels`, :func:`substitute`: the dashboard JSON as data.
+* :func:`emitted_series`, :func:`metric_names`: the names the code writes, the names a
+  PromQL expression reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "prometheus" / "chunkwatch.rules.yml"
+RULE_TESTS = ROOT / "prometheus" / "tests"
+DASHBOARDS = ROOT / "dashboards"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_RANGE = re.compile(r"\[(\d+)([smhd])\]")
+
+
+def binary(name: str) -> str:
+    """The path of ``name`` (``prometheus`` or ``promtool``), or fail with how to get it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"`{name}` is not on PATH: these tests run a real Prometheus. "
+            "`scripts/bootstrap --test` installs Debian's `prometheus` package "
+            "(prometheus and promtool)."
+        )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def seconds(duration: str) -> int:
+    m = _DURATION.match(duration)
+    if m is None:
+        raise ValueError(f"not a simple Prometheus duration: {duration!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _shorter(duration: str, factor: int) -> str:
+    return f"{max(1, math.ceil(seconds(duration) / factor))}s"
+
+
+def compress_durations(rules_yaml: str, factor: int) -> str:
+    """The same rules with every range window ``[5m]`` and every ``for:`` divided by ``factor``.
+
+    Nothing else changes: expressions, thresholds, labels and annotations stay as
+    shipped, so an end-to-end run exercises the real rules on a faster clock.
+    """
+    doc = yaml.safe_load(rules_yaml)
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            rule["expr"] = _RANGE.sub(
+                lambda m: f"[{_shorter(m.group(1) + m.group(2), factor)}]", rule["expr"]
+            )
+            if "for" in rule:
+                rule["for"] = _shorter(rule["for"], factor)
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+class Prometheus:
+    """A real ``prometheus`` on 127.0.0.1, scraping ``targets`` every ``interval`` seconds."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str],
+        rule_files: list[Path],
+        interval: int = 1,
+        job: str = "chunkwatch",
+    ) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "prometheus.log"
+        config = {
+            "global": {
+                "scrape_interval": f"{interval}s",
+                "scrape_timeout": f"{interval}s",
+                "evaluation_interval": f"{interval}s",
+            },
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+        }
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump(config))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        args = [
+            binary("prometheus"),
+            f"--config.file={self.config}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--enable-feature=exemplar-storage",
+            "--log.level=warn",
+        ]
+        with self.log.open("wb") as log:
+            self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                pytest.fail(f"prometheus exited with {self._proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"prometheus not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def api(self, path: str, **params: Any) -> Any:
+        """GET ``/api/v1/{path}``; the ``data`` of a success, else an AssertionError."""
+        query = urllib.parse.urlencode(params, doseq=True)
+        url = f"{self.url}/api/v1/{path}" + (f"?{query}" if query else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = json.load(resp)
+        except urllib.error.HTTPError as err:
+            body = json.load(err)
+        if body.get("status") != "success":
+            raise AssertionError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return list(self.api("query", query=expr)["result"])
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> Any:
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Active alerts (pending and firing)."""
+        return list(self.api("alerts")["alerts"])
+
+    def exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+        return list(self.api("query_exemplars", query=expr, start=start, end=end))
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        return list(self.api(f"label/{label}/values", **{"match[]": match}))
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+def emitted_series() -> dict[str, frozenset[str]]:
+    """Every series name chunkwatch's :class:`~chunkwatch.metrics.Metrics` can write (counters
+    with ``_total``, histograms as ``_bucket``/``_sum``/``_count``), with its label names —
+    read from the code, not from a copy."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from chunkwatch.metrics import Metrics
+
+    out: dict[str, frozenset[str]] = {}
+    for metric in vars(Metrics(CollectorRegistry())).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        name, labels, kind = metric._name, frozenset(metric._labelnames), metric._type
+        if kind == "counter":
+            out[f"{name}_total"] = labels
+        elif kind == "histogram":
+            out[f"{name}_bucket"] = labels | {"le"}
+            out[f"{name}_sum"] = out[f"{name}_count"] = labels
+        else:
+            out[name] = labels
+    return out
+
+
+def metric_names(expr: str, known: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """The chunkwatch / GenAI series and the recording rules (``a:b:c``) ``expr`` reads.
+
+    A recording-rule name not in ``known`` is returned as is, so a caller checking the
+    result against ``known`` and the emitted series catches a typo in either.
+    """
+    records = set(re.findall(r"(?<![\w:])(\w+:\w+:\w+)(?![\w:])", expr))
+    plain = set(re.findall(r"(?<![\w:])((?:chunkwatch|gen_ai)_\w+)(?![\w:])", expr))
+    return records | plain
+
+
+# -- dashboards ----------------------------------------------------------------------------------
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    """Every dashboard JSON under dashboards/, by file name."""
+    return {p.name: json.loads(p.read_text()) for p in sorted(DASHBOARDS.glob("*.json"))}
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel that is not a row, including those inside collapsed rows."""
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            yield from panel.get("panels", [])
+        else:
+            yield panel
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    """``expr`` with Grafana's ``$name`` / ``${name}`` variables replaced; fails on leftovers."""
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in variables:
+            raise AssertionError(f"unknown variable ${name} in {expr!r}")
+        return variables[name]
+
+    out = re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
+    assert "$" not in out, out
+    return out
