@@ -160,6 +160,12 @@ class Guard:
         breaker = self._breakers.get(upstream)
         if breaker is None:
             breaker = self._breakers[upstream] = _Breaker(self.config)
+            rt = self.runtime  # the mode series exists from the first request on
+            if rt is not None:
+                try:
+                    rt.metrics.stream_mode.labels(upstream).set(1)
+                except Exception:
+                    rt.bookkeeping_error(sc.SDK, "guard")
         return breaker
 
     def _move(self, upstream: str, breaker: _Breaker, to: BreakerState) -> None:

@@ -146,7 +146,7 @@ class Metrics:
         self.instrumentation_errors = Counter(
             sc.INSTRUMENTATION_ERRORS,
             "Errors inside chunkwatch's own bookkeeping (swallowed; the host is unaffected).",
-            (sc.L_LAYER, "stage"),
+            (sc.L_LAYER, sc.L_STAGE),
             registry=reg,
         )
         self.stalls = Counter(
@@ -191,7 +191,7 @@ class Metrics:
         )
 
     def exemplar(self, trace_id: str | None) -> dict[str, str] | None:
-        return {"trace_id": trace_id} if trace_id and not self.multiprocess else None
+        return {sc.EXEMPLAR_TRACE_ID: trace_id} if trace_id and not self.multiprocess else None
 
     def stream_opened(self, layer: str) -> None:
         self.open.labels(layer).inc()

@@ -58,6 +58,7 @@ L_LAYER: Final = "layer"
 L_OUTCOME: Final = "outcome"
 L_UPSTREAM: Final = "upstream"
 L_STAGE: Final = "stage"
+EXEMPLAR_TRACE_ID: Final = "trace_id"  # the exemplar label linking a sample to its trace
 L_KIND: Final = "kind"
 L_REASON: Final = "reason"  # "<outcome>@<layer>"
 L_TO: Final = "to"  # breaker state: closed, open, half_open

@@ -27,7 +27,7 @@ from opentelemetry.trace import Link, SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.outcomes import End
-from chunkwatch.runtime import Runtime, active
+from chunkwatch.runtime import Runtime, active, trace_id_of
 
 __all__ = ["WatchedQueue"]
 
@@ -110,8 +110,9 @@ class WatchedQueue(Generic[T]):
         try:
             tally.units_in = self._put
             tally.facts["dropped"] = self._dropped
-            rt.metrics.queue_wait.observe(self._wait_max / 1e9)
-            rt.metrics.queue_depth_max.observe(self._depth_max)
+            ex = rt.metrics.exemplar(trace_id_of(tally.span))
+            rt.metrics.queue_wait.observe(self._wait_max / 1e9, exemplar=ex)
+            rt.metrics.queue_depth_max.observe(self._depth_max, exemplar=ex)
             if tally.span is not None:
                 tally.span.set_attributes(
                     {
