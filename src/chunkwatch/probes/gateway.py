@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -41,10 +39,10 @@ from opentelemetry.trace import SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.errors import StreamStalledError
 from chunkwatch.ledger import Tally
-from chunkwatch.outcomes import End
+from chunkwatch.outcomes import End, end_for_exception
 from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.probes._wire import Reader, note_headers
 from chunkwatch.runtime import Runtime, active
-from chunkwatch.sse import SSEParser
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -100,103 +98,6 @@ def _operation(path: str) -> str:
     return path
 
 
-def _note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
-    """Record status and headers; return the parser for the body (None: not an event stream)."""
-    tally.t_headers = time.perf_counter_ns()
-    headers = response.headers
-    tally.status = response.status_code
-    tally.content_type = headers.get("content-type")
-    cl = headers.get("content-length")
-    tally.content_length = int(cl) if cl and cl.isdigit() else None
-    tally.content_encoding = headers.get("content-encoding")
-    facts = {
-        sc.HTTP_RESPONSE_STATUS_CODE: tally.status,
-        "chunkwatch.http.content_type": tally.content_type or "",
-        "chunkwatch.http.transfer_encoding": headers.get("transfer-encoding", ""),
-    }
-    if tally.content_length is not None:
-        facts["chunkwatch.http.content_length"] = tally.content_length
-    if tally.content_encoding:
-        facts["chunkwatch.http.content_encoding"] = tally.content_encoding
-    for name in sc.REQUEST_ID_HEADERS:
-        if name in headers:
-            facts[f"chunkwatch.http.{name.replace('-', '_')}"] = headers[name][:128]
-    tally.facts["span_attributes"] = facts
-    if not tally.stream_requested:
-        return None
-    return SSEParser()
-
-
-class _Reader:
-    """Feeds body bytes to the parser and the tally; finalizes the tally once."""
-
-    __slots__ = ("_inflate", "parser", "tally")
-
-    def __init__(self, tally: Tally, parser: SSEParser | None) -> None:
-        self.tally = tally
-        self.parser = parser
-        enc = (tally.content_encoding or "").lower()
-        self._inflate = (
-            zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in enc else zlib.MAX_WBITS)
-            if parser is not None and enc in ("gzip", "deflate", "x-gzip")
-            else None
-        )
-
-    def feed(self, chunk: bytes) -> None:
-        tally = self.tally
-        tally.bytes += len(chunk)
-        parser = self.parser
-        if parser is None:
-            return
-        if tally.facts.get("t_first_byte") is None:
-            tally.facts["t_first_byte"] = time.perf_counter_ns()
-        if self._inflate is not None:
-            chunk = self._inflate.decompress(chunk)
-        before = parser.data_events
-        parser.feed(chunk)
-        new = parser.data_events - before
-        if new:
-            tally.unit(new)
-
-    def end(self, end: End, exc: BaseException | None = None) -> None:
-        tally = self.tally
-        if tally.finished:
-            return
-        parser = self.parser
-        if parser is not None:
-            parser.close()
-            tally.terminal_seen = parser.done
-            tally.error_events = parser.error_events
-            tally.malformed = parser.malformed
-            tally.gzip_magic = parser.gzip_magic and not tally.content_encoding
-            tally.pending_fields = parser.pending_fields
-            tally.comments = parser.comments
-            if parser.first_error:
-                tally.facts["malformed_why"] = parser.first_error
-        elif tally.status is not None and tally.bytes:
-            tally.unit()  # a whole non-stream response is one unit
-        if exc is not None:
-            tally.exc_type = type(exc).__name__
-        self._span_facts()
-        tally.finish(end)
-
-    def _span_facts(self) -> None:
-        tally = self.tally
-        span = tally.span
-        if span is None:
-            return
-        attrs = dict(tally.facts.get("span_attributes", {}))
-        attrs[sc.A_BYTES] = tally.bytes
-        attrs[sc.A_DONE] = tally.terminal_seen
-        attrs[sc.A_COMMENTS] = tally.comments
-        if tally.t_headers is not None:
-            attrs["chunkwatch.time_to_headers"] = (tally.t_headers - tally.t_start) / 1e9
-        first_byte = tally.facts.get("t_first_byte")
-        if first_byte is not None:
-            attrs["chunkwatch.time_to_first_byte"] = (first_byte - tally.t_start) / 1e9
-        span.set_attributes(attrs)
-
-
 def _stalled(tally: Tally) -> StreamStalledError | None:
     aborted = tally.facts.get("aborted")
     if aborted is None:
@@ -230,7 +131,7 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
     base = mod.AsyncByteStream
 
     class WatchedAsyncBody(base):  # type: ignore[misc, valid-type]
-        def __init__(self, inner: Any, reader: _Reader) -> None:
+        def __init__(self, inner: Any, reader: Reader) -> None:
             self._inner = inner
             self._reader = reader
 
@@ -252,15 +153,12 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
                         _bookkeeping_error("feed")
                     yield chunk
             except asyncio.CancelledError:
-                stalled = _stalled(reader.tally)
+                stalled = _cancelled(reader)
                 if stalled is None:
-                    reader.end(End.CLOSED)
                     raise
-                _uncancel()
-                reader.end(End.TIMEOUT, stalled)
                 raise stalled from None
             except BaseException as exc:
-                reader.end(_end_for(exc), exc)
+                reader.end(end_for_exception(exc), exc)
                 raise
             reader.end(End.CLEAN)
 
@@ -277,32 +175,20 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
     def make(original: Any) -> Any:
         async def handle_async_request(self: Any, request: Any) -> Any:
             rt = active()
-            if rt is None or not _is_model_call(request):
-                return await original(self, request)
-            try:
-                tally = _open(rt, request)
-                _set_abort(tally)
-            except Exception:
-                rt.bookkeeping_error(sc.GATEWAY, "open")
+            tally = _start(rt, request, aborts=True)
+            if rt is None or tally is None:
                 return await original(self, request)
             try:
                 response = await original(self, request)
             except asyncio.CancelledError:
-                stalled = _stalled(tally)
+                stalled = _cancelled(Reader(tally, None))
                 if stalled is None:
-                    _Reader(tally, None).end(End.CLOSED)
                     raise
-                _uncancel()
-                _Reader(tally, None).end(End.TIMEOUT, stalled)
                 raise stalled from None
             except BaseException as exc:
-                _Reader(tally, None).end(_end_for(exc), exc)
+                Reader(tally, None).end(end_for_exception(exc), exc)
                 raise
-            try:
-                reader = _Reader(tally, _note_headers(rt, tally, response))
-                response.stream = WatchedAsyncBody(response.stream, reader)
-            except Exception:
-                rt.bookkeeping_error(sc.GATEWAY, "headers")
+            _watch_body(rt, tally, response, WatchedAsyncBody)
             return response
 
         return handle_async_request
@@ -314,7 +200,7 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
     base = mod.SyncByteStream
 
     class WatchedSyncBody(base):  # type: ignore[misc, valid-type]
-        def __init__(self, inner: Any, reader: _Reader) -> None:
+        def __init__(self, inner: Any, reader: Reader) -> None:
             self._inner = inner
             self._reader = reader
 
@@ -331,7 +217,7 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
                 reader.end(End.CLOSED)
                 raise
             except BaseException as exc:
-                reader.end(_end_for(exc), exc)
+                reader.end(end_for_exception(exc), exc)
                 raise
             reader.end(End.CLEAN)
 
@@ -348,23 +234,15 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
     def make(original: Any) -> Any:
         def handle_request(self: Any, request: Any) -> Any:
             rt = active()
-            if rt is None or not _is_model_call(request):
-                return original(self, request)
-            try:
-                tally = _open(rt, request)
-            except Exception:
-                rt.bookkeeping_error(sc.GATEWAY, "open")
+            tally = _start(rt, request, aborts=False)
+            if rt is None or tally is None:
                 return original(self, request)
             try:
                 response = original(self, request)
             except BaseException as exc:
-                _Reader(tally, None).end(_end_for(exc), exc)
+                Reader(tally, None).end(end_for_exception(exc), exc)
                 raise
-            try:
-                reader = _Reader(tally, _note_headers(rt, tally, response))
-                response.stream = WatchedSyncBody(response.stream, reader)
-            except Exception:
-                rt.bookkeeping_error(sc.GATEWAY, "headers")
+            _watch_body(rt, tally, response, WatchedSyncBody)
             return response
 
         return handle_request
@@ -372,10 +250,39 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
     return make
 
 
-def _end_for(exc: BaseException) -> End:
-    from chunkwatch.outcomes import end_for_exception
+def _start(rt: Runtime | None, request: Any, *, aborts: bool) -> Tally | None:
+    """The tally of a model call (None: not one, not instrumented, or bookkeeping failed)."""
+    if rt is None or not _is_model_call(request):
+        return None
+    try:
+        tally = _open(rt, request)
+        if aborts:
+            _set_abort(tally)
+        return tally
+    except Exception:
+        rt.bookkeeping_error(sc.GATEWAY, "open")
+        return None
 
-    return end_for_exception(exc)
+
+def _watch_body(rt: Runtime, tally: Tally, response: Any, body: Callable[..., Any]) -> None:
+    """Note the headers and put the counting body in place of the response's own."""
+    try:
+        reader = Reader(tally, note_headers(rt, tally, response))
+        response.stream = body(response.stream, reader)
+    except Exception:
+        rt.bookkeeping_error(sc.GATEWAY, "headers")
+
+
+def _cancelled(reader: Reader) -> StreamStalledError | None:
+    """A cancelled read: the watchdog's abort (the typed stall to raise instead) or the
+    consumer going away (None: re-raise the cancellation)."""
+    stalled = _stalled(reader.tally)
+    if stalled is None:
+        reader.end(End.CLOSED)
+        return None
+    _uncancel()
+    reader.end(End.TIMEOUT, stalled)
+    return stalled
 
 
 def _bookkeeping_error(stage: str) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.errors import StreamEmptyError, StreamTruncatedError
 from chunkwatch.ledger import Tally, bind, current_ledger
-from chunkwatch.outcomes import End, Outcome
+from chunkwatch.outcomes import End, Outcome, end_for_exception
 from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.runtime import Runtime, active, extra_span_attributes, trace_id_of
 
@@ -219,7 +219,7 @@ def _watch_async(stream: Any, chunks: _Chunks) -> None:
             chunks.end(End.CLOSED)
             raise
         except BaseException as exc:
-            chunks.end(_end_for(exc), exc)
+            chunks.end(end_for_exception(exc), exc)
             raise
         chunks.end(End.CLEAN)
         error = chunks.end_error()
@@ -254,7 +254,7 @@ def _watch_sync(stream: Any, chunks: _Chunks) -> None:
             chunks.end(End.CLOSED)
             raise
         except BaseException as exc:
-            chunks.end(_end_for(exc), exc)
+            chunks.end(end_for_exception(exc), exc)
             raise
         chunks.end(End.CLEAN)
         error = chunks.end_error()
@@ -295,10 +295,34 @@ def _abandon(chunks: _Chunks) -> None:
     chunks.end(End.ABANDONED)
 
 
-def _end_for(exc: BaseException) -> End:
-    from chunkwatch.outcomes import end_for_exception
+def _start(rt: Runtime | None, resource: Any, kwargs: dict[str, Any]) -> Tally | None:
+    """The call's tally (None: not instrumented, or bookkeeping failed)."""
+    if rt is None:
+        return None
+    try:
+        return _open(rt, resource, kwargs)
+    except Exception:
+        rt.bookkeeping_error(sc.SDK, "open")
+        return None
 
-    return end_for_exception(exc)
+
+def _sending(tally: Tally) -> AbstractContextManager[Any]:
+    """While the request is sent: the sdk span is current, and the call's ledger too."""
+    stack = ExitStack()
+    stack.enter_context(_current(tally))
+    stack.enter_context(_ledger_of(tally))
+    return stack
+
+
+def _received(rt: Runtime, tally: Tally, result: Any, stream_cls: type, watch: Any) -> None:
+    """Watch a returned stream; finish a returned response now."""
+    if isinstance(result, stream_cls):
+        try:
+            watch(result, _Chunks(rt, tally))
+        except Exception:
+            rt.bookkeeping_error(sc.SDK, "wrap")
+    else:
+        _finish_response(rt, tally, result)
 
 
 def _make_async(original: Any) -> Any:
@@ -306,26 +330,16 @@ def _make_async(original: Any) -> Any:
 
     async def create(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = active()
-        if rt is None:
+        tally = _start(rt, self, kwargs)
+        if rt is None or tally is None:
             return await original(self, *args, **kwargs)
         try:
-            tally = _open(rt, self, kwargs)
-        except Exception:
-            rt.bookkeeping_error(sc.SDK, "open")
-            return await original(self, *args, **kwargs)
-        try:
-            with _current(tally), _ledger_of(tally):
+            with _sending(tally):
                 result = await original(self, *args, **kwargs)
         except BaseException as exc:
-            _Chunks(rt, tally).end(_end_for(exc), exc)
+            _Chunks(rt, tally).end(end_for_exception(exc), exc)
             raise
-        if isinstance(result, openai.AsyncStream):
-            try:
-                _watch_async(result, _Chunks(rt, tally))
-            except Exception:
-                rt.bookkeeping_error(sc.SDK, "wrap")
-        else:
-            _finish_response(rt, tally, result)
+        _received(rt, tally, result, openai.AsyncStream, _watch_async)
         return result
 
     return create
@@ -336,26 +350,16 @@ def _make_sync(original: Any) -> Any:
 
     def create(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = active()
-        if rt is None:
+        tally = _start(rt, self, kwargs)
+        if rt is None or tally is None:
             return original(self, *args, **kwargs)
         try:
-            tally = _open(rt, self, kwargs)
-        except Exception:
-            rt.bookkeeping_error(sc.SDK, "open")
-            return original(self, *args, **kwargs)
-        try:
-            with _current(tally), _ledger_of(tally):
+            with _sending(tally):
                 result = original(self, *args, **kwargs)
         except BaseException as exc:
-            _Chunks(rt, tally).end(_end_for(exc), exc)
+            _Chunks(rt, tally).end(end_for_exception(exc), exc)
             raise
-        if isinstance(result, openai.Stream):
-            try:
-                _watch_sync(result, _Chunks(rt, tally))
-            except Exception:
-                rt.bookkeeping_error(sc.SDK, "wrap")
-        else:
-            _finish_response(rt, tally, result)
+        _received(rt, tally, result, openai.Stream, _watch_sync)
         return result
 
     return create

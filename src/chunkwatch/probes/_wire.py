@@ -1,0 +1,118 @@
+"""What came over the wire from a gateway: response headers and body bytes, into a tally.
+
+The gateway probe's reading half: :func:`note_headers` records status and the
+headers that matter (never Authorization or api-key: only the names listed here
+are read), and :class:`Reader` feeds the body to the shared SSE parser in
+counting mode and finalizes the tally once.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+from chunkwatch import semconv as sc
+from chunkwatch.ledger import Tally
+from chunkwatch.outcomes import End
+from chunkwatch.runtime import Runtime
+from chunkwatch.sse import SSEParser
+
+__all__ = ["Reader", "note_headers"]
+
+
+def note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
+    """Record status and headers; return the parser for the body (None: not an event stream)."""
+    tally.t_headers = time.perf_counter_ns()
+    headers = response.headers
+    tally.status = response.status_code
+    tally.content_type = headers.get("content-type")
+    cl = headers.get("content-length")
+    tally.content_length = int(cl) if cl and cl.isdigit() else None
+    tally.content_encoding = headers.get("content-encoding")
+    facts = {
+        sc.HTTP_RESPONSE_STATUS_CODE: tally.status,
+        "chunkwatch.http.content_type": tally.content_type or "",
+        "chunkwatch.http.transfer_encoding": headers.get("transfer-encoding", ""),
+    }
+    if tally.content_length is not None:
+        facts["chunkwatch.http.content_length"] = tally.content_length
+    if tally.content_encoding:
+        facts["chunkwatch.http.content_encoding"] = tally.content_encoding
+    for name in sc.REQUEST_ID_HEADERS:
+        if name in headers:
+            facts[f"chunkwatch.http.{name.replace('-', '_')}"] = headers[name][:128]
+    tally.facts["span_attributes"] = facts
+    if not tally.stream_requested:
+        return None
+    return SSEParser()
+
+
+class Reader:
+    """Feeds body bytes to the parser and the tally; finalizes the tally once."""
+
+    __slots__ = ("_inflate", "parser", "tally")
+
+    def __init__(self, tally: Tally, parser: SSEParser | None) -> None:
+        self.tally = tally
+        self.parser = parser
+        enc = (tally.content_encoding or "").lower()
+        self._inflate = (
+            zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in enc else zlib.MAX_WBITS)
+            if parser is not None and enc in ("gzip", "deflate", "x-gzip")
+            else None
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        tally = self.tally
+        tally.bytes += len(chunk)
+        parser = self.parser
+        if parser is None:
+            return
+        if tally.facts.get("t_first_byte") is None:
+            tally.facts["t_first_byte"] = time.perf_counter_ns()
+        if self._inflate is not None:
+            chunk = self._inflate.decompress(chunk)
+        before = parser.data_events
+        parser.feed(chunk)
+        new = parser.data_events - before
+        if new:
+            tally.unit(new)
+
+    def end(self, end: End, exc: BaseException | None = None) -> None:
+        tally = self.tally
+        if tally.finished:
+            return
+        parser = self.parser
+        if parser is not None:
+            parser.close()
+            tally.terminal_seen = parser.done
+            tally.error_events = parser.error_events
+            tally.malformed = parser.malformed
+            tally.gzip_magic = parser.gzip_magic and not tally.content_encoding
+            tally.pending_fields = parser.pending_fields
+            tally.comments = parser.comments
+            if parser.first_error:
+                tally.facts["malformed_why"] = parser.first_error
+        elif tally.status is not None and tally.bytes:
+            tally.unit()  # a whole non-stream response is one unit
+        if exc is not None:
+            tally.exc_type = type(exc).__name__
+        self._span_facts()
+        tally.finish(end)
+
+    def _span_facts(self) -> None:
+        tally = self.tally
+        span = tally.span
+        if span is None:
+            return
+        attrs = dict(tally.facts.get("span_attributes", {}))
+        attrs[sc.A_BYTES] = tally.bytes
+        attrs[sc.A_DONE] = tally.terminal_seen
+        attrs[sc.A_COMMENTS] = tally.comments
+        if tally.t_headers is not None:
+            attrs["chunkwatch.time_to_headers"] = (tally.t_headers - tally.t_start) / 1e9
+        first_byte = tally.facts.get("t_first_byte")
+        if first_byte is not None:
+            attrs["chunkwatch.time_to_first_byte"] = (first_byte - tally.t_start) / 1e9
+        span.set_attributes(attrs)
