@@ -83,9 +83,9 @@ class BadRequest(Exception):
 
 
 def openai_error(
-    message: str, type_: str, param: str | None = None, code: str | None = None
+    message: str, type_: str, *, code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
-    """An OpenAI-style error body."""
+    """An OpenAI-style error body (the upstream's and the gateway's)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

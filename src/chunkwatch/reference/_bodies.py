@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
+from chunkwatch.reference._answer import openai_error
 from chunkwatch.sse import Event
 
 __all__ = [
@@ -26,13 +27,6 @@ __all__ = [
     "openai_error",
     "status_body",
 ]
-
-
-def openai_error(
-    message: str, type_: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    """An OpenAI-style error body."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def aggregate(events: Sequence[Event]) -> dict[str, Any]:
@@ -103,7 +97,8 @@ NGINX_TITLES = {
 def status_body(status: int) -> dict[str, Any]:
     """The OpenAI-style error body a gateway answers ``status`` with."""
     if status in _STATUS_ERRORS:
-        return openai_error(*_STATUS_ERRORS[status])
+        message, type_, code = _STATUS_ERRORS[status]
+        return openai_error(message, type_, code=code)
     if status >= 500:
         return openai_error(_SERVER_ERROR, "server_error")
     try:

@@ -230,7 +230,7 @@ async def _error_event(c: Call, ex: Exchange) -> None:
         f"The model stream was interrupted after {n} events: upstream connection reset "
         "(fault injected by chunkwatch gateway)."
     )
-    error = openai_error(message, "server_error", "stream_interrupted")
+    error = openai_error(message, "server_error", code="stream_interrupted")
     await c.resp.write(format_event(json.dumps(error), event="error"))
     await c.resp.end()
 

@@ -180,7 +180,7 @@ class Gateway:
     async def _bad_gateway(self, resp: Responder, message: str) -> None:
         message = f"{message} (upstream {self.upstream})"
         log.warning("%s", message)
-        await resp.send_json(502, openai_error(message, "upstream_error", "bad_gateway"))
+        await resp.send_json(502, openai_error(message, "upstream_error", code="bad_gateway"))
 
     async def _chaos(self, req: Request, resp: Responder) -> None:
         if req.path == "/_chaos" and req.method == "GET":

@@ -128,7 +128,7 @@ class Upstream:
             await self._stats(req, resp)
         elif path not in _CHAT_PATHS and _azure_deployment(path) is None:
             message = f"Unknown request URL: {req.method} {path}."
-            error = openai_error(message, "invalid_request_error", None, "unknown_url")
+            error = openai_error(message, "invalid_request_error", code="unknown_url")
             await resp.send_json(404, error)
         elif req.method != "POST":
             error = openai_error(
@@ -153,7 +153,9 @@ class Upstream:
             body = parse_request(req.body)
         except BadRequest as err:
             self.stats["bad_requests"] += 1
-            error = openai_error(err.message, "invalid_request_error", err.param, err.code)
+            error = openai_error(
+                err.message, "invalid_request_error", code=err.code, param=err.param
+            )
             await resp.send_json(400, error)
             return
         model = body.get("model") or deployment or "chunkwatch-upstream"
