@@ -115,3 +115,37 @@ def test_writer_refuses_line_breaks_in_field_names() -> None:
     """An event name with a newline would forge events: it is refused."""
     with pytest.raises(ValueError, match="line break"):
         format_event("x", event="token\ndata: forged")
+
+
+BODIES = [
+    b": open\n\n" + CHUNK * 5 + b"data: [DONE]\n\n",
+    b"event: token\ndata: a\ndata: b\n\n" + CHUNK + b"\n\n" + CHUNK + b": hb\n\n",
+    b'data: {"error": {"message": "x"}}\n\nevent: error\ndata: {}\n\n' + CHUNK,
+    b'data: {"cut\n\n' + CHUNK.replace(b"\n", b"\r\n") + CHUNK,
+    b'data: {"a": 1}\ndata: {"a": 2}\n' * 3,
+    b"data:  { }  \n\nid: 7\nretry: 5\ndata: {}\n\n:\n\n" + CHUNK[:-1],
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+@pytest.mark.parametrize("step", [None, 1, 5, 40])
+def test_counting_fast_path_counts_like_the_line_rules(body: bytes, step: int | None) -> None:
+    """Counting mode's block fast path gives the same counters as the strict line rules
+    (collecting mode with the same shape check), however the bytes are cut."""
+    fast, strict = SSEParser(), SSEParser(collect=True, strict_json=False)
+    feed_all(fast, body, step)
+    feed_all(strict, body, step)
+    fields = ("events", "data_events", "comments", "done", "error_events", "malformed",
+              "pending_fields", "bytes")
+    assert {f: getattr(fast, f) for f in fields} == {f: getattr(strict, f) for f in fields}
+
+
+def test_a_long_body_without_blank_lines_is_read_line_by_line() -> None:
+    """Counting mode does not hold an endless event raw: past 64 KiB it reads lines."""
+    p = SSEParser()
+    line = b'data: {"a": 1}\n'
+    for _ in range(10_000):
+        p.feed(line)
+    assert len(p._buf) < 100
+    p.close()
+    assert p.events == 0 and p.pending_fields == 1

@@ -28,6 +28,7 @@ __all__ = ["Event", "SSEParser", "format_comment", "format_event"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _DONE = b"[DONE]"
+_MAX_RAW_BLOCK = 64 * 1024  # an unfinished event kept raw in counting mode, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,15 @@ class SSEParser:
         buf = self._buf + chunk if self._buf else chunk
         if first and buf[:2] == _GZIP_MAGIC:
             self.gzip_magic = True
+        if (
+            not self.collect
+            and not self._has_data
+            and not self._event
+            and self._id is None
+            and b"\r" not in buf
+        ):
+            self._blocks(buf)
+            return []
         # Cut after the last line terminator, but hold back a trailing CR: it may be
         # the first half of a CRLF split across two reads.
         end = len(buf)
@@ -126,6 +136,30 @@ class SSEParser:
         return out
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _blocks(self, buf: bytes) -> None:
+        """Counting mode, LF line endings, no event half-parsed: split on blank lines and
+        take the common event (one ``data:`` line) at C speed; anything else goes
+        through the line rules. Same counts as :meth:`_lines`, a third of the cost."""
+        blocks = buf.split(b"\n\n")
+        self._buf = blocks.pop()  # the event still arriving, raw
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:
+                self.events += 1
+                data = block[6:]
+                if data == _DONE:
+                    self.done = True
+                else:
+                    self.data_events += 1
+                    if data[:1] != b"{" or data[-1:] != b"}" or data[:9] == b'{"error":':
+                        self._check(data, named_error=False)
+            elif block:
+                self._lines([*block.split(b"\n"), b""])
+        if len(self._buf) > _MAX_RAW_BLOCK:  # long without a blank line: go line by line
+            cut = self._buf.rfind(b"\n") + 1
+            if cut:
+                head, self._buf = self._buf[:cut], self._buf[cut:]
+                self._lines(head.split(b"\n")[:-1])  # leaves the event pending: line mode
 
     def _reset(self) -> None:
         self._data = []

@@ -65,12 +65,12 @@ class Reader:
 
     def feed(self, chunk: bytes) -> None:
         tally = self.tally
+        if not tally.bytes:
+            tally.facts["t_first_byte"] = time.perf_counter_ns()
         tally.bytes += len(chunk)
         parser = self.parser
         if parser is None:
             return
-        if tally.facts.get("t_first_byte") is None:
-            tally.facts["t_first_byte"] = time.perf_counter_ns()
         if self._inflate is not None:
             chunk = self._inflate.decompress(chunk)
         before = parser.data_events

@@ -65,13 +65,13 @@ class SSEBody:
         try:
             for chunk in self._body:
                 try:
+                    if not tally.bytes:
+                        tally.facts["t_first_byte"] = time.perf_counter_ns()
+                    tally.bytes += len(chunk)
                     before = parser.events
                     parser.feed(chunk)
                     if parser.events != before:
                         tally.unit(parser.events - before)
-                    tally.bytes += len(chunk)
-                    if tally.facts.get("t_first_byte") is None:
-                        tally.facts["t_first_byte"] = time.perf_counter_ns()
                 except Exception:
                     self._rt.bookkeeping_error(sc.SSE, "feed")
                 yield chunk
