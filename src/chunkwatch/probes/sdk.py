@@ -110,8 +110,10 @@ class _Chunks:
                 tally.content_units += 1
                 if self.text is not None and delta.content:
                     self.text.append(delta.content)
-            if choice.finish_reason is not None:
-                tally.finish_reasons.append(choice.finish_reason)
+            reason = choice.finish_reason
+            if reason is not None:
+                if reason not in tally.finish_reasons:  # bounded: no growth per chunk
+                    tally.finish_reasons.append(reason)
                 tally.terminal_seen = True
         if chunk.usage is not None:
             tally.facts["usage"] = chunk.usage
