@@ -134,6 +134,9 @@ class Runtime:
 
     def _finish(self, t: Tally) -> None:
         self.watchdog.forget(t)
+        # A finished stream must not keep its task (and the frames it holds) alive.
+        t.facts.pop("task", None)
+        t.facts.pop("abort", None)
         if t.upstream == "none" and t.ledger is not None and t.ledger.upstream:
             t.upstream = t.ledger.upstream  # opened before the request reached a model
         span = t.span
