@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 
 import pytest
 
@@ -136,8 +137,75 @@ def test_counting_fast_path_counts_like_the_line_rules(body: bytes, step: int | 
     feed_all(fast, body, step)
     feed_all(strict, body, step)
     fields = ("events", "data_events", "comments", "done", "error_events", "malformed",
-              "pending_fields", "bytes")
+              "pending_fields")
     assert {f: getattr(fast, f) for f in fields} == {f: getattr(strict, f) for f in fields}
+
+
+# Reads of exactly one event each: the shapes the one-event fast path takes, and the
+# near misses it must leave to the line rules.
+ONE_EVENT_READS = [
+    b": open\n\n",
+    CHUNK,
+    b'event: token\ndata: {"text": "hi"}\n\n',
+    b'event: error\ndata: {"message": "boom"}\n\n',
+    b'data: {"error": {"message": "x"}}\n\n',
+    b'event: token\ndata: {"error": "named, not an error event"}\n\n',
+    b'data: { "error": 1}\n\n',
+    b'data: {"a": 1} \n\n',
+    b'data: {"a": 1}\r\n\r\n',
+    b'data: {"a": 1}\rdata: {"b": 2}\n\n',
+    b'data: {"a": 1,\r: "b": 2}\n\n',
+    b'data: {"a": 1}\ndata: {"b": 2}\n\n',
+    b'event: token\nid: 3\ndata: {"a": 1}\n\n',
+    b'event:token\ndata: {"a": 1}\n\n',
+    b'data: {"cut\n\n',
+    b'data: [DONE]\n\n',
+    b'data: {"half": ',
+    b'1}\n\n',
+    b'event: token\n',
+    b'data: {"a": 1}\n\n',
+    CHUNK + CHUNK,
+    b"",
+    CHUNK,
+]
+
+
+@pytest.mark.parametrize("first", [b"", CHUNK, b"\x1f\x8b"])
+def test_one_event_reads_count_like_the_line_rules(first: bytes) -> None:
+    """Reads of one event each (how a paced stream arrives) take the one-event fast
+    path where they can, and every counter still matches the strict line rules."""
+    fast, strict = SSEParser(), SSEParser(collect=True, strict_json=False)
+    for parser in (fast, strict):
+        for read in [first, *ONE_EVENT_READS]:
+            parser.feed(read)
+        parser.close()
+    fields = ("events", "data_events", "comments", "done", "error_events", "malformed",
+              "pending_fields", "gzip_magic")
+    assert {f: getattr(fast, f) for f in fields} == {f: getattr(strict, f) for f in fields}
+    assert fast.error_events == 4 and fast.malformed == 2
+
+
+PIECES = [*ONE_EVENT_READS, b"\n", b"\r\n", b"\r", b"data: x\n", b": c\n", b"id: 1\n",
+          b"event: token\n", b"event: error\n", b'data: {"a": 1}\n', b'data: {"error": 1}\n']
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_counting_mode_counts_like_the_line_rules_on_random_streams(seed: int) -> None:
+    """Random streams (valid, cut and malformed pieces) read in random cuts: counting
+    mode's fast paths and the strict line rules always agree on every counter."""
+    rng = random.Random(seed)
+    body = b"".join(rng.choice(PIECES) for _ in range(300))
+    cuts = sorted(rng.sample(range(1, len(body)), 150))
+    reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    fast, strict = SSEParser(), SSEParser(collect=True, strict_json=False)
+    for parser in (fast, strict):
+        for read in reads:
+            parser.feed(read)
+        parser.close()
+    fields = ("events", "data_events", "comments", "done", "error_events", "malformed",
+              "pending_fields")
+    assert {f: getattr(fast, f) for f in fields} == {f: getattr(strict, f) for f in fields}
+    assert fast.events > 0
 
 
 def test_a_long_body_without_blank_lines_is_read_line_by_line() -> None:

@@ -15,7 +15,7 @@ It runs in two modes:
   ``[DONE]`` is checked as JSON (``strict_json=True``).
 
 Either way the counters describe the stream: dispatched events, events with
-data, comments, ``[DONE]`` seen, error events, malformed payloads, bytes, and
+data, comments, ``[DONE]`` seen, error events, malformed payloads, and
 field lines left pending at the end (events without a blank line).
 """
 
@@ -58,7 +58,8 @@ class SSEParser:
         "_event",
         "_has_data",
         "_id",
-        "bytes",
+        "_idle",
+        "_sniffed",
         "collect",
         "comments",
         "data_events",
@@ -81,7 +82,8 @@ class SSEParser:
         self._has_data = False
         self._event = b""
         self._id: bytes | None = None
-        self.bytes = 0
+        self._idle = False  # counting mode, no event half-parsed: the one-event path is open
+        self._sniffed = 0  # bytes seen while looking for the gzip magic
         self.events = 0  # dispatched events (with or without data)
         self.data_events = 0  # dispatched events with data, [DONE] excluded
         self.comments = 0
@@ -95,20 +97,71 @@ class SSEParser:
 
     # -- feeding ---------------------------------------------------------------------------
 
+    def count(self, chunk: bytes) -> int:
+        """Counting mode: feed ``chunk``; return how many data events (``[DONE]`` aside)
+        it completed. The common read, exactly one ``data: {"...}`` event (with an
+        ``event:`` line before it, or not), is recognised with a few C-speed byte
+        operations; the line rules would cost two to three times more."""
+        if self._idle and not self._buf:
+            if chunk.startswith(b'data: {"'):  # the model's events: two memchr scans
+                ok = (
+                    chunk.endswith(b"}\n\n")
+                    and chunk.find(b"\n") == len(chunk) - 2
+                    and (chunk[8] != 101 or not chunk.startswith(b'data: {"error":'))
+                    and chunk.find(b"\r") < 0
+                )
+            elif chunk.startswith(b"event: "):  # named events: one pass over the lines
+                lines = chunk.splitlines()  # LF, CR or CRLF, as the rules read them
+                ok = len(lines) == 3 and not lines[2] and chunk[-1] == 10
+                if ok:
+                    data = lines[1]
+                    ok = (
+                        lines[0] != b"event: error"
+                        and data.startswith(b'data: {"')
+                        and data.endswith(b"}")
+                        and (data[8] != 101 or not data.startswith(b'data: {"error":'))
+                    )
+            else:
+                ok = False
+            if ok:
+                self.events += 1
+                self.data_events += 1
+                return 1
+        before = self.data_events
+        self._rules(chunk)
+        return self.data_events - before
+
     def feed(self, chunk: bytes) -> list[Event]:
+        if self._idle and not self._buf:
+            self.count(chunk)  # the one-event fast path, else the rules
+            return []
+        return self._rules(chunk)
+
+    def _rules(self, chunk: bytes) -> list[Event]:
+        out = self._rules_once(chunk)
+        self._idle = (
+            not self.collect
+            and self._sniffed > 1
+            and not self._has_data
+            and not self._event
+            and self._id is None
+        )
+        return out
+
+    def _rules_once(self, chunk: bytes) -> list[Event]:
         if not chunk:
             return []
-        first = self.bytes < 2
-        self.bytes += len(chunk)
         buf = self._buf + chunk if self._buf else chunk
-        if first and buf[:2] == _GZIP_MAGIC:
-            self.gzip_magic = True
+        if self._sniffed < 2:
+            self._sniffed += len(chunk)
+            if buf[:2] == _GZIP_MAGIC:
+                self.gzip_magic = True
         if (
             not self.collect
             and not self._has_data
             and not self._event
             and self._id is None
-            and b"\r" not in buf
+            and buf.find(b"\r") < 0
         ):
             self._blocks(buf)
             return []
@@ -138,23 +191,34 @@ class SSEParser:
     # -- internals ---------------------------------------------------------------------------
 
     def _blocks(self, buf: bytes) -> None:
-        """Counting mode, LF line endings, no event half-parsed: split on blank lines and
-        take the common event (one ``data:`` line) at C speed; anything else goes
-        through the line rules. Same counts as :meth:`_lines`, a third of the cost."""
-        blocks = buf.split(b"\n\n")
-        self._buf = blocks.pop()  # the event still arriving, raw
-        for block in blocks:
-            if block[:6] == b"data: " and b"\n" not in block:
-                self.events += 1
-                data = block[6:]
-                if data == _DONE:
-                    self.done = True
-                else:
-                    self.data_events += 1
-                    if data[:1] != b"{" or data[-1:] != b"}" or data[:9] == b'{"error":':
-                        self._check(data, named_error=False)
-            elif block:
-                self._lines([*block.split(b"\n"), b""])
+        """Counting mode, LF line endings, no event half-parsed: split into lines (a
+        single-byte split, at memchr speed) and take the common event, one
+        ``data: {"...}`` line and a blank line, with two byte comparisons; anything else
+        goes through the line rules. Same counts as :meth:`_lines`, a third of the cost."""
+        lines = buf.split(b"\n")
+        stop = len(lines) - 2  # an event at i is complete when lines[i + 1] ends too
+        i = fast = 0
+        while i < stop:
+            line = lines[i]
+            if (
+                not lines[i + 1]
+                and line.startswith(b'data: {"')
+                and line.endswith(b"}")
+                and (line[8] != 101 or not line.startswith(b'data: {"error":'))
+            ):
+                fast += 1
+                i += 2
+                continue
+            j = i  # the line rules, up to this event's blank line
+            while j <= stop and lines[j]:
+                j += 1
+            if j > stop:
+                break  # the event is still arriving
+            self._lines([*lines[i:j], b""])
+            i = j + 1
+        self.events += fast
+        self.data_events += fast
+        self._buf = b"\n".join(lines[i:])  # the event still arriving, raw
         if len(self._buf) > _MAX_RAW_BLOCK:  # long without a blank line: go line by line
             cut = self._buf.rfind(b"\n") + 1
             if cut:
