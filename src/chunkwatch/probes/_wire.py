@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from chunkwatch import semconv as sc
@@ -63,6 +64,11 @@ class Reader:
             else None
         )
 
+    def counter(self) -> Callable[[bytes], int] | None:
+        """``parser.count`` when the body can be counted as it comes (an event stream,
+        not compressed): the bodies then inline :meth:`feed` after the first chunk."""
+        return self.parser.count if self.parser is not None and self._inflate is None else None
+
     def feed(self, chunk: bytes) -> None:
         tally = self.tally
         if not tally.bytes:
@@ -73,9 +79,7 @@ class Reader:
             return
         if self._inflate is not None:
             chunk = self._inflate.decompress(chunk)
-        before = parser.data_events
-        parser.feed(chunk)
-        new = parser.data_events - before
+        new = parser.count(chunk)
         if new:
             tally.unit(new)
 

@@ -62,6 +62,7 @@ class SSEBody:
 
     def _iterate(self) -> Generator[bytes, None, None]:
         parser, tally = self._parser, self.tally
+        count, unit = parser.count, tally.unit
         try:
             for chunk in self._body:
                 try:
@@ -69,9 +70,8 @@ class SSEBody:
                         tally.facts["t_first_byte"] = time.perf_counter_ns()
                     tally.bytes += len(chunk)
                     before = parser.events
-                    parser.feed(chunk)
-                    if parser.events != before:
-                        tally.unit(parser.events - before)
+                    if count(chunk) or parser.events != before:  # [DONE] is an event here
+                        unit(parser.events - before)
                 except Exception:
                     self._rt.bookkeeping_error(sc.SSE, "feed")
                 yield chunk
