@@ -66,6 +66,9 @@ class AgentLoop:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                # Close the async generators left suspended (an SDK stream abandoned after
+                # an error) here, on their loop, not later in whatever thread GC runs.
+                await asyncio.get_running_loop().shutdown_asyncgens()
 
             try:
                 self.submit(_shutdown()).result(timeout)
