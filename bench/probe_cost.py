@@ -24,7 +24,9 @@ The cases (what "bare" is, and what is included):
   The body is the reference upstream's OpenAI chunks (273 bytes each), ``k``
   events per read; read with ``iter_bytes()`` as the SDK does. Instrumented: the
   patched ``handle_request`` (span, tally, headers) and the body wrapper with the
-  counting SSE parser. Unit: a ``data:`` event.
+  counting SSE parser. Unit: a ``data:`` event. ``abort on``: the runtime with
+  ``Deadlines(abort=True)``, where the async body also notes, at every read, the
+  task that waits for it (so the watchdog can cancel the right one).
 * ``sdk sync|async, real client`` — a real ``openai.OpenAI`` / ``AsyncOpenAI`` over
   ``httpx2.MockTransport`` (not patched by the gateway probe, so only the sdk probe
   is measured), one event per read, ``chat.completions.create(stream=True)`` and
@@ -85,6 +87,7 @@ from chunkwatch.probes.queue import WatchedQueue
 from chunkwatch.probes.sse_out import SSEBody
 from chunkwatch.runtime import active
 from chunkwatch.sse import format_event
+from chunkwatch.watchdog import Deadlines
 
 _cpu = time.thread_time_ns
 
@@ -219,6 +222,7 @@ class Case:
     bare: Runner
     probe: Runner
     probe_runtime: bool = True  # instrument around the probe run
+    deadlines: Deadlines | None = None  # the runtime's deadlines (None: the defaults)
     chunks: int | None = None  # override of --chunks (slow bare paths)
 
 
@@ -478,6 +482,9 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
     for per_read in (1, 8):
         run = gateway_async(loop, per_read)
         cases.append(Case(f"gateway async, {per_read} event/read", "gateway", "event", run, run))
+    run = gateway_async(loop, 1)
+    cases.append(Case("gateway async, 1 event/read, abort on", "gateway", "event", run, run,
+                      deadlines=Deadlines(abort=True)))
     run = sdk_sync_client()
     cases.append(Case("sdk sync, real client", "sdk", "chunk", run, run, chunks=20_000))
     run = sdk_async_client(loop)
@@ -642,7 +649,8 @@ def one_run(case: Case, instrumented: bool, chunks: int, per_stream: int,
     gc.collect()
     runtime = instrumented and case.probe_runtime
     if runtime:
-        chunkwatch.instrument(registry=CollectorRegistry(), tracer_provider=provider)
+        chunkwatch.instrument(registry=CollectorRegistry(), tracer_provider=provider,
+                              deadlines=case.deadlines)
     try:
         ns = (case.probe if instrumented else case.bare)(chunks, per_stream)
     finally:
