@@ -12,7 +12,8 @@ tracer_provider=TracerProvider())``), after one unmeasured warm-up stream of eac
 Reported: the memory the instrumentation holds for one open stream (instrumented −
 bare, at ``--early`` chunks), the growth from ``--early`` to ``--late`` chunks bare and
 instrumented, and the chunkwatch source line that grew most between the two points
-(a tracemalloc snapshot diff filtered to ``chunkwatch/``). Constant memory means: the
+(a tracemalloc snapshot diff filtered to ``chunkwatch/``, taken on a second stream:
+a snapshot kept in memory would itself be counted). Constant memory means: the
 probe's growth (instrumented − bare) is ~0, independent of the chunk count.
 
 Also reported: what is still held once the stream has ended (traced memory after the
@@ -126,8 +127,9 @@ class Points:
 class Probe:
     """Where the measuring points are taken while a stream is read chunk by chunk."""
 
-    def __init__(self, early: int, late: int) -> None:
+    def __init__(self, early: int, late: int, *, snapshots: bool = False) -> None:
         self.early, self.late = early, late
+        self.snapshots = snapshots  # a snapshot held in memory would be measured too
         self.base = 0
         self.m_early = 0
         self.snap: tracemalloc.Snapshot | None = None
@@ -139,10 +141,13 @@ class Probe:
     def at(self, n: int) -> None:
         if n == self.early:
             self.m_early = traced() - self.base
-            self.snap = cw_snapshot()
+            if self.snapshots:
+                self.snap = cw_snapshot()
         elif n == self.late:
             m_late = traced() - self.base
-            assert self.snap is not None
+            if self.snap is None:
+                self.points = Points(self.m_early, m_late)
+                return
             diff = cw_snapshot().compare_to(self.snap, "lineno")
             growing = [d for d in diff if d.size_diff > 0]
             top = ""
@@ -357,6 +362,11 @@ def run_case(case: Case, instrumented: bool, early: int, late: int) -> Points:
         case.drive(probe, late + 10)
         assert probe.points is not None
         probe.points.retained = traced() - probe.base
+        if instrumented:  # a second stream only to name the lines that grew
+            lines = Probe(early, late, snapshots=True)
+            case.drive(lines, late + 10)
+            assert lines.points is not None
+            probe.points.top_growth = lines.points.top_growth
     finally:
         if instrumented:
             chunkwatch.uninstrument()
