@@ -107,7 +107,7 @@ class SSEParser:
                 ok = (
                     chunk.endswith(b"}\n\n")
                     and chunk.find(b"\n") == len(chunk) - 2
-                    and (chunk[8] != 101 or not chunk.startswith(b'data: {"error":'))
+                    and (chunk[8] != 101 or not chunk.startswith(b'data: {"error":'))  # 101: e
                     and chunk.find(b"\r") < 0
                 )
             elif chunk.startswith(b"event: "):  # named events: one pass over the lines
@@ -139,14 +139,12 @@ class SSEParser:
 
     def _rules(self, chunk: bytes) -> list[Event]:
         out = self._rules_once(chunk)
-        self._idle = (
-            not self.collect
-            and self._sniffed > 1
-            and not self._has_data
-            and not self._event
-            and self._id is None
-        )
+        self._idle = self._sniffed > 1 and self._counting_between_events()
         return out
+
+    def _counting_between_events(self) -> bool:
+        """Counting mode, and no event half-parsed (no field line since the last blank)."""
+        return not self.collect and not self._has_data and not self._event and self._id is None
 
     def _rules_once(self, chunk: bytes) -> list[Event]:
         if not chunk:
@@ -156,13 +154,7 @@ class SSEParser:
             self._sniffed += len(chunk)
             if buf[:2] == _GZIP_MAGIC:
                 self.gzip_magic = True
-        if (
-            not self.collect
-            and not self._has_data
-            and not self._event
-            and self._id is None
-            and buf.find(b"\r") < 0
-        ):
+        if self._counting_between_events() and buf.find(b"\r") < 0:
             self._blocks(buf)
             return []
         # Cut after the last line terminator, but hold back a trailing CR: it may be
