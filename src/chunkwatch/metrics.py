@@ -7,9 +7,12 @@ name (:func:`upstream_name`), never a URL path or user input.
 
 Metrics are written once per stream (:meth:`Metrics.stream_finished`) and once
 per request (:meth:`Metrics.request_finished`); the per-chunk path never touches
-them. Histograms and outcome counters carry a ``trace_id`` exemplar when a
-trace is sampled (exemplars show in the OpenMetrics exposition, which
-``/metrics`` serves to scrapers that ask for it).
+them. The labelled children of the per-stream metrics are looked up once per
+label set and kept (``labels()`` costs a lock and a validation each call, and a
+request finishes half a dozen streams); the label sets are bounded, so is the cache.
+Histograms and outcome counters carry a ``trace_id`` exemplar when a trace is
+sampled (exemplars show in the OpenMetrics exposition, which ``/metrics`` serves
+to scrapers that ask for it).
 
 Under gunicorn with several workers, set ``PROMETHEUS_MULTIPROC_DIR``: the
 metrics are then aggregated across workers by prometheus_client's
@@ -23,7 +26,7 @@ import os
 import re
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -190,11 +193,43 @@ class Metrics:
             registry=reg,
         )
 
+        # labelled children, by label values (see the module docstring)
+        self._open: dict[str, Any] = {}
+        self._layer: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        self._streams: dict[tuple[str, str, str], Any] = {}
+
     def exemplar(self, trace_id: str | None) -> dict[str, str] | None:
         return {sc.EXEMPLAR_TRACE_ID: trace_id} if trace_id and not self.multiprocess else None
 
+    def open_gauge(self, layer: str) -> Any:
+        """``chunkwatch_streams_open{layer}``."""
+        child = self._open.get(layer)
+        if child is None:
+            child = self._open[layer] = self.open.labels(layer)
+        return child
+
+    def _layer_children(self, layer: str, upstream: str) -> tuple[Any, Any, Any, Any]:
+        """The chunks, time-to-first-chunk, duration and gap children of one layer."""
+        key = (layer, upstream)
+        children = self._layer.get(key)
+        if children is None:
+            children = self._layer[key] = (
+                self.chunks.labels(layer, upstream),
+                self.ttfc.labels(layer, upstream),
+                self.duration.labels(layer, upstream),
+                self.gap_max.labels(layer, upstream),
+            )
+        return children
+
+    def _streams_child(self, layer: str, outcome: str, upstream: str) -> Any:
+        key = (layer, outcome, upstream)
+        child = self._streams.get(key)
+        if child is None:
+            child = self._streams[key] = self.streams.labels(layer, outcome, upstream)
+        return child
+
     def stream_opened(self, layer: str) -> None:
-        self.open.labels(layer).inc()
+        self.open_gauge(layer).inc()
 
     def stream_finished(
         self, t: Tally, trace_id: str | None = None, *, counted: bool = False
@@ -202,21 +237,22 @@ class Metrics:
         """Write one finished stream. ``counted``: its outcome was already counted (a stall)."""
         ex = self.exemplar(trace_id)
         layer, upstream = t.layer, t.upstream
-        self.open.labels(layer).dec()
+        chunks, ttfc, duration, gap_max = self._layer_children(layer, upstream)
+        self.open_gauge(layer).dec()
         if not counted:
-            self.streams.labels(layer, str(t.outcome), upstream).inc(exemplar=ex)
+            self._streams_child(layer, str(t.outcome), upstream).inc(exemplar=ex)
         if t.units:
-            self.chunks.labels(layer, upstream).inc(t.units)
+            chunks.inc(t.units)
         if t.time_to_first is not None:
-            self.ttfc.labels(layer, upstream).observe(t.time_to_first, exemplar=ex)
-        self.duration.labels(layer, upstream).observe(t.duration, exemplar=ex)
+            ttfc.observe(t.time_to_first, exemplar=ex)
+        duration.observe(t.duration, exemplar=ex)
         if t.units > 1:
-            self.gap_max.labels(layer, upstream).observe(t.max_gap_ns / 1e9, exemplar=ex)
+            gap_max.observe(t.max_gap_ns / 1e9, exemplar=ex)
 
     def stall(self, t: Tally, kind: str, trace_id: str | None = None) -> None:
         """A stall, counted when detected (the stream is still open)."""
         self.stalls.labels(t.layer, kind, t.upstream).inc()
-        self.streams.labels(t.layer, "stalled", t.upstream).inc(exemplar=self.exemplar(trace_id))
+        self._streams_child(t.layer, "stalled", t.upstream).inc(exemplar=self.exemplar(trace_id))
 
     def request_finished(
         self, verdict: Verdict, upstream: str, trace_id: str | None = None

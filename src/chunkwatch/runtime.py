@@ -142,12 +142,12 @@ class Runtime:
         span = t.span
         try:
             if t.facts.get("not_a_stream"):
-                self.metrics.open.labels(t.layer).dec()
+                self.metrics.open_gauge(t.layer).dec()
             else:
                 self.metrics.stream_finished(t, trace_id_of(span), counted=t.stalled is not None)
         except Exception:
             self.bookkeeping_error(t.layer, "metrics")
-        if span is None:
+        if span is None or not span.is_recording():  # unsampled, or the API's no-op tracer
             return
         try:
             outcome = t.outcome or Outcome.OK
@@ -209,7 +209,7 @@ class Runtime:
             self.metrics.request_finished(verdict, upstream, trace_id)
         except Exception:
             self.bookkeeping_error(sc.HTTP, "metrics")
-        if span is not None:
+        if span is not None and span.is_recording():
             try:
                 attrs: dict[str, Any] = {
                     sc.A_VERDICT: str(verdict),
