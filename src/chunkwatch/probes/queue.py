@@ -1,9 +1,9 @@
 """The ``queue`` probe: the hand-off between the agent's event loop and the WSGI thread.
 
-Seam: the application's own thread-safe queue, wrapped. Use
-:class:`WatchedQueue` where the service used ``queue.Queue``: the producer (the
-agent task) calls :meth:`~WatchedQueue.put`, the consumer (the response
-generator) calls :meth:`~WatchedQueue.get`; each side says when it is done.
+Seam: the application's own thread-safe queue. :class:`WatchedQueue` is a
+``queue.Queue``; use it where the service used one: the producer (the agent
+task) calls ``put``, the consumer (the response generator) calls ``get``; each
+side says when it is done.
 
 Counted: items put (``units_in``) and got (``units``), the depth high-water mark,
 the longest wait of an item, items dropped (put after the consumer left). The
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from opentelemetry.trace import Link, SpanKind
 
@@ -35,38 +35,46 @@ T = TypeVar("T")
 _now = time.perf_counter_ns
 
 
-class WatchedQueue(Generic[T]):
-    """A ``queue.Queue`` with a ledger tally. Without an active runtime it only queues."""
+class WatchedQueue(queue.Queue[T]):
+    """A ``queue.Queue`` with a ledger tally. Without an active runtime it only queues.
+
+    The bookkeeping runs inside ``Queue``'s own ``_put`` / ``_get`` hooks (under its
+    lock, where the depth is exact), so ``put`` and ``get`` cost what they cost on a
+    plain ``queue.Queue`` plus a few attribute updates: no extra call per item.
+    ``put`` and ``get`` are ``queue.Queue``'s, blocking arguments included.
+    """
 
     def __init__(self, ledger: Ledger | None, maxsize: int = 0, runtime: Runtime | None = None):
-        self._q: queue.Queue[tuple[int, T]] = queue.Queue(maxsize)
+        super().__init__(maxsize)
         self._rt = runtime or active()
         self._ledger = ledger
         self._tally: Tally | None = None
         self._publish: Any = None
-        self._receive: Any = None
-        self._put = 0
+        self._publishing = False  # the publish span was started (once)
+        self._links: list[Link] = []  # the receive span's link to the publish span
+        self._put_count = 0
         self._depth_max = 0
         self._wait_max = 0
         self._dropped = 0
         self._consumer_done = False
         self._producer_done = False
+        if self._rt is None:  # nothing to note: the plain queue's hooks
+            self._put = self.queue.append  # type: ignore[method-assign]
+            self._get = self.queue.popleft  # type: ignore[method-assign]
 
     # -- producer side (any thread) ---------------------------------------------------------
 
-    def put(self, item: T) -> None:
-        if self._consumer_done:
+    def _put(self, item: T) -> None:  # Queue.put calls this under its lock
+        if self._consumer_done:  # nobody will read it: counted as dropped, not queued
             self._dropped += 1
             return
-        if self._publish is None and self._rt is not None:
+        q = self.queue
+        q.append((_now(), item))
+        self._put_count += 1
+        if len(q) > self._depth_max:
+            self._depth_max = len(q)
+        if not self._publishing:
             self._start_publish()
-        self._put += 1
-        self._q.put_nowait((_now(), item))
-        depth = self._q.qsize()
-        if depth > self._depth_max:
-            self._depth_max = depth
-
-    put_nowait = put
 
     def producer_done(self) -> None:
         """The producer put its last item."""
@@ -75,8 +83,8 @@ class WatchedQueue(Generic[T]):
         if span is not None:
             span.set_attributes(
                 {
-                    sc.MESSAGING_BATCH_COUNT: self._put,
-                    sc.A_CHUNKS: self._put,
+                    sc.MESSAGING_BATCH_COUNT: self._put_count,
+                    sc.A_CHUNKS: self._put_count,
                     sc.A_OUTCOME: "ok",  # the producer handed everything over
                 }
             )
@@ -84,18 +92,17 @@ class WatchedQueue(Generic[T]):
 
     # -- consumer side (the response thread) ------------------------------------------------
 
-    def get(self, timeout: float | None = None) -> T:
-        """Like ``queue.Queue.get``: raises ``queue.Empty`` after ``timeout``."""
-        t_put, item = self._q.get(timeout=timeout)
-        tally = self._tally
-        if tally is None and self._rt is not None:
-            tally = self._start_receive()
-        if tally is not None:
+    def _get(self) -> T:  # Queue.get calls this under its lock
+        t_put, item = self.queue.popleft()
+        try:
+            tally = self._tally or self._start_receive()
             tally.unit()
-            wait = (tally.t_last or _now()) - t_put
+            wait = tally.t_last - t_put  # unit() set t_last
             if wait > self._wait_max:
                 self._wait_max = wait
-        return item
+        except Exception:
+            self._rt.bookkeeping_error(sc.QUEUE, "get")  # type: ignore[union-attr]
+        return item  # type: ignore[no-any-return]
 
     def consumer_done(self, *, complete: bool) -> None:
         """The consumer stops: ``complete`` if it read to the end, False if it left early."""
@@ -108,7 +115,7 @@ class WatchedQueue(Generic[T]):
         if tally is None:
             tally = self._start_receive()
         try:
-            tally.units_in = self._put
+            tally.units_in = self._put_count
             tally.facts["dropped"] = self._dropped
             ex = rt.metrics.exemplar(trace_id_of(tally.span))
             rt.metrics.queue_wait.observe(self._wait_max / 1e9, exemplar=ex)
@@ -118,7 +125,7 @@ class WatchedQueue(Generic[T]):
                     {
                         sc.A_QUEUE_DEPTH_MAX: self._depth_max,
                         sc.A_QUEUE_WAIT: self._wait_max / 1e9,
-                        "chunkwatch.queue.put": self._put,
+                        "chunkwatch.queue.put": self._put_count,
                         "chunkwatch.queue.dropped": self._dropped,
                     }
                 )
@@ -129,6 +136,7 @@ class WatchedQueue(Generic[T]):
     # -- spans ------------------------------------------------------------------------------
 
     def _start_publish(self) -> None:
+        self._publishing = True
         rt = self._rt
         assert rt is not None
         self._publish = rt.start_span(
@@ -137,13 +145,13 @@ class WatchedQueue(Generic[T]):
             kind=SpanKind.PRODUCER,
             attributes={sc.MESSAGING_SYSTEM: "queue.Queue", sc.MESSAGING_OPERATION_TYPE: "send"},
         )
+        if self._publish is not None:  # kept for the receive span, even if publishing ended
+            self._links = [Link(self._publish.get_span_context())]
 
     def _start_receive(self) -> Tally:
         rt = self._rt
         assert rt is not None
-        links = []
-        if self._publish is not None:
-            links.append(Link(self._publish.get_span_context()))
+        links = self._links
         ledger = self._ledger
         parent = ledger.parent_context if ledger is not None else None
         span = rt.start_span(
