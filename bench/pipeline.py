@@ -31,11 +31,21 @@ The service's stderr (and the upstream's) goes to ``--log``. No ``OTEL_*`` varia
 reach the service, so ``serve`` traces with the API's no-op provider (it sets up an SDK
 provider only when an exporter is configured).
 
+Why many short rounds of fresh processes: two ``chunkwatch serve --no-instrument``
+processes under the same load differ by up to 3.5 % in CPU per token for the life of
+the process (string hashes are randomised per process, so every dict lays out
+differently; with ``PYTHONHASHSEED`` fixed the two agree within 1 %). A comparison of
+one bare and one instrumented process therefore carries a random offset as large as
+the budget, and more blocks do not remove it. Each round starts a fresh pair with a
+hash seed of its own, the same for both (``--seed``, +1 a round), and the ratio is
+judged by its median over all rounds' pairs: the offset varies from round to round
+and cancels instead of deciding the result.
+
 Every answer is checked: HTTP 200, the stream ends with ``event: done``, and it
 carries ``--tokens`` ``token`` events; a run with any bad answer is reported as such.
 
-    uv run python bench/pipeline.py [--rounds 3] [--blocks 6] [--requests 96] [--warmup 48]
-                                    [--clients 16] [--tokens 200] [--token-delay 0.002]
+    uv run python bench/pipeline.py [--rounds 24] [--blocks 2] [--requests 96] [--warmup 48]
+                                    [--clients 16] [--tokens 200] [--token-delay 0.002] [--seed 1]
 """
 
 from __future__ import annotations
@@ -57,12 +67,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGE = "Explain how a streaming answer travels from the model to the browser."
 
 
-def spawn(args: list[str], log: str) -> tuple[subprocess.Popen[str], str]:
+def spawn(args: list[str], log: str, seed: int | None = None) -> tuple[subprocess.Popen[str], str]:
     """``uv run chunkwatch ARGS``; returns the process and the URL it listens on.
 
     No ``OTEL_*`` variables reach it: ``serve`` then traces with the API's no-op provider.
+    ``seed``: its ``PYTHONHASHSEED`` (see the module docstring).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if seed is not None:
+        env["PYTHONHASHSEED"] = str(seed)
     with open(log, "a") as err:
         proc = subprocess.Popen(
             ["uv", "run", "--no-sync", "chunkwatch", *args],
@@ -189,12 +202,12 @@ class Block:
 class Service:
     """One ``chunkwatch serve`` process."""
 
-    def __init__(self, upstream: str, instrumented: bool, log: str) -> None:
+    def __init__(self, upstream: str, instrumented: bool, log: str, seed: int) -> None:
         args = ["serve", "--llm-url", upstream, "--port", "0"]
         if not instrumented:
             args.append("--no-instrument")
         self.instrumented = instrumented
-        self.proc, self.url = spawn(args, log)
+        self.proc, self.url = spawn(args, log, seed)
         self.pid = python_pid(self.proc.pid, "serve")
 
     def block(self, args: argparse.Namespace) -> Block:
@@ -222,8 +235,9 @@ def q(values: list[float], p: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="fresh pairs of services")
-    parser.add_argument("--blocks", type=int, default=6, help="measured blocks per service per round")
+    parser.add_argument("--rounds", type=int, default=24, help="fresh pairs of services")
+    parser.add_argument("--blocks", type=int, default=2, help="measured blocks per service per round")
+    parser.add_argument("--seed", type=int, default=1, help="PYTHONHASHSEED of round 1 (+1 a round)")
     parser.add_argument("--requests", type=int, default=96, help="requests per block")
     parser.add_argument("--warmup", type=int, default=48, help="unmeasured requests per service")
     parser.add_argument("--clients", type=int, default=16)
@@ -249,13 +263,15 @@ def main() -> int:
           "inst req/s | req/s ratio | bad answers |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     blocks: list[tuple[Block, Block]] = []
+    round_of: list[int] = []
     bad = 0
     try:
         for r in range(args.rounds):
             services = {}
             try:
+                seed = args.seed + r  # one hash seed per round, the same for both services
                 for inst in ((False, True) if r % 2 == 0 else (True, False)):
-                    services[inst] = Service(up_url, inst, args.log)
+                    services[inst] = Service(up_url, inst, args.log, seed)
                 for svc in services.values():
                     warm, _ = load(svc.url, args.warmup, args.clients, args.tokens)
                     bad += len(warm.bad)
@@ -264,6 +280,7 @@ def main() -> int:
                     got = {inst: services[inst].block(args) for inst in order}
                     b, n = got[False], got[True]
                     blocks.append((b, n))
+                    round_of.append(r)
                     bad += len(b.bad) + len(n.bad)
                     print(f"| {r + 1} | {i + 1} | {b.cpu_ms:.2f} | {n.cpu_ms:.2f} | "
                           f"{n.cpu_ms / b.cpu_ms:.4f} | {b.rps:.2f} | {n.rps:.2f} | "
@@ -295,6 +312,20 @@ def main() -> int:
     print(f"| resident memory gained, KiB/request (mean of blocks) | "
           f"{statistics.fmean(x.rss_kib for x in bare):.1f} | "
           f"{statistics.fmean(x.rss_kib for x in inst):.1f} | |")
+    # per round: the ratio of the round's mean CPU per request and mean throughput
+    rounds_cpu, rounds_rps = [], []
+    for r in sorted(set(round_of)):
+        pairs = [p for p, rr in zip(blocks, round_of) if rr == r]
+        rounds_cpu.append(statistics.fmean(n.cpu_ms for _, n in pairs)
+                          / statistics.fmean(b.cpu_ms for b, _ in pairs))
+        rounds_rps.append(statistics.fmean(n.rps for _, n in pairs)
+                          / statistics.fmean(b.rps for b, _ in pairs))
+    print()
+    print(f"per round ({len(rounds_cpu)} fresh pairs of processes), median (IQR):")
+    print(f"  CPU ratio {med(rounds_cpu):.4f} ({q(rounds_cpu, 0.25):.4f}..{q(rounds_cpu, 0.75):.4f})"
+          f"; mean {statistics.fmean(rounds_cpu):.4f}")
+    print(f"  req/s ratio {med(rounds_rps):.4f} ({q(rounds_rps, 0.25):.4f}..{q(rounds_rps, 0.75):.4f})"
+          f"; mean {statistics.fmean(rounds_rps):.4f}")
     cpu_extra = (med(cpu_ratio) - 1) * 100
     rps_loss = (1 - med(rps_ratio)) * 100
     print()
