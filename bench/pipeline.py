@@ -67,18 +67,27 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGE = "Explain how a streaming answer travels from the model to the browser."
 
 
-def spawn(args: list[str], log: str, seed: int | None = None) -> tuple[subprocess.Popen[str], str]:
+def spawn(
+    args: list[str], log: str, seed: int | None = None, without: str = ""
+) -> tuple[subprocess.Popen[str], str]:
     """``uv run chunkwatch ARGS``; returns the process and the URL it listens on.
 
     No ``OTEL_*`` variables reach it: ``serve`` then traces with the API's no-op provider.
-    ``seed``: its ``PYTHONHASHSEED`` (see the module docstring).
+    ``seed``: its ``PYTHONHASHSEED`` (see the module docstring). ``without``: probes to
+    leave out (``bench/_serve_without.py``).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if seed is not None:
         env["PYTHONHASHSEED"] = str(seed)
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = (
+        ["python", os.path.join(here, "_serve_without.py"), without, *args]
+        if without
+        else ["chunkwatch", *args]
+    )
     with open(log, "a") as err:
         proc = subprocess.Popen(
-            ["uv", "run", "--no-sync", "chunkwatch", *args],
+            ["uv", "run", "--no-sync", *command],
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
@@ -202,12 +211,14 @@ class Block:
 class Service:
     """One ``chunkwatch serve`` process."""
 
-    def __init__(self, upstream: str, instrumented: bool, log: str, seed: int) -> None:
+    def __init__(
+        self, upstream: str, instrumented: bool, log: str, seed: int, without: str = ""
+    ) -> None:
         args = ["serve", "--llm-url", upstream, "--port", "0"]
         if not instrumented:
             args.append("--no-instrument")
         self.instrumented = instrumented
-        self.proc, self.url = spawn(args, log, seed)
+        self.proc, self.url = spawn(args, log, seed, without if instrumented else "")
         self.pid = python_pid(self.proc.pid, "serve")
 
     def block(self, args: argparse.Namespace) -> Block:
@@ -236,8 +247,13 @@ def q(values: list[float], p: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=24, help="fresh pairs of services")
-    parser.add_argument("--blocks", type=int, default=2, help="measured blocks per service per round")
-    parser.add_argument("--seed", type=int, default=1, help="PYTHONHASHSEED of round 1 (+1 a round)")
+    parser.add_argument("--blocks", type=int, default=2,
+                        help="measured blocks per service per round")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="PYTHONHASHSEED of round 1 (+1 a round)")
+    parser.add_argument("--without", default="",
+                        help="probes the instrumented service leaves out, to attribute the "
+                             "overhead: gateway,sdk,langgraph,app (bench/_serve_without.py)")
     parser.add_argument("--requests", type=int, default=96, help="requests per block")
     parser.add_argument("--warmup", type=int, default=48, help="unmeasured requests per service")
     parser.add_argument("--clients", type=int, default=16)
@@ -256,7 +272,9 @@ def main() -> int:
         f"# pipeline — Python {platform.python_version()}, {len(os.sched_getaffinity(0))} CPUs; "
         f"{args.tokens} tokens, {args.token_delay * 1e3:g} ms/token, {args.clients} clients; "
         f"{args.rounds} rounds x {args.blocks} blocks/service x {args.requests} requests, "
-        f"{args.warmup} warm-up requests per service\n",
+        f"{args.warmup} warm-up requests per service"
+        + (f"; instrumented without {args.without}" if args.without else "")
+        + "\n",
         flush=True,
     )
     print("| round | pair | bare CPU ms/req | inst CPU ms/req | CPU ratio | bare req/s | "
@@ -271,7 +289,7 @@ def main() -> int:
             try:
                 seed = args.seed + r  # one hash seed per round, the same for both services
                 for inst in ((False, True) if r % 2 == 0 else (True, False)):
-                    services[inst] = Service(up_url, inst, args.log, seed)
+                    services[inst] = Service(up_url, inst, args.log, seed, args.without)
                 for svc in services.values():
                     warm, _ = load(svc.url, args.warmup, args.clients, args.tokens)
                     bad += len(warm.bad)
@@ -315,17 +333,16 @@ def main() -> int:
     # per round: the ratio of the round's mean CPU per request and mean throughput
     rounds_cpu, rounds_rps = [], []
     for r in sorted(set(round_of)):
-        pairs = [p for p, rr in zip(blocks, round_of) if rr == r]
+        pairs = [p for p, rr in zip(blocks, round_of, strict=True) if rr == r]
         rounds_cpu.append(statistics.fmean(n.cpu_ms for _, n in pairs)
                           / statistics.fmean(b.cpu_ms for b, _ in pairs))
         rounds_rps.append(statistics.fmean(n.rps for _, n in pairs)
                           / statistics.fmean(b.rps for b, _ in pairs))
     print()
     print(f"per round ({len(rounds_cpu)} fresh pairs of processes), median (IQR):")
-    print(f"  CPU ratio {med(rounds_cpu):.4f} ({q(rounds_cpu, 0.25):.4f}..{q(rounds_cpu, 0.75):.4f})"
-          f"; mean {statistics.fmean(rounds_cpu):.4f}")
-    print(f"  req/s ratio {med(rounds_rps):.4f} ({q(rounds_rps, 0.25):.4f}..{q(rounds_rps, 0.75):.4f})"
-          f"; mean {statistics.fmean(rounds_rps):.4f}")
+    for name, xs in (("CPU ratio", rounds_cpu), ("req/s ratio", rounds_rps)):
+        print(f"  {name} {med(xs):.4f} ({q(xs, 0.25):.4f}..{q(xs, 0.75):.4f})"
+              f"; mean {statistics.fmean(xs):.4f}")
     cpu_extra = (med(cpu_ratio) - 1) * 100
     rps_loss = (1 - med(rps_ratio)) * 100
     print()

@@ -620,9 +620,7 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
     g["q"], g["ITEM"], g["now"] = q, ITEM, time.perf_counter_ns
     rows.append(("queue: `queue.Queue.put` + `get(timeout=15)`",
                  t("q.put(ITEM); q.get(timeout=15.0)", g)))
-    rows.append(("queue: `WatchedQueue.put`: `self._q.qsize()` (takes the queue's mutex)",
-                 t("q.qsize()", g)))
-    rows.append(("queue: `WatchedQueue.put`: `(_now(), item)`", t("(now(), ITEM)", g)))
+    rows.append(("queue: `WatchedQueue._put`: `(_now(), item)`", t("(now(), ITEM)", g)))
     print("| what (per event / read / item) | ns |")
     print("|---|---|")
     for name, ns in rows:
