@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 import chunkwatch
 from chunkwatch import semconv as sc
+from chunkwatch.probes import gateway as gateway_probe
 from chunkwatch.probes import sdk as sdk_probe
 from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
 from chunkwatch.reference.gateway import Gateway
@@ -44,9 +45,18 @@ class Observed:
 
 
 @pytest.fixture
-def observed(request: pytest.FixtureRequest) -> Iterator[Observed]:
-    """The library probes on, with a fresh registry and span exporter; off afterwards."""
-    kwargs: dict[str, Any] = getattr(request, "param", {})
+def observed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Observed]:
+    """The library probes on, with a fresh registry and span exporter; off afterwards.
+
+    ``{"wrapped": True}``: the gateway and sdk probes wrap every stream, as they do for
+    stream types they do not know, instead of giving the library's own stream a counting
+    subclass."""
+    kwargs: dict[str, Any] = dict(getattr(request, "param", {}))
+    if kwargs.pop("wrapped", False):
+        monkeypatch.setattr(gateway_probe, "_native", lambda mod, name: (None, None))
+        monkeypatch.setattr(
+            sdk_probe, "_adopt", lambda s, chunks, base, adopted, wrap: wrap(s, chunks)
+        )
     registry, exporter = CollectorRegistry(), InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -82,6 +92,13 @@ def stream(gw: Running[Gateway], fault: str = "pass") -> Any:
     )
 
 
+# The library's own streams given a counting subclass (the usual path), and wrapped.
+BOTH_PATHS = pytest.mark.parametrize(
+    "observed", [{}, {"wrapped": True}], indirect=True, ids=["adopted", "wrapped"]
+)
+
+
+@BOTH_PATHS
 def test_full_stream_then_close_is_counted_once_as_ok(
     observed: Observed, gateway_: Running[Gateway]
 ) -> None:
@@ -94,6 +111,7 @@ def test_full_stream_then_close_is_counted_once_as_ok(
     assert sum(observed.streams("sdk", o) for o in ("closed", "disconnected", "abandoned")) == 0
 
 
+@BOTH_PATHS
 def test_closed_early_is_disconnected(observed: Observed, gateway_: Running[Gateway]) -> None:
     """The consumer closes after two chunks: sdk and gateway are disconnected, not ok."""
     s = stream(gateway_)
@@ -103,6 +121,7 @@ def test_closed_early_is_disconnected(observed: Observed, gateway_: Running[Gate
     assert observed.streams("gateway", "disconnected") == 1
 
 
+@BOTH_PATHS
 def test_abandoned_stream_is_abandoned_not_ok(
     observed: Observed, gateway_: Running[Gateway]
 ) -> None:
@@ -115,6 +134,7 @@ def test_abandoned_stream_is_abandoned_not_ok(
     assert observed.streams("sdk", "ok") == 0
 
 
+@BOTH_PATHS
 def test_zero_chunks_raises_stream_empty_error_with_the_verdict(
     observed: Observed, gateway_: Running[Gateway]
 ) -> None:
@@ -126,6 +146,75 @@ def test_zero_chunks_raises_stream_empty_error_with_the_verdict(
     assert isinstance(err, ValueError)
     assert err.verdict is not None and str(err.verdict) == "empty@gateway"
     assert str(err).startswith("No generations found in stream.")
+
+
+def test_the_libraries_own_streams_are_counted_with_no_layer_added(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """The SDK's Stream and httpx2's response stream are read through their own
+    iterators, given a counting subclass: the chain the service resumes per chunk is
+    as deep as the bare one."""
+    from httpx2._transports.default import ResponseStream
+
+    s = stream(gateway_)
+    assert type(s).__name__ == "WatchedStream" and type(s).__mro__[1] is openai.Stream
+    assert s._iterator.gi_code.co_name == "__stream__"  # the SDK's own generator, unwrapped
+    body = s.response.stream._stream  # httpx2's BoundSyncStream holds the transport's stream
+    assert (
+        type(body).__name__ == "WatchedResponseStream" and type(body).__mro__[1] is ResponseStream
+    )
+    assert len(list(s)) == 14
+    assert observed.streams("sdk", "ok") == 1 and observed.streams("gateway", "ok") == 1
+
+
+async def _async_stream(gw: Running[Gateway], fault: str) -> Any:
+    gw.server.set_fault(fault)
+    aclient = openai.AsyncAzureOpenAI(
+        azure_endpoint=gw.url,
+        api_key="k",
+        api_version="2024-10-21",
+        azure_deployment="d",
+        max_retries=0,
+        timeout=5,
+    )
+    return await aclient.chat.completions.create(
+        model="d", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+
+
+@BOTH_PATHS
+def test_async_stream_counted_through_anext_and_async_for(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """``await stream.__anext__()`` and ``async for`` count the same chunks; an empty
+    stream raises StreamEmptyError once, then StopAsyncIteration, either way."""
+    import asyncio
+
+    async def run() -> tuple[int, int, list[str]]:
+        s = await _async_stream(gateway_, "pass")
+        first = [await s.__anext__(), await s.__anext__()]
+        rest = [c async for c in s]
+        seen: list[str] = []
+        for _ in range(2):
+            e = await _async_stream(gateway_, "zero")
+            try:
+                await e.__anext__()
+            except chunkwatch.StreamEmptyError:
+                seen.append("empty")
+            with pytest.raises(StopAsyncIteration):
+                await e.__anext__()
+            e2 = await _async_stream(gateway_, "zero")
+            with pytest.raises(chunkwatch.StreamEmptyError):
+                async for _ in e2:
+                    pass
+            seen.append("empty-for")
+        return len(first), len(rest), seen
+
+    first, rest, seen = asyncio.run(run())
+    assert (first, rest) == (2, 12)
+    assert seen == ["empty", "empty-for"] * 2
+    assert observed.streams("sdk", "ok") == 1 and observed.streams("gateway", "ok") == 1
+    assert observed.streams("sdk", "empty") == 4 and observed.streams("gateway", "empty") == 4
 
 
 @pytest.mark.parametrize("observed", [{"translate_errors": False}], indirect=True)

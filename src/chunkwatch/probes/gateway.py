@@ -9,6 +9,9 @@ The span and the tally cover the response **body**, not just the headers: the
 span ``POST /chat/completions`` (kind CLIENT) ends when the body ends, is
 closed, or is abandoned. The body is read with the shared strict SSE parser in
 counting mode; the unit is a ``data:`` event (``[DONE]`` noted, not counted).
+The transport's own response stream is counted in its own loop (the stream is
+given a subclass of its class), so reading a watched body resumes no generator
+more than the bare one does; a stream of another type is wrapped.
 
 Facts noted once: status, content-type, content-length, transfer-encoding,
 content-encoding, gateway request ids, time to headers / first byte / first
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 from opentelemetry.trace import SpanKind
@@ -139,12 +143,30 @@ def _uncancel() -> None:
         task.uncancel()
 
 
-def _make_async(mod: Any) -> Callable[[Any], Any]:
-    base = mod.AsyncByteStream
+def _native(mod: Any, name: str) -> tuple[type | None, Callable[[], Any] | None]:
+    """The transport's own response-stream class and its exception mapper, when this
+    version of the module has them where we expect (else the body is wrapped instead)."""
+    default = getattr(getattr(mod, "_transports", None), "default", None)
+    cls = getattr(default, name, None)
+    mapper = getattr(default, "map_httpcore_exceptions", None)
+    if isinstance(cls, type) and callable(mapper):
+        return cls, mapper
+    return None, None
 
-    class WatchedAsyncBody(base):  # type: ignore[misc, valid-type]
+
+def _make_async(mod: Any) -> Callable[[Any], Any]:
+    native, mapper = _native(mod, "AsyncResponseStream")
+
+    class WatchedAsyncBody(mod.AsyncByteStream):  # type: ignore[misc]
+        """The counting body. Wraps a response stream of any type; for the transport's
+        own type, :func:`_adopt` gives the stream a subclass with this loop instead, so
+        the body is read with no generator layer more than the bare path has (in the
+        service every layer is resumed and suspended once per event)."""
+
+        _errors: Callable[[], Any] = nullcontext  # the native stream: the transport's mapper
+
         def __init__(self, inner: Any, reader: Reader) -> None:
-            self._inner = inner
+            self._source = inner
             self._reader = reader
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -156,20 +178,21 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
             try:
                 if abortable:
                     facts["task"] = current_task(loop)  # the task that waits for the next read
-                async for chunk in self._inner:
-                    try:
-                        if count is not None and tally.bytes:  # Reader.feed, inlined
-                            tally.bytes += len(chunk)
-                            n = count(chunk)
-                            if n:
-                                unit(n)
-                        else:
-                            reader.feed(chunk)
-                    except Exception:
-                        _bookkeeping_error("feed")
-                    yield chunk
-                    if abortable:
-                        facts["task"] = current_task(loop)
+                with self._errors():
+                    async for chunk in self._source:
+                        try:
+                            if count is not None and tally.bytes:  # Reader.feed, inlined
+                                tally.bytes += len(chunk)
+                                n = count(chunk)
+                                if n:
+                                    unit(n)
+                            else:
+                                reader.feed(chunk)
+                        except Exception:
+                            _bookkeeping_error("feed")
+                        yield chunk
+                        if abortable:
+                            facts["task"] = current_task(loop)
             except asyncio.CancelledError:
                 stalled = _cancelled(reader)
                 if stalled is None:
@@ -180,15 +203,20 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
                 raise
             reader.end(End.CLEAN)
 
+        async def _close_source(self) -> None:
+            await self._source.aclose()
+
         async def aclose(self) -> None:
             try:
-                await self._inner.aclose()
+                await self._close_source()
             finally:
                 self._reader.end(End.CLOSED)
 
         def __del__(self) -> None:
             if not self._reader.tally.finished:
                 self._reader.end(End.ABANDONED)
+
+    adopted = _adoptive(native, mapper, WatchedAsyncBody, "aclose")
 
     def make(original: Any) -> Any:
         async def handle_async_request(self: Any, request: Any) -> Any:
@@ -206,7 +234,7 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
             except BaseException as exc:
                 Reader(tally, None).end(end_for_exception(exc), exc)
                 raise
-            _watch_body(rt, tally, response, WatchedAsyncBody)
+            _watch_body(rt, tally, response, native, adopted, WatchedAsyncBody)
             return response
 
         return handle_async_request
@@ -215,11 +243,15 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
 
 
 def _make_sync(mod: Any) -> Callable[[Any], Any]:
-    base = mod.SyncByteStream
+    native, mapper = _native(mod, "ResponseStream")
 
-    class WatchedSyncBody(base):  # type: ignore[misc, valid-type]
+    class WatchedSyncBody(mod.SyncByteStream):  # type: ignore[misc]
+        """The counting body (see the async twin)."""
+
+        _errors: Callable[[], Any] = nullcontext
+
         def __init__(self, inner: Any, reader: Reader) -> None:
-            self._inner = inner
+            self._source = inner
             self._reader = reader
 
         def __iter__(self) -> Iterator[bytes]:
@@ -227,18 +259,19 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
             tally = reader.tally
             count, unit = reader.counter(), tally.unit
             try:
-                for chunk in self._inner:
-                    try:
-                        if count is not None and tally.bytes:  # Reader.feed, inlined
-                            tally.bytes += len(chunk)
-                            n = count(chunk)
-                            if n:
-                                unit(n)
-                        else:
-                            reader.feed(chunk)
-                    except Exception:
-                        _bookkeeping_error("feed")
-                    yield chunk
+                with self._errors():
+                    for chunk in self._source:
+                        try:
+                            if count is not None and tally.bytes:  # Reader.feed, inlined
+                                tally.bytes += len(chunk)
+                                n = count(chunk)
+                                if n:
+                                    unit(n)
+                            else:
+                                reader.feed(chunk)
+                        except Exception:
+                            _bookkeeping_error("feed")
+                        yield chunk
             except GeneratorExit:
                 reader.end(End.CLOSED)
                 raise
@@ -247,15 +280,20 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
                 raise
             reader.end(End.CLEAN)
 
+        def _close_source(self) -> None:
+            self._source.close()
+
         def close(self) -> None:
             try:
-                self._inner.close()
+                self._close_source()
             finally:
                 self._reader.end(End.CLOSED)
 
         def __del__(self) -> None:
             if not self._reader.tally.finished:
                 self._reader.end(End.ABANDONED)
+
+    adopted = _adoptive(native, mapper, WatchedSyncBody, "close")
 
     def make(original: Any) -> Any:
         def handle_request(self: Any, request: Any) -> Any:
@@ -268,12 +306,36 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
             except BaseException as exc:
                 Reader(tally, None).end(end_for_exception(exc), exc)
                 raise
-            _watch_body(rt, tally, response, WatchedSyncBody)
+            _watch_body(rt, tally, response, native, adopted, WatchedSyncBody)
             return response
 
         return handle_request
 
     return make
+
+
+def _adoptive(
+    native: type | None, mapper: Callable[[], Any] | None, body: type, close: str
+) -> type | None:
+    """A subclass of the transport's own response stream that reads with ``body``'s loop
+    (its ``_source``: the httpcore stream, under the transport's exception mapping)."""
+    if native is None or mapper is None:
+        return None
+    original_close = getattr(native, close)
+    iterate = "__aiter__" if close == "aclose" else "__iter__"
+    return type(
+        f"Watched{native.__name__}",
+        (native,),
+        {
+            iterate: body.__dict__[iterate],
+            close: body.__dict__[close],
+            "_close_source": original_close,
+            "_errors": staticmethod(mapper),
+            "_source": property(lambda self: self._httpcore_stream),
+            "__del__": body.__dict__["__del__"],
+            "__module__": __name__,
+        },
+    )
 
 
 def _start(rt: Runtime | None, request: Any, *, aborts: bool) -> Tally | None:
@@ -290,11 +352,24 @@ def _start(rt: Runtime | None, request: Any, *, aborts: bool) -> Tally | None:
         return None
 
 
-def _watch_body(rt: Runtime, tally: Tally, response: Any, body: Callable[..., Any]) -> None:
-    """Note the headers and put the counting body in place of the response's own."""
+def _watch_body(
+    rt: Runtime,
+    tally: Tally,
+    response: Any,
+    native: type | None,
+    adopted: type | None,
+    wrapper: Callable[..., Any],
+) -> None:
+    """Note the headers and count the body: the transport's own stream is given the
+    counting subclass (``adopted``); any other stream is wrapped."""
     try:
         reader = Reader(tally, note_headers(rt, tally, response))
-        response.stream = body(response.stream, reader)
+        stream: Any = response.stream
+        if adopted is not None and type(stream) is native:
+            setattr(stream, "_reader", reader)  # noqa: B010 (mypy narrows the type to object)
+            stream.__class__ = adopted
+        else:
+            response.stream = wrapper(stream, reader)
     except Exception:
         rt.bookkeeping_error(sc.GATEWAY, "headers")
 

@@ -5,7 +5,10 @@ Seam: ``openai.resources.chat.completions.Completions.create`` and
 ``chat {model}`` (kind CLIENT, GenAI semantic conventions) is current while the
 request is sent, so the ``gateway`` span is its child, and ends with the stream.
 For ``stream=True`` the returned ``Stream`` / ``AsyncStream`` is watched: the
-unit is a chunk; content-bearing chunks, finish reasons and usage are noted.
+unit is a chunk; content-bearing chunks, finish reasons and usage are noted. The
+SDK's own stream is given a counting subclass (its ``__iter__``/``__next__``,
+``__aiter__``/``__anext__`` count as they pass chunks on: no generator layer is
+added); a stream of a subclass or another type has its iterator wrapped.
 
 Finalizes exactly once: iterator exhausted (``clean``), an exception (the same
 exception object propagates), ``close()`` (``closed``), or garbage-collected
@@ -132,6 +135,13 @@ class _Chunks:
         _span_facts(self.rt, tally, "".join(self.text) if self.text is not None else None)
         tally.finish(end)
         _genai_metrics(self.rt, tally)
+
+    def exhausted(self) -> ValueError | None:
+        """The stream ran out: finish it (once) and return the error to raise, if any."""
+        if self.tally.finished:
+            return None
+        self.end(End.CLEAN)
+        return self.end_error()
 
     def end_error(self) -> ValueError | None:
         """The error a cleanly ended stream raises: zero chunks, or cut before its end."""
@@ -276,6 +286,123 @@ def _watch_sync(stream: Any, chunks: _Chunks) -> None:
     weakref.finalize(stream, _abandon, chunks)
 
 
+def _adoptive_classes() -> tuple[type, type]:
+    """Subclasses of the SDK's ``AsyncStream`` and ``Stream`` that count in the SDK's own
+    pass-through (``__aiter__``/``__anext__``, ``__iter__``/``__next__``). A returned
+    stream of exactly the SDK's class is given one (``__class__``): no generator layer is
+    added in front of its iterator, which the service resumes and suspends per chunk."""
+    import openai
+
+    class WatchedAsyncStream(openai.AsyncStream):  # type: ignore[type-arg]
+        _chunkwatch: _Chunks
+
+        async def __anext__(self) -> Any:
+            chunks = self._chunkwatch
+            try:
+                chunk = await self._iterator.__anext__()
+            except StopAsyncIteration:
+                error = chunks.exhausted()
+                if error is None:
+                    raise
+            except BaseException as exc:
+                chunks.end(end_for_exception(exc), exc)
+                raise
+            else:
+                try:
+                    chunks.see(chunk)
+                except Exception:
+                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                return chunk
+            raise error
+
+        async def __aiter__(self) -> AsyncIterator[Any]:
+            chunks = self._chunkwatch
+            see = chunks.see
+            try:
+                async for chunk in self._iterator:
+                    try:
+                        see(chunk)
+                    except Exception:
+                        chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                    yield chunk
+            except GeneratorExit:
+                chunks.end(End.CLOSED)
+                raise
+            except BaseException as exc:
+                chunks.end(end_for_exception(exc), exc)
+                raise
+            error = chunks.exhausted()
+            if error is not None:
+                raise error
+
+        async def close(self) -> None:
+            try:
+                await super().close()
+            finally:
+                self._chunkwatch.end(End.CLOSED)
+
+    class WatchedStream(openai.Stream):  # type: ignore[type-arg]
+        _chunkwatch: _Chunks
+
+        def __next__(self) -> Any:
+            chunks = self._chunkwatch
+            try:
+                chunk = self._iterator.__next__()
+            except StopIteration:
+                error = chunks.exhausted()
+                if error is None:
+                    raise
+            except BaseException as exc:
+                chunks.end(end_for_exception(exc), exc)
+                raise
+            else:
+                try:
+                    chunks.see(chunk)
+                except Exception:
+                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                return chunk
+            raise error
+
+        def __iter__(self) -> Iterator[Any]:
+            chunks = self._chunkwatch
+            see = chunks.see
+            try:
+                for chunk in self._iterator:
+                    try:
+                        see(chunk)
+                    except Exception:
+                        chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                    yield chunk
+            except GeneratorExit:
+                chunks.end(End.CLOSED)
+                raise
+            except BaseException as exc:
+                chunks.end(end_for_exception(exc), exc)
+                raise
+            error = chunks.exhausted()
+            if error is not None:
+                raise error
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self._chunkwatch.end(End.CLOSED)
+
+    return WatchedAsyncStream, WatchedStream
+
+
+def _adopt(stream: Any, chunks: _Chunks, base: type, adopted: type, wrap: Any) -> None:
+    """Count ``stream``: give it the counting subclass, or (a subclass of the SDK's own
+    class, or another type) wrap its iterator."""
+    if type(stream) is base:
+        setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
+        stream.__class__ = adopted
+        weakref.finalize(stream, _abandon, chunks)
+    else:
+        wrap(stream, chunks)
+
+
 def _current(tally: Tally) -> AbstractContextManager[Any]:
     """The sdk span as the current span while the request is sent (same frame in and out)."""
     if tally.span is None:
@@ -316,11 +443,13 @@ def _sending(tally: Tally) -> AbstractContextManager[Any]:
     return stack
 
 
-def _received(rt: Runtime, tally: Tally, result: Any, stream_cls: type, watch: Any) -> None:
+def _received(
+    rt: Runtime, tally: Tally, result: Any, stream_cls: type, adopted: type, watch: Any
+) -> None:
     """Watch a returned stream; finish a returned response now."""
     if isinstance(result, stream_cls):
         try:
-            watch(result, _Chunks(rt, tally))
+            _adopt(result, _Chunks(rt, tally), stream_cls, adopted, watch)
         except Exception:
             rt.bookkeeping_error(sc.SDK, "wrap")
     else:
@@ -329,6 +458,8 @@ def _received(rt: Runtime, tally: Tally, result: Any, stream_cls: type, watch: A
 
 def _make_async(original: Any) -> Any:
     import openai
+
+    adopted = _adoptive_classes()[0]
 
     async def create(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = active()
@@ -341,7 +472,7 @@ def _make_async(original: Any) -> Any:
         except BaseException as exc:
             _Chunks(rt, tally).end(end_for_exception(exc), exc)
             raise
-        _received(rt, tally, result, openai.AsyncStream, _watch_async)
+        _received(rt, tally, result, openai.AsyncStream, adopted, _watch_async)
         return result
 
     return create
@@ -349,6 +480,8 @@ def _make_async(original: Any) -> Any:
 
 def _make_sync(original: Any) -> Any:
     import openai
+
+    adopted = _adoptive_classes()[1]
 
     def create(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = active()
@@ -361,7 +494,7 @@ def _make_sync(original: Any) -> Any:
         except BaseException as exc:
             _Chunks(rt, tally).end(end_for_exception(exc), exc)
             raise
-        _received(rt, tally, result, openai.Stream, _watch_sync)
+        _received(rt, tally, result, openai.Stream, adopted, _watch_sync)
         return result
 
     return create
