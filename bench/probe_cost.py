@@ -32,10 +32,10 @@ The cases (what "bare" is, and what is included):
   is measured), one event per read, ``chat.completions.create(stream=True)`` and
   iteration: everything the SDK does (SSE decoding, JSON, model construction) is
   in both sides. Unit: a chunk.
-* ``sdk sync|async, wrapper only`` — a real ``openai.Stream`` / ``AsyncStream``
-  whose iterator yields pre-built ``ChatCompletionChunk`` objects, with and without
-  ``sdk._watch_sync`` / ``_watch_async`` (preceded by ``sdk._open``, as ``create``
-  does). Bare is then almost free, so the difference is the probe's own cost with
+* ``sdk sync|async, stream only`` — a real ``openai.Stream`` / ``AsyncStream``
+  whose iterator yields pre-built ``ChatCompletionChunk`` objects, bare and watched
+  as ``create`` watches it (``sdk._open``, then ``sdk._adopt``: the stream is given
+  the probe's counting subclass). Bare is then almost free, so the difference is the probe's own cost with
   little SDK noise around it. Not included: ``create``'s ``use_span`` around the
   request (per stream, not per chunk).
 * ``langgraph`` — ``probes.langgraph._watch`` over an async generator of
@@ -348,8 +348,14 @@ def sdk_stream(objs: list[Any], asynchronous: bool) -> Any:
     if rt is not None:
         tally = sdk_probe._open(rt, _completions(), _create_kwargs())
         watch = sdk_probe._watch_async if asynchronous else sdk_probe._watch_sync
-        watch(stream, sdk_probe._Chunks(rt, tally))
+        adopted = _adopted_stream_classes()[0 if asynchronous else 1]
+        sdk_probe._adopt(stream, sdk_probe._Chunks(rt, tally), cls, adopted, watch)  # as create()
     return stream
+
+
+@functools.lru_cache(maxsize=1)
+def _adopted_stream_classes() -> tuple[type, type]:
+    return sdk_probe._adoptive_classes()
 
 
 def sdk_sync_wrapper() -> Runner:
@@ -490,9 +496,9 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
     run = sdk_async_client(loop)
     cases.append(Case("sdk async, real client", "sdk", "chunk", run, run, chunks=20_000))
     run = sdk_sync_wrapper()
-    cases.append(Case("sdk sync, wrapper only", "sdk", "chunk", run, run))
+    cases.append(Case("sdk sync, stream only", "sdk", "chunk", run, run))
     run = sdk_async_wrapper(loop)
-    cases.append(Case("sdk async, wrapper only", "sdk", "chunk", run, run))
+    cases.append(Case("sdk async, stream only", "sdk", "chunk", run, run))
     run = langgraph_watch(loop)
     cases.append(Case("langgraph `_watch`", "langgraph", "token event", run, run))
     cases.append(Case("queue: WatchedQueue vs queue.Queue", "queue", "item", queue_bare(),
