@@ -216,29 +216,51 @@ def _finish_response(rt: Runtime, tally: Tally, result: Any) -> None:
     chunks.end(End.CLEAN)
 
 
+async def _counted_async(inner: Any, chunks: _Chunks) -> AsyncIterator[Any]:
+    """``inner``'s chunks, counted as they pass; finishes the tally once."""
+    see = chunks.see
+    try:
+        async for chunk in inner:
+            try:
+                see(chunk)
+            except Exception:
+                chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+            yield chunk
+    except GeneratorExit:
+        chunks.end(End.CLOSED)
+        raise
+    except BaseException as exc:
+        chunks.end(end_for_exception(exc), exc)
+        raise
+    error = chunks.exhausted()
+    if error is not None:
+        raise error
+
+
+def _counted_sync(inner: Any, chunks: _Chunks) -> Iterator[Any]:
+    """The sync twin of :func:`_counted_async`."""
+    see = chunks.see
+    try:
+        for chunk in inner:
+            try:
+                see(chunk)
+            except Exception:
+                chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+            yield chunk
+    except GeneratorExit:
+        chunks.end(End.CLOSED)
+        raise
+    except BaseException as exc:
+        chunks.end(end_for_exception(exc), exc)
+        raise
+    error = chunks.exhausted()
+    if error is not None:
+        raise error
+
+
 def _watch_async(stream: Any, chunks: _Chunks) -> None:
-    inner = stream._iterator
-
-    async def counted() -> AsyncIterator[Any]:
-        try:
-            async for chunk in inner:
-                try:
-                    chunks.see(chunk)
-                except Exception:
-                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
-                yield chunk
-        except GeneratorExit:
-            chunks.end(End.CLOSED)
-            raise
-        except BaseException as exc:
-            chunks.end(end_for_exception(exc), exc)
-            raise
-        chunks.end(End.CLEAN)
-        error = chunks.end_error()
-        if error is not None:
-            raise error
-
-    stream._iterator = counted()
+    """A stream of another type: a counting generator in front of its iterator."""
+    stream._iterator = _counted_async(stream._iterator, chunks)
     original_close = stream.close
 
     async def close() -> None:
@@ -252,28 +274,7 @@ def _watch_async(stream: Any, chunks: _Chunks) -> None:
 
 
 def _watch_sync(stream: Any, chunks: _Chunks) -> None:
-    inner = stream._iterator
-
-    def counted() -> Iterator[Any]:
-        try:
-            for chunk in inner:
-                try:
-                    chunks.see(chunk)
-                except Exception:
-                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
-                yield chunk
-        except GeneratorExit:
-            chunks.end(End.CLOSED)
-            raise
-        except BaseException as exc:
-            chunks.end(end_for_exception(exc), exc)
-            raise
-        chunks.end(End.CLEAN)
-        error = chunks.end_error()
-        if error is not None:
-            raise error
-
-    stream._iterator = counted()
+    stream._iterator = _counted_sync(stream._iterator, chunks)
     original_close = stream.close
 
     def close() -> None:
@@ -315,25 +316,8 @@ def _adoptive_classes() -> tuple[type, type]:
                 return chunk
             raise error
 
-        async def __aiter__(self) -> AsyncIterator[Any]:
-            chunks = self._chunkwatch
-            see = chunks.see
-            try:
-                async for chunk in self._iterator:
-                    try:
-                        see(chunk)
-                    except Exception:
-                        chunks.rt.bookkeeping_error(sc.SDK, "chunk")
-                    yield chunk
-            except GeneratorExit:
-                chunks.end(End.CLOSED)
-                raise
-            except BaseException as exc:
-                chunks.end(end_for_exception(exc), exc)
-                raise
-            error = chunks.exhausted()
-            if error is not None:
-                raise error
+        def __aiter__(self) -> AsyncIterator[Any]:  # in place of the SDK's pass-through
+            return _counted_async(self._iterator, self._chunkwatch)
 
         async def close(self) -> None:
             try:
@@ -364,24 +348,7 @@ def _adoptive_classes() -> tuple[type, type]:
             raise error
 
         def __iter__(self) -> Iterator[Any]:
-            chunks = self._chunkwatch
-            see = chunks.see
-            try:
-                for chunk in self._iterator:
-                    try:
-                        see(chunk)
-                    except Exception:
-                        chunks.rt.bookkeeping_error(sc.SDK, "chunk")
-                    yield chunk
-            except GeneratorExit:
-                chunks.end(End.CLOSED)
-                raise
-            except BaseException as exc:
-                chunks.end(end_for_exception(exc), exc)
-                raise
-            error = chunks.exhausted()
-            if error is not None:
-                raise error
+            return _counted_sync(self._iterator, self._chunkwatch)
 
         def close(self) -> None:
             try:
