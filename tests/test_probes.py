@@ -74,8 +74,8 @@ def gateway_() -> Iterator[Running[Gateway]]:
             yield gw
 
 
-def client(gw: Running[Gateway]) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(
+def client(gw: Running[Gateway], cls: Any = openai.AzureOpenAI) -> Any:
+    return cls(
         azure_endpoint=gw.url,
         api_key="k",
         api_version="2024-10-21",
@@ -169,14 +169,7 @@ def test_the_libraries_own_streams_are_counted_with_no_layer_added(
 
 async def _async_stream(gw: Running[Gateway], fault: str) -> Any:
     gw.server.set_fault(fault)
-    aclient = openai.AsyncAzureOpenAI(
-        azure_endpoint=gw.url,
-        api_key="k",
-        api_version="2024-10-21",
-        azure_deployment="d",
-        max_retries=0,
-        timeout=5,
-    )
+    aclient = client(gw, openai.AsyncAzureOpenAI)
     return await aclient.chat.completions.create(
         model="d", messages=[{"role": "user", "content": "hi"}], stream=True
     )

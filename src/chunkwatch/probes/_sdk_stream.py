@@ -1,0 +1,303 @@
+"""The ``sdk`` probe's stream half: what one SDK call handed over, counted chunk by chunk.
+
+:class:`_Chunks` is the per-call state (counts, finish reasons, usage, finishing once).
+A returned ``Stream`` / ``AsyncStream`` of exactly the SDK's class is given a counting
+subclass (:func:`_adoptive_classes`), whose ``__iter__``/``__aiter__`` return the
+counting generator in place of the SDK's own pass-through; a stream of any other type
+has the same generator put in front of its iterator (:func:`_watch_sync`,
+:func:`_watch_async`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from chunkwatch import semconv as sc
+from chunkwatch.errors import StreamEmptyError, StreamTruncatedError
+from chunkwatch.ledger import Tally
+from chunkwatch.outcomes import End, Outcome, end_for_exception
+from chunkwatch.runtime import Runtime, trace_id_of
+
+
+class _Chunks:
+    """Per-stream state: counts chunks, notes finish reasons and usage, finishes once."""
+
+    __slots__ = ("__weakref__", "rt", "tally", "text")
+
+    def __init__(self, rt: Runtime, tally: Tally) -> None:
+        self.rt = rt
+        self.tally = tally
+        self.text: list[str] | None = [] if rt.capture_content else None
+
+    def see(self, chunk: Any) -> None:
+        tally = self.tally
+        tally.unit()
+        choices = chunk.choices
+        if choices:
+            choice = choices[0]
+            delta = choice.delta
+            if delta is not None and (delta.content or delta.tool_calls):
+                tally.content_units += 1
+                if self.text is not None and delta.content:
+                    self.text.append(delta.content)
+            reason = choice.finish_reason
+            if reason is not None:
+                if reason not in tally.finish_reasons:  # bounded: no growth per chunk
+                    tally.finish_reasons.append(reason)
+                tally.terminal_seen = True
+        if chunk.usage is not None:
+            tally.facts["usage"] = chunk.usage
+        if tally.units == 1:
+            tally.facts["response"] = (chunk.id, chunk.model)
+
+    def end(self, end: End, exc: BaseException | None = None) -> None:
+        tally = self.tally
+        if tally.finished:
+            return
+        if exc is not None:
+            tally.exc_type = type(exc).__name__
+            status = getattr(exc, "status_code", None)  # openai.APIStatusError
+            if isinstance(status, int):
+                tally.status = status
+        _span_facts(self.rt, tally, "".join(self.text) if self.text is not None else None)
+        tally.finish(end)
+        _genai_metrics(self.rt, tally)
+
+    def exhausted(self) -> ValueError | None:
+        """The stream ran out: finish it (once) and return the error to raise, if any."""
+        if self.tally.finished:
+            return None
+        self.end(End.CLEAN)
+        return self.end_error()
+
+    def end_error(self) -> ValueError | None:
+        """The error a cleanly ended stream raises: zero chunks, or cut before its end."""
+        tally = self.tally
+        if not self.rt.translate_errors or tally.exc_type or not tally.stream_requested:
+            return None
+        ledger = tally.ledger
+        if not tally.units:
+            return StreamEmptyError(ledger.verdict() if ledger is not None else None)
+        if tally.outcome is Outcome.TRUNCATED:
+            return StreamTruncatedError(ledger.verdict() if ledger else None, tally.units)
+        return None
+
+
+def _span_facts(rt: Runtime, tally: Tally, completion: str | None) -> None:
+    span = tally.span
+    if span is None:
+        return
+    attrs: dict[str, Any] = {sc.A_CONTENT_CHUNKS: tally.content_units}
+    if tally.finish_reasons:
+        attrs[sc.GEN_AI_RESPONSE_FINISH_REASONS] = tally.finish_reasons
+    if tally.time_to_first is not None and tally.stream_requested:
+        attrs[sc.GEN_AI_RESPONSE_TTFC] = tally.time_to_first
+    response = tally.facts.get("response")
+    if response is not None:
+        attrs[sc.GEN_AI_RESPONSE_ID], attrs[sc.GEN_AI_RESPONSE_MODEL] = response
+    usage = tally.facts.get("usage")
+    if usage is not None:
+        attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = usage.prompt_tokens
+        attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.completion_tokens
+    text = rt.content(completion)
+    if text is not None:
+        attrs[sc.A_COMPLETION] = text
+    span.set_attributes(attrs)
+
+
+def _genai_metrics(rt: Runtime, tally: Tally) -> None:
+    try:
+        provider, model = tally.facts["genai"]
+        error = "" if tally.outcome == "ok" else str(tally.outcome)
+        ex = rt.metrics.exemplar(trace_id_of(tally.span))
+        rt.metrics.genai_duration.labels("chat", provider, model, error).observe(
+            tally.duration, exemplar=ex
+        )
+        if tally.time_to_first is not None and tally.stream_requested:
+            rt.metrics.genai_ttfc.labels("chat", provider, model).observe(
+                tally.time_to_first, exemplar=ex
+            )
+    except Exception:
+        rt.bookkeeping_error(sc.SDK, "metrics")
+
+
+def _finish_response(rt: Runtime, tally: Tally, result: Any) -> None:
+    """A non-stream response: one unit, finish reasons and usage from the body."""
+    chunks = _Chunks(rt, tally)
+    try:
+        tally.unit()
+        for choice in getattr(result, "choices", None) or []:
+            if choice.finish_reason:
+                tally.finish_reasons.append(choice.finish_reason)
+            message = getattr(choice, "message", None)
+            if message is not None and (message.content or message.tool_calls):
+                tally.content_units += 1
+                if chunks.text is not None and message.content:
+                    chunks.text.append(message.content)
+        if getattr(result, "usage", None) is not None:
+            tally.facts["usage"] = result.usage
+        if hasattr(result, "id"):
+            tally.facts["response"] = (result.id, result.model)
+    except Exception:
+        rt.bookkeeping_error(sc.SDK, "response")
+    chunks.end(End.CLEAN)
+
+
+async def _counted_async(inner: Any, chunks: _Chunks) -> AsyncIterator[Any]:
+    """``inner``'s chunks, counted as they pass; finishes the tally once."""
+    see = chunks.see
+    try:
+        async for chunk in inner:
+            try:
+                see(chunk)
+            except Exception:
+                chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+            yield chunk
+    except GeneratorExit:
+        chunks.end(End.CLOSED)
+        raise
+    except BaseException as exc:
+        chunks.end(end_for_exception(exc), exc)
+        raise
+    error = chunks.exhausted()
+    if error is not None:
+        raise error
+
+
+def _counted_sync(inner: Any, chunks: _Chunks) -> Iterator[Any]:
+    """The sync twin of :func:`_counted_async`."""
+    see = chunks.see
+    try:
+        for chunk in inner:
+            try:
+                see(chunk)
+            except Exception:
+                chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+            yield chunk
+    except GeneratorExit:
+        chunks.end(End.CLOSED)
+        raise
+    except BaseException as exc:
+        chunks.end(end_for_exception(exc), exc)
+        raise
+    error = chunks.exhausted()
+    if error is not None:
+        raise error
+
+
+def _watch_async(stream: Any, chunks: _Chunks) -> None:
+    """A stream of another type: a counting generator in front of its iterator."""
+    stream._iterator = _counted_async(stream._iterator, chunks)
+    original_close = stream.close
+
+    async def close() -> None:
+        try:
+            await original_close()
+        finally:
+            chunks.end(End.CLOSED)
+
+    stream.close = close
+    weakref.finalize(stream, _abandon, chunks)
+
+
+def _watch_sync(stream: Any, chunks: _Chunks) -> None:
+    stream._iterator = _counted_sync(stream._iterator, chunks)
+    original_close = stream.close
+
+    def close() -> None:
+        try:
+            original_close()
+        finally:
+            chunks.end(End.CLOSED)
+
+    stream.close = close
+    weakref.finalize(stream, _abandon, chunks)
+
+
+def _adoptive_classes() -> tuple[type, type]:
+    """Subclasses of the SDK's ``AsyncStream`` and ``Stream`` that count in the SDK's own
+    pass-through (``__aiter__``/``__anext__``, ``__iter__``/``__next__``). A returned
+    stream of exactly the SDK's class is given one (``__class__``): no generator layer is
+    added in front of its iterator, which the service resumes and suspends per chunk."""
+    import openai
+
+    class WatchedAsyncStream(openai.AsyncStream):  # type: ignore[type-arg]
+        _chunkwatch: _Chunks
+
+        async def __anext__(self) -> Any:
+            chunks = self._chunkwatch
+            try:
+                chunk = await self._iterator.__anext__()
+            except StopAsyncIteration:
+                error = chunks.exhausted()
+                if error is None:
+                    raise
+            except BaseException as exc:
+                chunks.end(end_for_exception(exc), exc)
+                raise
+            else:
+                try:
+                    chunks.see(chunk)
+                except Exception:
+                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                return chunk
+            raise error
+
+        def __aiter__(self) -> AsyncIterator[Any]:  # in place of the SDK's pass-through
+            return _counted_async(self._iterator, self._chunkwatch)
+
+        async def close(self) -> None:
+            try:
+                await super().close()
+            finally:
+                self._chunkwatch.end(End.CLOSED)
+
+    class WatchedStream(openai.Stream):  # type: ignore[type-arg]
+        _chunkwatch: _Chunks
+
+        def __next__(self) -> Any:
+            chunks = self._chunkwatch
+            try:
+                chunk = self._iterator.__next__()
+            except StopIteration:
+                error = chunks.exhausted()
+                if error is None:
+                    raise
+            except BaseException as exc:
+                chunks.end(end_for_exception(exc), exc)
+                raise
+            else:
+                try:
+                    chunks.see(chunk)
+                except Exception:
+                    chunks.rt.bookkeeping_error(sc.SDK, "chunk")
+                return chunk
+            raise error
+
+        def __iter__(self) -> Iterator[Any]:
+            return _counted_sync(self._iterator, self._chunkwatch)
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self._chunkwatch.end(End.CLOSED)
+
+    return WatchedAsyncStream, WatchedStream
+
+
+def _adopt(stream: Any, chunks: _Chunks, base: type, adopted: type, wrap: Any) -> None:
+    """Count ``stream``: give it the counting subclass, or (a subclass of the SDK's own
+    class, or another type) wrap its iterator."""
+    if type(stream) is base:
+        setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
+        stream.__class__ = adopted
+        weakref.finalize(stream, _abandon, chunks)
+    else:
+        wrap(stream, chunks)
+
+
+def _abandon(chunks: _Chunks) -> None:
+    chunks.end(End.ABANDONED)
