@@ -68,20 +68,24 @@ MESSAGE = "Explain how a streaming answer travels from the model to the browser.
 
 
 def spawn(
-    args: list[str], log: str, seed: int | None = None, without: str = ""
+    args: list[str], log: str, seed: int | None = None, without: str = "",
+    launcher: list[str] | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
     """``uv run chunkwatch ARGS``; returns the process and the URL it listens on.
 
     No ``OTEL_*`` variables reach it: ``serve`` then traces with the API's no-op provider.
     ``seed``: its ``PYTHONHASHSEED`` (see the module docstring). ``without``: probes to
-    leave out (``bench/_serve_without.py``).
+    leave out (``bench/_serve_without.py``). ``launcher``: the command to run instead of
+    ``chunkwatch`` (e.g. ``bench/serve_toggle.py --launch``).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if seed is not None:
         env["PYTHONHASHSEED"] = str(seed)
     here = os.path.dirname(os.path.abspath(__file__))
     command = (
-        ["python", os.path.join(here, "_serve_without.py"), without, *args]
+        [*launcher, *args]
+        if launcher
+        else ["python", os.path.join(here, "_serve_without.py"), without, *args]
         if without
         else ["chunkwatch", *args]
     )

@@ -1,0 +1,160 @@
+"""The reference pipeline in one service process, its probes switched between blocks.
+
+``bench/pipeline.py`` compares two processes; this keeps one ``chunkwatch serve``
+(started instrumented, under ``--launch``) and switches what is on between blocks, by
+signal, in place: ``off`` (every probe out, as ``--no-instrument``), ``library`` (the
+gateway, sdk and langgraph probes; the Flask app bare) and ``all`` (as served). The same
+``Runtime`` stays throughout. Load, answers and CPU are read as in ``bench/pipeline.py``.
+Each round of blocks runs the three states in a rotated order; the ratios
+``library/off`` and ``all/off`` of each round are reported as medians with their IQR.
+
+What it separates: the part of the pipeline's overhead that two processes show and one
+does not, and the share of the app-side probes (http, sse, queue consumer) and the
+per-request work.
+
+    uv run python bench/serve_toggle.py [--processes 3] [--rounds 16] [--requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import sys
+import time
+from typing import Any
+
+STATES = ("off", "library", "all")
+
+
+def launch(argv: list[str]) -> int:
+    """``chunkwatch serve ARGS`` with SIGUSR1 setting the state named in ``$TOGGLE_FILE``."""
+    import werkzeug.serving
+
+    from chunkwatch import runtime
+    from chunkwatch.cli import main
+    from chunkwatch.probes import gateway, langgraph, sdk
+
+    held: dict[str, Any] = {}
+    make_server = werkzeug.serving.make_server
+
+    def capture(host: str, port: int, app: Any, **kwargs: Any) -> Any:
+        held.update(
+            app=app,
+            instrumented=app.wsgi_app,
+            bare=app.extensions["chunkwatch.middleware"],
+            rt=runtime.active(),
+        )
+        return make_server(host, port, app, **kwargs)
+
+    def switch(*_: Any) -> None:
+        path = os.environ["TOGGLE_FILE"]
+        with open(path) as fh:
+            state = fh.read().strip()
+        app, rt = held["app"], held["rt"]
+        for probe in (gateway, sdk, langgraph):
+            probe.uninstrument()
+        runtime.activate(None)
+        if state != "off":
+            runtime.activate(rt)
+            for probe in (gateway, sdk, langgraph):
+                probe.instrument(rt)
+        app.wsgi_app = held["instrumented"] if state == "all" else held["bare"]
+        with open(path, "w") as fh:
+            fh.write(f"{state} done\n")
+
+    werkzeug.serving.make_server = capture  # type: ignore[assignment]
+    signal.signal(signal.SIGUSR1, switch)
+    return main(argv)
+
+
+def drive(args: argparse.Namespace) -> None:
+    from pipeline import cpu_seconds, load, python_pid, spawn, stop
+
+    here = os.path.abspath(__file__)
+    upstream, url = spawn(
+        ["upstream", "--port", "0", "--tokens", str(args.tokens),
+         "--token-delay", str(args.token_delay)],
+        args.log,
+    )  # fmt: skip
+    ratios: dict[str, list[float]] = {"library": [], "all": []}
+    cpu: dict[str, list[float]] = {s: [] for s in STATES}
+    bad = 0
+    print(f"# serve toggle — {args.processes} processes x {args.rounds} rounds x "
+          f"{len(STATES)} blocks of {args.requests} chats, {args.clients} clients\n")  # fmt: skip
+    print("| process | round | off CPU ms/req | library | all | library/off | all/off |")
+    print("|---|---|---|---|---|---|---|")
+    try:
+        for p in range(args.processes):
+            flag = f"/tmp/chunkwatch-bench-toggle-{os.getpid()}-{p}"
+            os.environ["TOGGLE_FILE"] = flag
+            proc, service = spawn(
+                ["serve", "--llm-url", url, "--port", "0"], args.log, seed=args.seed + p,
+                launcher=[sys.executable, here, "--launch"],
+            )  # fmt: skip
+            pid = python_pid(proc.pid, "serve")
+
+            def set_state(state: str, pid: int = pid, flag: str = flag) -> None:
+                with open(flag, "w") as fh:
+                    fh.write(state + "\n")
+                os.kill(pid, signal.SIGUSR1)
+                while True:
+                    with open(flag) as fh:
+                        if fh.read() == f"{state} done\n":
+                            return
+                    time.sleep(0.01)
+
+            for state in STATES:  # warm-up
+                set_state(state)
+                load(service, args.warmup, args.clients, args.tokens)
+            for r in range(args.rounds):
+                order = STATES[r % 3 :] + STATES[: r % 3]
+                got: dict[str, float] = {}
+                for state in order:
+                    set_state(state)
+                    c0 = cpu_seconds(pid)
+                    result, _ = load(service, args.requests, args.clients, args.tokens)
+                    got[state] = (cpu_seconds(pid) - c0) * 1000 / args.requests
+                    cpu[state].append(got[state])
+                    bad += len(result.bad)
+                lib, full = got["library"] / got["off"], got["all"] / got["off"]
+                ratios["library"].append(lib)
+                ratios["all"].append(full)
+                print(f"| {p + 1} | {r + 1} | {got['off']:.2f} | {got['library']:.2f} | "
+                      f"{got['all']:.2f} | {lib:.4f} | {full:.4f} |", flush=True)  # fmt: skip
+            stop(proc)
+            os.unlink(flag)
+    finally:
+        stop(upstream)
+    print()
+    for state in STATES:
+        print(f"{state}: {statistics.median(cpu[state]):.2f} ms/req (median of blocks)")
+    for name, values in ratios.items():
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        print(f"{name}/off, median of {len(values)} rounds: **{statistics.median(values):.4f}** "
+              f"(IQR {q1:.4f}..{q3:.4f}; mean {statistics.mean(values):.4f})")  # fmt: skip
+    print(f"bad answers: {bad}")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--launch"]:
+        sys.exit(launch(sys.argv[2:]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--token-delay", type=float, default=0.002)
+    parser.add_argument("--seed", type=int, default=301)
+    parser.add_argument("--log", default="/tmp/chunkwatch-bench-serve-toggle.log")
+    args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2")
+    drive(args)
+
+
+if __name__ == "__main__":
+    main()
