@@ -12,6 +12,7 @@ provider is the API's no-op one, as in the reference service without ``OTEL_*``;
 the sdk "real client" cases are left out (the SDK's own work dwarfs the probe).
 
     uv run python bench/probe_instructions.py [--only gateway,sse] [--chunks 2000]
+                                              [--per-stream 200]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import tempfile
 
 
-def run_cases(only: list[str], chunks: int, names_file: str) -> None:
+def run_cases(only: list[str], chunks: int, per_stream: int, names_file: str) -> None:
     """Under callgrind: every case bare, then instrumented, between two dumps each."""
     import probe_cost as pc
     from opentelemetry import trace
@@ -44,7 +45,7 @@ def run_cases(only: list[str], chunks: int, names_file: str) -> None:
             continue
         names.append(case.name)
         for instrumented in (False, True):
-            pc.one_run(case, instrumented, chunks, chunks, provider)  # warm-up
+            pc.one_run(case, instrumented, chunks, per_stream, provider)  # warm-up
             gc.collect()
             runtime = instrumented and case.probe_runtime
             if runtime:
@@ -52,7 +53,7 @@ def run_cases(only: list[str], chunks: int, names_file: str) -> None:
                     registry=CollectorRegistry(), tracer_provider=provider, deadlines=case.deadlines
                 )
             os.getppid()  # callgrind dumps here (--dump-before=getppid)
-            (case.probe if instrumented else case.bare)(chunks, chunks)
+            (case.probe if instrumented else case.bare)(chunks, per_stream)
             os.getppid()
             if runtime:
                 chunkwatch.uninstrument()
@@ -72,18 +73,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated parts of case names")
     parser.add_argument("--chunks", type=int, default=2000, help="units per run")
+    parser.add_argument("--per-stream", type=int, default=0,
+                        help="units per stream (default: one stream of --chunks); 200 puts "
+                             "a 200-token answer's per-stream work in")  # fmt: skip
     parser.add_argument("--inside", default="", help=argparse.SUPPRESS)  # the run under callgrind
     args = parser.parse_args()
     only = [x for x in args.only.split(",") if x]
     if args.inside:
-        run_cases(only, args.chunks, args.inside)
+        run_cases(only, args.chunks, args.per_stream or args.chunks, args.inside)
         return 0
     out = tempfile.mkdtemp(prefix="chunkwatch-probe-callgrind-")
     names_file = os.path.join(out, "names")
     command = [
         "valgrind", "--tool=callgrind", "--dump-before=getppid",
         f"--callgrind-out-file={out}/cg.%p", sys.executable, os.path.abspath(__file__),
-        "--only", args.only, "--chunks", str(args.chunks), "--inside", names_file,
+        "--only", args.only, "--chunks", str(args.chunks), "--per-stream", str(args.per_stream),
+        "--inside", names_file,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -93,7 +98,8 @@ def main() -> int:
         names = fh.read().split("\n")
     files = sorted(glob.glob(f"{out}/cg.*.*"), key=lambda p: int(p.rsplit(".", 1)[1]))
     runs = [total(p) for p in files][1::2]  # dump 1: start-up; then (run, gap) pairs
-    print(f"instructions per unit, {args.chunks} units per run (callgrind)\n")
+    streams = f"streams of {args.per_stream}" if args.per_stream else "one stream"
+    print(f"instructions per unit, {args.chunks} units per run in {streams} (callgrind)\n")
     print("| case | bare | instrumented | probe |\n|---|---|---|---|")
     for i, name in enumerate(names):
         bare, probe = runs[2 * i] / args.chunks, runs[2 * i + 1] / args.chunks

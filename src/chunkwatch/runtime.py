@@ -36,6 +36,7 @@ __all__ = ["Runtime", "activate", "active"]
 log = logging.getLogger("chunkwatch")
 
 CONTENT_LIMIT = 1000  # characters of prompt / completion kept when capture is on
+_MAX_UPSTREAM_URLS = 256  # URLs whose upstream name is remembered
 
 
 def trace_id_of(span: Span | None) -> str | None:
@@ -73,6 +74,7 @@ class Runtime:
             self.metrics = Metrics.on(CollectorRegistry())
         self.tracer = trace.get_tracer("chunkwatch", __version__, tracer_provider=tracer_provider)
         self.upstreams = dict(upstreams or {})
+        self._upstream_names: dict[str, str] = {}
         self.deadlines = deadlines or Deadlines()
         self.capture_content = capture_content
         self.translate_errors = translate_errors
@@ -81,7 +83,14 @@ class Runtime:
     # -- naming -----------------------------------------------------------------------------
 
     def upstream_for(self, url: str) -> str:
-        return upstream_name(url, self.upstreams)
+        """The ``upstream`` label for ``url`` (names are looked up once per URL: parsing
+        one costs more than a stream's whole bookkeeping)."""
+        name = self._upstream_names.get(url)
+        if name is None:
+            if len(self._upstream_names) >= _MAX_UPSTREAM_URLS:  # bounded, whatever is asked
+                self._upstream_names.clear()
+            name = self._upstream_names[url] = upstream_name(url, self.upstreams)
+        return name
 
     # -- streams ----------------------------------------------------------------------------
 

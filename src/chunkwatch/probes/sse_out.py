@@ -4,6 +4,10 @@ Seam: the WSGI response body of a ``text/event-stream`` response (the ``http``
 probe wraps it; usable alone as :class:`SSEBody`). The outgoing bytes are read
 with the shared strict SSE parser in counting mode: the unit is an event
 written (comments — the open comment, heartbeats — are noted, not counted).
+A chunk that is a :class:`~chunkwatch.sse.WholeEvent` (what
+:func:`chunkwatch.sse.format_event` returns) is one event by construction and is
+counted without being parsed again, unless it continues an event that other
+bytes left half-written.
 
 The span ``sse stream`` is a child of the request span and the parent of the
 agent's spans (the ledger's ``parent_context`` points at it while it is open).
@@ -25,7 +29,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.outcomes import End
 from chunkwatch.runtime import Runtime
-from chunkwatch.sse import SSEParser
+from chunkwatch.sse import SSEParser, WholeEvent
 
 __all__ = ["SSEBody"]
 
@@ -69,9 +73,13 @@ class SSEBody:
                     if not tally.bytes:
                         tally.facts["t_first_byte"] = time.perf_counter_ns()
                     tally.bytes += len(chunk)
-                    before = parser.events
-                    if count(chunk) or parser.events != before:  # [DONE] is an event here
-                        unit(parser.events - before)
+                    if type(chunk) is WholeEvent and parser.idle:  # format_event's: one event
+                        unit()
+                    else:
+                        before = parser.events
+                        count(chunk)  # [DONE] is an event here: count what was dispatched
+                        if parser.events != before:
+                            unit(parser.events - before)
                 except Exception:
                     self._rt.bookkeeping_error(sc.SSE, "feed")
                 yield chunk

@@ -194,7 +194,7 @@ class Upstream:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 await resp.write(format_event(answer.chunk(answer.piece_delta(piece))))
-            tail = format_event(answer.chunk({}, answer.finish_reason))
+            tail: bytes = format_event(answer.chunk({}, answer.finish_reason))
             if usage:
                 tail += format_event(answer.usage_chunk())
             await resp.write(tail + format_event("[DONE]"))
