@@ -63,24 +63,14 @@ def probes_of(state: str) -> set[str]:
 def launch(argv: list[str]) -> int:
     """``chunkwatch serve ARGS``; SIGUSR1 switches to the state named in ``$TOGGLE_FILE``
     (``measure`` turns callgrind's counting on), then marks the switch with getppid()."""
-    import werkzeug.serving
+    from serve_toggle import hold_app
 
     from chunkwatch import runtime
     from chunkwatch.cli import main
     from chunkwatch.probes import gateway, langgraph, sdk
 
     library = {"gateway": gateway, "sdk": sdk, "langgraph": langgraph}
-    held: dict[str, Any] = {}
-    make_server = werkzeug.serving.make_server
-
-    def capture(host: str, port: int, app: Any, **kwargs: Any) -> Any:
-        held.update(
-            app=app,
-            instrumented=app.wsgi_app,
-            bare=app.extensions["chunkwatch.middleware"],
-            rt=runtime.active(),
-        )
-        return make_server(host, port, app, **kwargs)
+    held = hold_app()
 
     def switch(*_: Any) -> None:
         path = os.environ["TOGGLE_FILE"]
@@ -106,33 +96,8 @@ def launch(argv: list[str]) -> int:
         with open(path, "w") as fh:
             fh.write(f"{state} done\n")
 
-    werkzeug.serving.make_server = capture  # type: ignore[assignment]
     signal.signal(signal.SIGUSR1, switch)
     return main(argv)
-
-
-def service_pid(root: int) -> int:
-    """The callgrind process under ``root`` (``uv run`` starts valgrind as a child)."""
-    for _ in range(100):
-        parents, grew = {root}, True
-        while grew:
-            grew = False
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit() or int(entry) in parents:
-                    continue
-                try:
-                    with open(f"/proc/{entry}/stat") as fh:
-                        ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                    if ppid not in parents:
-                        continue
-                    parents.add(int(entry))
-                    grew = True
-                    if "callgrind" in os.readlink(f"/proc/{entry}/exe"):
-                        return int(entry)
-                except (OSError, IndexError, ValueError):
-                    continue
-        time.sleep(0.1)
-    raise SystemExit("the service under callgrind was not found")
 
 
 def totals(path: str) -> tuple[int, int, int]:
@@ -170,7 +135,7 @@ def totals(path: str) -> tuple[int, int, int]:
 
 
 def drive(args: argparse.Namespace) -> None:
-    from pipeline import load, spawn, stop
+    from pipeline import load, python_pid, spawn, stop
 
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -205,7 +170,7 @@ def drive(args: argparse.Namespace) -> None:
         ["serve", "--llm-url", url, "--port", "0"], args.log, seed=args.seed, launcher=valgrind
     )
     try:
-        pid = service_pid(proc.pid)
+        pid = python_pid(proc.pid, "serve", exe="callgrind")  # valgrind runs the tool
 
         def set_state(state: str) -> None:
             with open(flag, "w") as fh:

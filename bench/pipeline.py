@@ -106,8 +106,9 @@ def spawn(
     return proc, line.split()[-1]
 
 
-def python_pid(root: int, word: str) -> int:
-    """The process under ``root`` (``uv run`` starts a child) whose command line has ``word``."""
+def python_pid(root: int, word: str, exe: str = "python") -> int:
+    """The process under ``root`` (``uv run`` starts a child) whose command line has
+    ``word`` and whose executable's path has ``exe``."""
     for _ in range(50):
         parents, found = {root}, []
         grew = True
@@ -126,11 +127,11 @@ def python_pid(root: int, word: str) -> int:
                 if ppid in parents:
                     parents.add(int(entry))
                     grew = True
-                    if word in cmd and "python" in os.readlink(f"/proc/{entry}/exe"):
+                    if word in cmd and exe in os.readlink(f"/proc/{entry}/exe"):
                         found.append(int(entry))
         if found:
             return found[0]
-        if word in open(f"/proc/{root}/cmdline").read() and "python" in os.readlink(
+        if word in open(f"/proc/{root}/cmdline").read() and exe in os.readlink(
             f"/proc/{root}/exe"
         ):
             return root  # uv exec'd the interpreter

@@ -28,13 +28,13 @@ from typing import Any
 STATES = ("off", "library", "all")
 
 
-def launch(argv: list[str]) -> int:
-    """``chunkwatch serve ARGS`` with SIGUSR1 setting the state named in ``$TOGGLE_FILE``."""
+def hold_app() -> dict[str, Any]:
+    """Patch werkzeug's ``make_server`` so that, once ``chunkwatch serve`` starts, the
+    returned dict holds its ``app``, the ``instrumented`` and ``bare`` WSGI apps and the
+    runtime ``rt``: what switching the probes in place needs."""
     import werkzeug.serving
 
     from chunkwatch import runtime
-    from chunkwatch.cli import main
-    from chunkwatch.probes import gateway, langgraph, sdk
 
     held: dict[str, Any] = {}
     make_server = werkzeug.serving.make_server
@@ -47,6 +47,18 @@ def launch(argv: list[str]) -> int:
             rt=runtime.active(),
         )
         return make_server(host, port, app, **kwargs)
+
+    werkzeug.serving.make_server = capture  # type: ignore[assignment]
+    return held
+
+
+def launch(argv: list[str]) -> int:
+    """``chunkwatch serve ARGS`` with SIGUSR1 setting the state named in ``$TOGGLE_FILE``."""
+    from chunkwatch import runtime
+    from chunkwatch.cli import main
+    from chunkwatch.probes import gateway, langgraph, sdk
+
+    held = hold_app()
 
     def switch(*_: Any) -> None:
         path = os.environ["TOGGLE_FILE"]
@@ -64,7 +76,6 @@ def launch(argv: list[str]) -> int:
         with open(path, "w") as fh:
             fh.write(f"{state} done\n")
 
-    werkzeug.serving.make_server = capture  # type: ignore[assignment]
     signal.signal(signal.SIGUSR1, switch)
     return main(argv)
 

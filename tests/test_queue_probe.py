@@ -128,8 +128,12 @@ def test_a_bookkeeping_failure_loses_no_item(
 
     monkeypatch.setattr(observed.rt, "open", broken)
     assert items.get(timeout=1) == "kept"
+    items.put("also kept")
+    assert items.get(timeout=1) == "also kept"
     errors = observed.sample("chunkwatch_instrumentation_errors_total", layer="queue", stage="get")
     assert errors == 1
+    items.producer_done()
+    items.consumer_done(complete=True)  # nothing to finish, and nothing raised
 
 
 def test_uninstrumented_it_is_a_plain_queue() -> None:

@@ -108,12 +108,12 @@ class SSEParser:
         a slice or an index a few hundred: the checks use those where they can.)"""
         if self.idle:
             if chunk[:8] == b'data: {"':  # the model's events: two memchr scans
+                line, _, rest = chunk.partition(b"\n")
                 ok = (
-                    chunk.find(b"\n") == len(chunk) - 2  # one line, then the blank line
-                    and chunk[-1] == 10  # LF
-                    and chunk[-3] == 125  # }
-                    and (chunk[8] != 101 or chunk[8:15] != b'error":')  # 101: e
-                    and chunk.find(b"\r") < 0
+                    rest == b"\n"  # one line, then the blank line, and nothing after it
+                    and line[-1] == 125  # }
+                    and (line[8] != 101 or line[8:15] != b'error":')  # 101: e
+                    and line.find(b"\r") < 0
                 )
             elif chunk[:7] == b"event: ":  # named events: one pass over the lines
                 lines = chunk.splitlines()  # LF, CR or CRLF, as the rules read them

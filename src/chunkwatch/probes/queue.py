@@ -50,41 +50,53 @@ class WatchedQueue(queue.Queue[T]):
         self._ledger = ledger
         self._tally: Tally | None = None
         self._publish: Any = None
-        self._publishing = False  # the publish span was started (once)
         self._links: list[Link] = []  # the receive span's link to the publish span
-        self._put_count = 0
         self._depth_max = 0
         self._wait_max = 0
         self._dropped = 0
         self._consumer_done = False
         self._producer_done = False
+        # The hooks are a small state machine, so the per-item path tests no flags:
+        # first put (starts the publish span) -> put; first get (starts the receive
+        # span) -> get; once the consumer is done, puts are dropped.
         if self._rt is None:  # nothing to note: the plain queue's hooks
             self._put = self.queue.append  # type: ignore[method-assign]
             self._get = self.queue.popleft  # type: ignore[method-assign]
+        else:
+            self._put = self._first_put  # type: ignore[method-assign]
+            self._get = self._first_get  # type: ignore[method-assign]
 
     # -- producer side (any thread) ---------------------------------------------------------
 
     def _put(self, item: T) -> None:  # Queue.put calls this under its lock
-        if self._consumer_done:  # nobody will read it: counted as dropped, not queued
-            self._dropped += 1
-            return
         q = self.queue
         q.append((_now(), item))
-        self._put_count += 1
         if len(q) > self._depth_max:
             self._depth_max = len(q)
-        if not self._publishing:
-            self._start_publish()
+
+    def _first_put(self, item: T) -> None:
+        self._put = self.__class__._put.__get__(self)  # type: ignore[method-assign]
+        self._start_publish()
+        self._put(item)
+
+    def _drop(self, item: T) -> None:  # after consumer_done: nobody will read it
+        self._dropped += 1
+
+    def _put_count(self) -> int:
+        """Items queued so far: got, plus still queued (call under ``self.mutex``)."""
+        return (self._tally.units if self._tally is not None else 0) + len(self.queue)
 
     def producer_done(self) -> None:
         """The producer put its last item."""
         self._producer_done = True
         span, self._publish = self._publish, None
         if span is not None:
+            with self.mutex:
+                put = self._put_count()
             span.set_attributes(
                 {
-                    sc.MESSAGING_BATCH_COUNT: self._put_count,
-                    sc.A_CHUNKS: self._put_count,
+                    sc.MESSAGING_BATCH_COUNT: put,
+                    sc.A_CHUNKS: put,
                     sc.A_OUTCOME: "ok",  # the producer handed everything over
                 }
             )
@@ -95,14 +107,33 @@ class WatchedQueue(queue.Queue[T]):
     def _get(self) -> T:  # Queue.get calls this under its lock
         t_put, item = self.queue.popleft()
         try:
-            tally = self._tally or self._start_receive()
-            tally.unit()
-            wait = tally.t_last - t_put  # unit() set t_last
-            if wait > self._wait_max:
-                self._wait_max = wait
+            tally: Tally = self._tally  # type: ignore[assignment]
+            now = _now()  # Tally.unit, inlined: the call costs a third of it
+            last = tally.t_last
+            if last is None:
+                tally.t_first = now
+            elif now - last > tally.max_gap_ns:
+                tally.max_gap_ns = now - last
+            tally.t_last = now
+            tally.units += 1
+            if now - t_put > self._wait_max:
+                self._wait_max = now - t_put
         except Exception:
             self._rt.bookkeeping_error(sc.QUEUE, "get")  # type: ignore[union-attr]
         return item  # type: ignore[no-any-return]
+
+    def _first_get(self) -> T:
+        self._get = self.__class__._get.__get__(self)  # type: ignore[method-assign]
+        if self._tally is None:
+            try:
+                self._start_receive()
+            except Exception:  # no tally to count into: hand the items over, uncounted
+                self._rt.bookkeeping_error(sc.QUEUE, "get")  # type: ignore[union-attr]
+                self._get = self._get_uncounted  # type: ignore[method-assign]
+        return self._get()
+
+    def _get_uncounted(self) -> T:
+        return self.queue.popleft()[1]  # type: ignore[no-any-return]
 
     def consumer_done(self, *, complete: bool) -> None:
         """The consumer stops: ``complete`` if it read to the end, False if it left early."""
@@ -112,10 +143,17 @@ class WatchedQueue(queue.Queue[T]):
         rt, tally = self._rt, self._tally
         if rt is None:
             return
+        with self.mutex:  # from here on, nothing more is queued
+            self._put = self._drop  # type: ignore[method-assign]
+            put = self._put_count()
         if tally is None:
-            tally = self._start_receive()
+            try:
+                tally = self._start_receive()
+            except Exception:
+                rt.bookkeeping_error(sc.QUEUE, "finish")
+                return
         try:
-            tally.units_in = self._put_count
+            tally.units_in = put
             tally.facts["dropped"] = self._dropped
             ex = rt.metrics.exemplar(trace_id_of(tally.span))
             rt.metrics.queue_wait.observe(self._wait_max / 1e9, exemplar=ex)
@@ -125,7 +163,7 @@ class WatchedQueue(queue.Queue[T]):
                     {
                         sc.A_QUEUE_DEPTH_MAX: self._depth_max,
                         sc.A_QUEUE_WAIT: self._wait_max / 1e9,
-                        "chunkwatch.queue.put": self._put_count,
+                        "chunkwatch.queue.put": put,
                         "chunkwatch.queue.dropped": self._dropped,
                     }
                 )
@@ -136,7 +174,6 @@ class WatchedQueue(queue.Queue[T]):
     # -- spans ------------------------------------------------------------------------------
 
     def _start_publish(self) -> None:
-        self._publishing = True
         rt = self._rt
         assert rt is not None
         self._publish = rt.start_span(

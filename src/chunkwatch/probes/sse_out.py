@@ -33,6 +33,8 @@ from chunkwatch.sse import SSEParser, WholeEvent
 
 __all__ = ["SSEBody"]
 
+_now = time.perf_counter_ns
+
 
 class SSEBody:
     """A WSGI body that counts the events it passes on and finalizes once.
@@ -74,7 +76,14 @@ class SSEBody:
                         tally.facts["t_first_byte"] = time.perf_counter_ns()
                     tally.bytes += len(chunk)
                     if type(chunk) is WholeEvent and parser.idle:  # format_event's: one event
-                        unit()
+                        now = _now()  # Tally.unit, inlined: the call costs a third of it
+                        last = tally.t_last
+                        if last is None:
+                            tally.t_first = now
+                        elif now - last > tally.max_gap_ns:
+                            tally.max_gap_ns = now - last
+                        tally.t_last = now
+                        tally.units += 1
                     else:
                         before = parser.events
                         count(chunk)  # [DONE] is an event here: count what was dispatched
