@@ -515,14 +515,10 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
 def breakdown(loop: asyncio.AbstractEventLoop) -> None:
     """Line and component timings of the gateway, sse and queue per-chunk paths (timeit,
     min of 7 repeats, ns per call) on the same 273-byte OpenAI event / service event."""
-    import inspect
     import timeit
 
-    from chunkwatch.probes import gateway
-
-    reader_cls = getattr(gateway, "_Reader", None) or getattr(gateway, "Reader", None)
-    if reader_cls is None:  # the body reader lives in its own module since b5b276a
-        from chunkwatch.probes._wire import Reader as reader_cls
+    from chunkwatch.probes._gateway_body import sync_body
+    from chunkwatch.probes._wire import Reader as reader_cls
     ev = openai_events(4)[1]
     sv = service_events(1)[0]
     data = ev.splitlines()[0][6:]
@@ -549,7 +545,7 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
 
     from chunkwatch.sse import SSEParser
 
-    watched_body = inspect.getclosurevars(gateway._make_sync(httpx2)).nonlocals["WatchedSyncBody"]
+    watched_body = sync_body(httpx2)[2]  # the wrapping body
     tally = Ledger().open("gateway")
     items = [ev] * 100_000
     g: dict[str, Any] = {

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 import chunkwatch
 from chunkwatch import semconv as sc
-from chunkwatch.probes import gateway as gateway_probe
+from chunkwatch.probes import _gateway_body as gateway_body
 from chunkwatch.probes import sdk as sdk_probe
 from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
 from chunkwatch.reference.gateway import Gateway
@@ -53,7 +53,7 @@ def observed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     subclass."""
     kwargs: dict[str, Any] = dict(getattr(request, "param", {}))
     if kwargs.pop("wrapped", False):
-        monkeypatch.setattr(gateway_probe, "_native", lambda mod, name: (None, None))
+        monkeypatch.setattr(gateway_body, "_native", lambda mod, name: (None, None))
         monkeypatch.setattr(
             sdk_probe, "_adopt", lambda s, chunks, base, adopted, wrap: wrap(s, chunks)
         )
