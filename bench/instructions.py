@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 PROBES = ("gateway", "sdk", "langgraph", "app")
@@ -136,6 +135,7 @@ def totals(path: str) -> tuple[int, int, int]:
 
 def drive(args: argparse.Namespace) -> None:
     from pipeline import load, python_pid, spawn, stop
+    from serve_toggle import set_state as toggle
 
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -173,14 +173,7 @@ def drive(args: argparse.Namespace) -> None:
         pid = python_pid(proc.pid, "serve", exe="callgrind")  # valgrind runs the tool
 
         def set_state(state: str) -> None:
-            with open(flag, "w") as fh:
-                fh.write(state + "\n")
-            os.kill(pid, signal.SIGUSR1)
-            while True:
-                with open(flag) as fh:
-                    if fh.read() == f"{state} done\n":
-                        break
-                time.sleep(0.05)
+            toggle(pid, flag, state)
 
         for state in states:  # warm-up, counting off
             set_state(state)

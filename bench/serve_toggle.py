@@ -52,6 +52,19 @@ def hold_app() -> dict[str, Any]:
     return held
 
 
+def set_state(pid: int, flag: str, state: str) -> None:
+    """Ask the service ``pid`` (started with a ``--launch`` of this kind) to switch to
+    ``state`` through the file ``flag``, and wait until it says it has."""
+    with open(flag, "w") as fh:
+        fh.write(state + "\n")
+    os.kill(pid, signal.SIGUSR1)
+    while True:
+        with open(flag) as fh:
+            if fh.read() == f"{state} done\n":
+                return
+        time.sleep(0.01)
+
+
 def launch(argv: list[str]) -> int:
     """``chunkwatch serve ARGS`` with SIGUSR1 setting the state named in ``$TOGGLE_FILE``."""
     from chunkwatch import runtime
@@ -106,24 +119,14 @@ def drive(args: argparse.Namespace) -> None:
             )  # fmt: skip
             pid = python_pid(proc.pid, "serve")
 
-            def set_state(state: str, pid: int = pid, flag: str = flag) -> None:
-                with open(flag, "w") as fh:
-                    fh.write(state + "\n")
-                os.kill(pid, signal.SIGUSR1)
-                while True:
-                    with open(flag) as fh:
-                        if fh.read() == f"{state} done\n":
-                            return
-                    time.sleep(0.01)
-
             for state in STATES:  # warm-up
-                set_state(state)
+                set_state(pid, flag, state)
                 load(service, args.warmup, args.clients, args.tokens)
             for r in range(args.rounds):
                 order = STATES[r % 3 :] + STATES[: r % 3]
                 got: dict[str, float] = {}
                 for state in order:
-                    set_state(state)
+                    set_state(pid, flag, state)
                     c0 = cpu_seconds(pid)
                     result, _ = load(service, args.requests, args.clients, args.tokens)
                     got[state] = (cpu_seconds(pid) - c0) * 1000 / args.requests

@@ -1,6 +1,5 @@
 """The sse probe's body on its own: events written are counted exactly, whether they come
-from chunkwatch's writer (counted without a second parse) or as other bytes (parsed).
-Also the runtime's upstream names, which every stream's bookkeeping asks for."""
+from chunkwatch's writer (counted without a second parse) or as other bytes (parsed)."""
 
 from __future__ import annotations
 
@@ -73,18 +72,3 @@ def test_a_writer_event_after_half_an_event_continues_it() -> None:
     ]
     body, out = written(chunks)
     assert body.tally.units == strict_events(out) == 2
-
-
-def test_upstream_names_are_remembered_per_url_and_bounded() -> None:
-    """A runtime names each URL once (as upstream_name does) and remembers at most a few
-    hundred URLs, whatever it is asked: the label values stay the configured names."""
-    rt = Runtime(registry=CollectorRegistry(), upstreams={"gw.example.com": "Azure GW"})
-    try:
-        assert rt.upstream_for("https://gw.example.com/openai") == "azure_gw"
-        assert rt.upstream_for("https://gw.example.com/openai") == "azure_gw"
-        assert rt.upstream_for("http://127.0.0.1:8431") == "127.0.0.1:8431"
-        for port in range(1, 1001):
-            assert rt.upstream_for(f"http://10.0.0.1:{port}") == f"10.0.0.1:{port}"
-        assert len(rt._upstream_names) <= 256
-    finally:
-        rt.close()

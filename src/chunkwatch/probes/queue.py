@@ -75,7 +75,7 @@ class WatchedQueue(queue.Queue[T]):
             self._depth_max = len(q)
 
     def _first_put(self, item: T) -> None:
-        self._put = self.__class__._put.__get__(self)  # type: ignore[method-assign]
+        del self._put  # the class's own hook from here on
         self._start_publish()
         self._put(item)
 
@@ -123,7 +123,7 @@ class WatchedQueue(queue.Queue[T]):
         return item  # type: ignore[no-any-return]
 
     def _first_get(self) -> T:
-        self._get = self.__class__._get.__get__(self)  # type: ignore[method-assign]
+        del self._get  # the class's own hook from here on
         if self._tally is None:
             try:
                 self._start_receive()
