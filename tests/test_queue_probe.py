@@ -133,7 +133,11 @@ def test_a_bookkeeping_failure_loses_no_item(
     errors = observed.sample("chunkwatch_instrumentation_errors_total", layer="queue", stage="get")
     assert errors == 1
     items.producer_done()
-    items.consumer_done(complete=True)  # nothing to finish, and nothing raised
+    items.consumer_done(complete=True)  # no tally to finish: counted, and nothing raised
+    finish = observed.sample(
+        "chunkwatch_instrumentation_errors_total", layer="queue", stage="finish"
+    )
+    assert finish == 1
 
 
 def test_uninstrumented_it_is_a_plain_queue() -> None:
