@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 import chunkwatch
 from chunkwatch import semconv as sc
 from chunkwatch.probes import _gateway_body as gateway_body
+from chunkwatch.probes import langgraph as langgraph_probe
 from chunkwatch.probes import sdk as sdk_probe
 from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
 from chunkwatch.reference.gateway import Gateway
@@ -43,6 +44,14 @@ class Observed:
                     total += s.value
         return total
 
+    def chunks(self, layer: str) -> float:
+        return sum(
+            s.value
+            for metric in self.registry.collect()
+            for s in metric.samples
+            if s.name == "chunkwatch_chunks_total" and s.labels["layer"] == layer
+        )
+
 
 @pytest.fixture
 def observed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Observed]:
@@ -50,13 +59,15 @@ def observed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
     ``{"wrapped": True}``: the gateway and sdk probes wrap every stream, as they do for
     stream types they do not know, instead of giving the library's own stream a counting
-    subclass."""
+    subclass; the langgraph probe wraps ``astream_events``, as it does on a langchain-core
+    without the v1/v2 pass-through it otherwise takes the place of."""
     kwargs: dict[str, Any] = dict(getattr(request, "param", {}))
     if kwargs.pop("wrapped", False):
         monkeypatch.setattr(gateway_body, "_native", lambda mod, name: (None, None))
         monkeypatch.setattr(
             sdk_probe, "_adopt", lambda s, chunks, base, adopted, wrap: wrap(s, chunks)
         )
+        monkeypatch.setattr(langgraph_probe, "_v2_event_stream", lambda: None)
     registry, exporter = CollectorRegistry(), InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -238,6 +249,7 @@ async def _events(graph: Any) -> list[dict[str, Any]]:
     ]
 
 
+@BOTH_PATHS
 def test_langgraph_translates_langchains_value_error_chained(
     observed: Observed, gateway_: Running[Gateway]
 ) -> None:
@@ -254,6 +266,7 @@ def test_langgraph_translates_langchains_value_error_chained(
     assert info.value.verdict is not None and str(info.value.verdict) == "empty@gateway"
 
 
+@BOTH_PATHS
 def test_langgraph_passes_other_exceptions_through_as_the_same_object(
     observed: Observed,
 ) -> None:
@@ -281,6 +294,84 @@ def test_langgraph_passes_other_exceptions_through_as_the_same_object(
         asyncio.run(run())
     assert info.value is boom
     assert observed.streams("langgraph", "error") == 1
+
+
+def _echo_graph() -> Any:
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    async def node(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [("ai", "hello")]}
+
+    g = StateGraph(MessagesState)
+    g.add_node("n", node)
+    g.add_edge(START, "n")
+    g.add_edge("n", END)
+    return g.compile()
+
+
+def test_the_graphs_event_stream_is_counted_with_no_layer_added(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """Under astream_events v2 the counting generator reads langchain-core's event stream
+    in the place of langchain-core's own pass-through: as deep a chain as the bare one,
+    the same events passed on, every token event counted, and the patch undone exactly."""
+    import asyncio
+
+    from langgraph.pregel import Pregel
+
+    gateway_.server.set_fault("pass")
+    graph = build_graph(make_model(LLMConfig(url=gateway_.url), streaming=True))
+    args = ({"messages": [("user", "hi")]}, {"configurable": {"thread_id": "t"}})
+
+    def chain(events: Any) -> list[str]:
+        """The generator the caller resumes, and the one it resumes in turn."""
+        names = events.ag_frame.f_locals  # after the first event: both exist
+        inner = names.get("inner") or names["event_stream"]
+        return [events.ag_code.co_name, inner.ag_code.co_name]
+
+    async def run() -> tuple[list[str], list[tuple[str, str]]]:
+        events = graph.astream_events(*args, version="v2")
+        seen = [await events.__anext__()]
+        names = chain(events)
+        seen += [ev async for ev in events]
+        return names, [(ev["event"], ev["name"]) for ev in seen]
+
+    async def watched_then_bare() -> tuple[Any, Any]:  # one loop: the model's client is bound to it
+        watched = await run()
+        chunkwatch.uninstrument()
+        return watched, await run()
+
+    (names, watched), (bare_names, plain) = asyncio.run(watched_then_bare())
+    assert names == ["_watch", "_astream_events_implementation_v2"]
+    assert observed.streams("langgraph", "ok") == 1
+    tokens = sum(1 for event, _ in watched if event == "on_chat_model_stream")
+    assert tokens >= 12 and observed.chunks("langgraph") == tokens
+    assert "_astream_events_v1_v2" not in Pregel.__dict__  # inherited again, not replaced
+    assert bare_names == ["_astream_events_v1_v2", "_astream_events_implementation_v2"]
+    assert watched == plain
+
+
+@BOTH_PATHS
+def test_closing_the_graphs_event_stream_closes_the_run(observed: Observed) -> None:
+    """The application stops reading after the first event and closes the stream: the
+    graph's own event stream is closed with it (as langchain-core's pass-through does),
+    and the langgraph stream is counted as closed early, not ok."""
+    import asyncio
+
+    graph = _echo_graph()
+
+    async def run() -> Any:
+        events = graph.astream_events({"messages": []}, version="v2")
+        async for _ in events:
+            break
+        inner = events.ag_frame.f_locals["inner"]
+        await events.aclose()
+        return inner
+
+    inner = asyncio.run(run())
+    assert inner.ag_frame is None  # finished: closed, not left for the garbage collector
+    assert observed.streams("langgraph", "disconnected") == 1
+    assert observed.streams("langgraph", "ok") == 0
 
 
 class RaisingExporter(SpanExporter):

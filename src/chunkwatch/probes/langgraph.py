@@ -8,6 +8,14 @@ children. Units: ``on_chat_model_stream`` events under ``astream_events``
 (``unit=token``); items under ``astream`` (``unit`` = the stream mode, e.g.
 ``updates``).
 
+Every event of a graph run passes through the counting generator, a few hundred
+a 200-token answer. Under ``astream_events`` v2 it takes the place of
+langchain-core's own pass-through (``Runnable._astream_events_v1_v2``, patched on
+``Pregel`` only), which re-yields the v2 event stream unchanged and closes it, as
+the counting generator does: the chain the service resumes per event is as deep as
+the bare one. A langchain-core without that pass-through gets the generator in
+front of ``Pregel.astream_events`` instead.
+
 Error translation: langgraph and langchain-core raise
 ``ValueError("No generations found in stream.")`` when a node's model call was
 streamed and the provider yielded zero chunks; the probe raises
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -95,6 +103,9 @@ async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterato
     else:
         tally.finish(End.CLEAN)
     finally:
+        close = getattr(inner, "aclose", None)  # the graph's own stream ends with ours
+        if close is not None:
+            await close()
         _restore(attached, span)
         try:
             _inside.reset(inside)
@@ -109,6 +120,38 @@ def _restore(token: Any, span: Any) -> None:
     if token is None or trace.get_current_span() is not span:
         return
     otel_context.detach(token)
+
+
+def _v2_event_stream() -> Callable[..., Any] | None:
+    """langchain-core's v2 event stream, when its ``Runnable`` passes it through
+    ``_astream_events_v1_v2`` (langchain-core 1.x): what the counting generator reads."""
+    try:
+        from langchain_core.runnables.base import Runnable
+        from langchain_core.tracers.event_stream import _astream_events_implementation_v2
+    except ImportError:
+        return None
+    if not callable(getattr(Runnable, "_astream_events_v1_v2", None)):
+        return None
+    return _astream_events_implementation_v2
+
+
+def _make_pass_through(events_v2: Callable[..., Any]) -> Callable[[Any], Any]:
+    def make(original: Any) -> Any:
+        def _astream_events_v1_v2(
+            self: Any, input: Any, config: Any = None, *, version: str = "v2", **kwargs: Any
+        ) -> Any:
+            rt = active()
+            if rt is None or version not in ("v1", "v2") or _inside.get():
+                return original(self, input, config, version=version, **kwargs)
+            if version == "v1":  # deprecated: warned about and run by langchain-core
+                return _watch(
+                    original(self, input, config, version=version, **kwargs), rt, self, "token"
+                )
+            return _watch(events_v2(self, input, config=config, **kwargs), rt, self, "token")
+
+        return _astream_events_v1_v2
+
+    return make
 
 
 def _make_astream_events(original: Any) -> Any:
@@ -138,10 +181,17 @@ def _make_astream(original: Any) -> Any:
 
 
 def instrument(runtime: Runtime | None = None) -> None:
-    """Patch ``Pregel.astream_events`` and ``Pregel.astream``. Idempotent."""
+    """Patch ``Pregel``'s event pass-through (or ``astream_events``) and ``astream``.
+    Idempotent."""
     from langgraph.pregel import Pregel
 
-    patch(_OWNER, Pregel, "astream_events", _make_astream_events)
+    events_v2 = _v2_event_stream()
+    if events_v2 is not None:
+        patch(
+            _OWNER, Pregel, "_astream_events_v1_v2", _make_pass_through(events_v2), inherited=True
+        )
+    else:
+        patch(_OWNER, Pregel, "astream_events", _make_astream_events)
     patch(_OWNER, Pregel, "astream", _make_astream)
 
 
