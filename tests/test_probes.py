@@ -178,6 +178,37 @@ def test_the_libraries_own_streams_are_counted_with_no_layer_added(
     assert observed.streams("sdk", "ok") == 1 and observed.streams("gateway", "ok") == 1
 
 
+def test_gateway_notes_the_named_headers_once_and_no_others() -> None:
+    """Status, content headers and gateway request ids, by any case, repeated ones joined
+    as ``headers[name]`` joins them; an Authorization or api-key value is never read."""
+    from chunkwatch.ledger import Ledger
+    from chunkwatch.probes._wire import note_headers
+
+    response = httpx2.Response(
+        200,
+        headers=[
+            ("Content-Type", "text/event-stream"),
+            ("APIM-Request-Id", "apim-1"),
+            ("x-request-id", "r1"),
+            ("X-Request-ID", "r2"),
+            ("Content-Encoding", "identity"),
+            ("Authorization", "Bearer secret-token"),
+            ("api-key", "secret-key"),
+        ],
+    )
+    tally = Ledger().open("gateway", stream_requested=True)
+    parser = note_headers(Runtime(registry=CollectorRegistry()), tally, response)
+    assert parser is not None  # a stream was asked for: the body is parsed
+    assert (tally.status, tally.content_type) == (200, "text/event-stream")
+    assert (tally.content_length, tally.content_encoding) == (None, "identity")
+    facts = tally.facts["span_attributes"]
+    assert facts["chunkwatch.http.apim_request_id"] == "apim-1"
+    assert facts["chunkwatch.http.x_request_id"] == "r1, r2" == response.headers["x-request-id"]
+    assert facts["chunkwatch.http.transfer_encoding"] == ""
+    assert "chunkwatch.http.content_length" not in facts
+    assert not any("secret" in str(v) for v in [*facts.values(), *tally.facts.values()])
+
+
 async def _async_stream(gw: Running[Gateway], fault: str) -> Any:
     gw.server.set_fault(fault)
     aclient = client(gw, openai.AsyncAzureOpenAI)

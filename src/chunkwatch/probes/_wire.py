@@ -22,10 +22,32 @@ from chunkwatch.sse import SSEParser
 __all__ = ["Reader", "note_headers"]
 
 
+_NOTED = frozenset(
+    (
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        *sc.REQUEST_ID_HEADERS,
+    )
+)
+
+
+def _noted(headers: Any) -> dict[str, str]:
+    """The values of the noted headers, by lower-case name, repeated ones joined with ", "
+    (as ``headers[name]`` gives them), in one pass: an httpx ``Headers`` lookup scans
+    every header, and a missing name costs a ``KeyError``."""
+    noted: dict[str, str] = {}
+    for name, value in headers.multi_items():  # lower-case names, in order
+        if name in _NOTED:
+            noted[name] = f"{noted[name]}, {value}" if name in noted else value
+    return noted
+
+
 def note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
     """Record status and headers; return the parser for the body (None: not an event stream)."""
     tally.t_headers = time.perf_counter_ns()
-    headers = response.headers
+    headers = _noted(response.headers)
     tally.status = response.status_code
     tally.content_type = headers.get("content-type")
     cl = headers.get("content-length")
