@@ -40,7 +40,9 @@ The cases (what "bare" is, and what is included):
   request (per stream, not per chunk).
 * ``langgraph`` — ``probes.langgraph._watch`` over an async generator of
   ``astream_events`` v2 ``on_chat_model_stream`` event dicts (as LangGraph yields
-  them), against iterating the generator itself. Unit: a token event.
+  them), against the same generator read through a copy of langchain-core's
+  pass-through (``Runnable._astream_events_v1_v2``), which ``_watch`` takes the place
+  of under v2. Unit: a token event.
 * ``queue`` — ``WatchedQueue.put`` + ``get(timeout=15)`` against ``queue.Queue``
   ``put`` + ``get(timeout=15)``, one thread, one item in flight (the service's usual
   depth). A second row: ``WatchedQueue`` with no runtime (what the uninstrumented
@@ -67,6 +69,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,6 +416,14 @@ def _tiny_graph() -> Any:
     return graph.compile()
 
 
+async def _pass_through(event_stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The body of langchain-core's ``Runnable._astream_events_v1_v2``: what the service
+    resumes per event when bare, and what ``_watch`` takes the place of under v2."""
+    async with aclosing(event_stream):  # type: ignore[type-var]
+        async for event in event_stream:
+            yield event
+
+
 def langgraph_watch(loop: asyncio.AbstractEventLoop) -> Runner:
     graph = _tiny_graph()
 
@@ -422,7 +433,8 @@ def langgraph_watch(loop: asyncio.AbstractEventLoop) -> Runner:
         for _ in range(chunks // per_stream):
             inner = _aiter(events)
             rt = active()
-            stream = lg_probe._watch(inner, rt, graph, "token") if rt is not None else inner
+            watched = rt is not None
+            stream = lg_probe._watch(inner, rt, graph, "token") if watched else _pass_through(inner)
             async for _ev in stream:
                 pass
         return _cpu() - t0
