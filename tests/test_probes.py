@@ -382,6 +382,18 @@ def test_the_graphs_event_stream_is_counted_with_no_layer_added(
     assert watched == plain
 
 
+@pytest.mark.filterwarnings("ignore:.*astream_events version='v1'")
+def test_astream_events_v1_is_still_watched(observed: Observed) -> None:
+    """v1 (deprecated) keeps langchain-core's own path, the counting generator in front."""
+    import asyncio
+
+    async def run() -> list[Any]:
+        return [ev async for ev in _echo_graph().astream_events({"messages": []}, version="v1")]
+
+    assert asyncio.run(run())  # the run's start and end events, at least
+    assert observed.streams("langgraph", "empty") == 1  # no token events: a graph with no model
+
+
 @BOTH_PATHS
 def test_closing_the_graphs_event_stream_closes_the_run(observed: Observed) -> None:
     """The application stops reading after the first event and closes the stream: the
