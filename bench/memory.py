@@ -9,15 +9,15 @@ runtime) and instrumented (``chunkwatch.instrument(registry=CollectorRegistry(),
 tracer_provider=TracerProvider())``), after one unmeasured warm-up stream of each
 (lazy one-time set-up — metric children, the watchdog thread — is not per stream).
 
-Reported: the memory the instrumentation holds for one open stream (instrumented −
+Reported: the memory the instrumentation holds for one open stream (instrumented -
 bare, at ``--early`` chunks), the growth from ``--early`` to ``--late`` chunks bare and
 instrumented, and the chunkwatch source line that grew most between the two points
 (a tracemalloc snapshot diff filtered to ``chunkwatch/``, taken on a second stream:
 a snapshot kept in memory would itself be counted). Constant memory means: the
-probe's growth (instrumented − bare) is ~0, independent of the chunk count.
+probe's growth (instrumented - bare) is ~0, independent of the chunk count.
 
 Also reported: what is still held once the stream has ended (traced memory after the
-last chunk and ``gc.collect()``, relative to before the stream, instrumented − bare):
+last chunk and ``gc.collect()``, relative to before the stream, instrumented - bare):
 a finished stream should leave nothing behind.
 
 ``sdk, capture_content=True`` is the opt-in content capture (off by default): shown
@@ -111,9 +111,7 @@ def traced() -> int:
 
 def cw_snapshot() -> tracemalloc.Snapshot:
     gc.collect()
-    return tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(True, "*chunkwatch/*")]
-    )
+    return tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*chunkwatch/*")])
 
 
 @dataclass
@@ -340,8 +338,11 @@ def cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
         Case("gateway async (httpx2 transport + body)", "gateway", gateway_async(loop)),
         Case("sdk sync (openai Stream)", "sdk", sdk_sync()),
         Case("sdk async (openai AsyncStream)", "sdk", sdk_async(loop)),
-        Case("gateway + sdk: AsyncOpenAI, chunks via asyncio.wait_for (as langchain-openai)",
-             "sdk", client_stack(loop)),
+        Case(
+            "gateway + sdk: AsyncOpenAI, chunks via asyncio.wait_for (as langchain-openai)",
+            "sdk",
+            client_stack(loop),
+        ),
         Case("langgraph `_watch`", "langgraph", langgraph_watch(loop)),
         Case("queue `WatchedQueue`", "queue", queue_watched()),
         Case("sse `SSEBody`", "sse", sse_body()),
@@ -390,12 +391,16 @@ def main() -> int:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         todo = [c for c in todo if any(k == c.layer or k in c.name for k in keys)]
     tracemalloc.start(1)
-    print(f"# memory per open stream — Python {platform.python_version()}; tracemalloc, "
-          f"traced bytes after gc.collect(), stream open; {args.early} vs {args.late} chunks\n")
-    print(f"| wrapper | held by the probe at {args.early} chunks (inst − bare) | "
-          f"growth {args.early}→{args.late}, bare | growth, instrumented | "
-          f"growth due to the probe | chunkwatch line that grew most | verdict | "
-          f"held after the stream ended (inst − bare) |")
+    print(
+        f"# memory per open stream — Python {platform.python_version()}; tracemalloc, "
+        f"traced bytes after gc.collect(), stream open; {args.early} vs {args.late} chunks\n"
+    )
+    print(
+        f"| wrapper | held by the probe at {args.early} chunks (inst - bare) | "
+        f"growth {args.early}→{args.late}, bare | growth, instrumented | "
+        f"growth due to the probe | chunkwatch line that grew most | verdict | "
+        f"held after the stream ended (inst - bare) |"
+    )
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for case in todo:
         bare = run_case(case, False, args.early, args.late)
@@ -406,9 +411,12 @@ def main() -> int:
         verdict = "constant" if abs(extra) < 4096 else f"GROWS {per_chunk:.1f} B/chunk"
         if case.capture_content:
             verdict += " (opt-in)"
-        print(f"| {case.name} | {kib(inst.early - bare.early)} | {kib(g_bare)} | {kib(g_inst)} | "
-              f"**{kib(extra)}** | {inst.top_growth or '—'} | {verdict} | "
-              f"{kib(inst.retained - bare.retained)} |", flush=True)
+        print(
+            f"| {case.name} | {kib(inst.early - bare.early)} | {kib(g_bare)} | {kib(g_inst)} | "
+            f"**{kib(extra)}** | {inst.top_growth or '—'} | {verdict} | "
+            f"{kib(inst.retained - bare.retained)} |",
+            flush=True,
+        )
     loop.close()
     return 0
 

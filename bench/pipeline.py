@@ -68,7 +68,10 @@ MESSAGE = "Explain how a streaming answer travels from the model to the browser.
 
 
 def spawn(
-    args: list[str], log: str, seed: int | None = None, without: str = "",
+    args: list[str],
+    log: str,
+    seed: int | None = None,
+    without: str = "",
     launcher: list[str] | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
     """``uv run chunkwatch ARGS``; returns the process and the URL it listens on.
@@ -131,9 +134,7 @@ def python_pid(root: int, word: str, exe: str = "python") -> int:
                         found.append(int(entry))
         if found:
             return found[0]
-        if word in open(f"/proc/{root}/cmdline").read() and exe in os.readlink(
-            f"/proc/{root}/exe"
-        ):
+        if word in open(f"/proc/{root}/cmdline").read() and exe in os.readlink(f"/proc/{root}/exe"):
             return root  # uv exec'd the interpreter
         time.sleep(0.1)
     raise SystemExit(f"no python process for {word!r} under {root}")
@@ -252,25 +253,40 @@ def q(values: list[float], p: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=24, help="fresh pairs of services")
-    parser.add_argument("--blocks", type=int, default=2,
-                        help="measured blocks per service per round")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="PYTHONHASHSEED of round 1 (+1 a round)")
-    parser.add_argument("--without", default="",
-                        help="probes the instrumented service leaves out, to attribute the "
-                             "overhead: gateway,sdk,langgraph,app (bench/_serve_without.py)")
+    parser.add_argument(
+        "--blocks", type=int, default=2, help="measured blocks per service per round"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="PYTHONHASHSEED of round 1 (+1 a round)"
+    )
+    parser.add_argument(
+        "--without",
+        default="",
+        help="probes the instrumented service leaves out, to attribute the "
+        "overhead: gateway,sdk,langgraph,app (bench/_serve_without.py)",
+    )
     parser.add_argument("--requests", type=int, default=96, help="requests per block")
     parser.add_argument("--warmup", type=int, default=48, help="unmeasured requests per service")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--token-delay", type=float, default=0.002)
-    parser.add_argument("--log", default="/tmp/chunkwatch-bench-pipeline.log",
-                        help="stderr of the upstream and service processes")
+    parser.add_argument(
+        "--log",
+        default="/tmp/chunkwatch-bench-pipeline.log",
+        help="stderr of the upstream and service processes",
+    )
     args = parser.parse_args()
 
     up, up_url = spawn(
-        ["upstream", "--port", "0", "--tokens", str(args.tokens),
-         "--token-delay", str(args.token_delay)],
+        [
+            "upstream",
+            "--port",
+            "0",
+            "--tokens",
+            str(args.tokens),
+            "--token-delay",
+            str(args.token_delay),
+        ],
         args.log,
     )
     print(
@@ -282,8 +298,10 @@ def main() -> int:
         + "\n",
         flush=True,
     )
-    print("| round | pair | bare CPU ms/req | inst CPU ms/req | CPU ratio | bare req/s | "
-          "inst req/s | req/s ratio | bad answers |")
+    print(
+        "| round | pair | bare CPU ms/req | inst CPU ms/req | CPU ratio | bare req/s | "
+        "inst req/s | req/s ratio | bad answers |"
+    )
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     blocks: list[tuple[Block, Block]] = []
     round_of: list[int] = []
@@ -293,7 +311,7 @@ def main() -> int:
             services = {}
             try:
                 seed = args.seed + r  # one hash seed per round, the same for both services
-                for inst in ((False, True) if r % 2 == 0 else (True, False)):
+                for inst in (False, True) if r % 2 == 0 else (True, False):
                     services[inst] = Service(up_url, inst, args.log, seed, args.without)
                 for svc in services.values():
                     warm, _ = load(svc.url, args.warmup, args.clients, args.tokens)
@@ -305,9 +323,12 @@ def main() -> int:
                     blocks.append((b, n))
                     round_of.append(r)
                     bad += len(b.bad) + len(n.bad)
-                    print(f"| {r + 1} | {i + 1} | {b.cpu_ms:.2f} | {n.cpu_ms:.2f} | "
-                          f"{n.cpu_ms / b.cpu_ms:.4f} | {b.rps:.2f} | {n.rps:.2f} | "
-                          f"{n.rps / b.rps:.4f} | {len(b.bad) + len(n.bad)} |", flush=True)
+                    print(
+                        f"| {r + 1} | {i + 1} | {b.cpu_ms:.2f} | {n.cpu_ms:.2f} | "
+                        f"{n.cpu_ms / b.cpu_ms:.4f} | {b.rps:.2f} | {n.rps:.2f} | "
+                        f"{n.rps / b.rps:.4f} | {len(b.bad) + len(n.bad)} |",
+                        flush=True,
+                    )
                     for why in sorted(set(b.bad + n.bad))[:5]:
                         print(f"|   |   | bad: {why} | | | | | | |", flush=True)
             finally:
@@ -324,35 +345,48 @@ def main() -> int:
     print()
     print("| | bare | instrumented | ratio inst/bare: median of pairs (IQR; min..max) |")
     print("|---|---|---|---|")
-    print(f"| service CPU ms/request (median of blocks) | {med(x.cpu_ms for x in bare):.2f} | "
-          f"{med(x.cpu_ms for x in inst):.2f} | **{med(cpu_ratio):.4f}** "
-          f"({q(cpu_ratio, 0.25):.4f}..{q(cpu_ratio, 0.75):.4f}; "
-          f"{min(cpu_ratio):.4f}..{max(cpu_ratio):.4f}) |")
-    print(f"| requests/s (median of blocks) | {med(x.rps for x in bare):.2f} | "
-          f"{med(x.rps for x in inst):.2f} | **{med(rps_ratio):.4f}** "
-          f"({q(rps_ratio, 0.25):.4f}..{q(rps_ratio, 0.75):.4f}; "
-          f"{min(rps_ratio):.4f}..{max(rps_ratio):.4f}) |")
-    print(f"| resident memory gained, KiB/request (mean of blocks) | "
-          f"{statistics.fmean(x.rss_kib for x in bare):.1f} | "
-          f"{statistics.fmean(x.rss_kib for x in inst):.1f} | |")
+    print(
+        f"| service CPU ms/request (median of blocks) | {med(x.cpu_ms for x in bare):.2f} | "
+        f"{med(x.cpu_ms for x in inst):.2f} | **{med(cpu_ratio):.4f}** "
+        f"({q(cpu_ratio, 0.25):.4f}..{q(cpu_ratio, 0.75):.4f}; "
+        f"{min(cpu_ratio):.4f}..{max(cpu_ratio):.4f}) |"
+    )
+    print(
+        f"| requests/s (median of blocks) | {med(x.rps for x in bare):.2f} | "
+        f"{med(x.rps for x in inst):.2f} | **{med(rps_ratio):.4f}** "
+        f"({q(rps_ratio, 0.25):.4f}..{q(rps_ratio, 0.75):.4f}; "
+        f"{min(rps_ratio):.4f}..{max(rps_ratio):.4f}) |"
+    )
+    print(
+        f"| resident memory gained, KiB/request (mean of blocks) | "
+        f"{statistics.fmean(x.rss_kib for x in bare):.1f} | "
+        f"{statistics.fmean(x.rss_kib for x in inst):.1f} | |"
+    )
     # per round: the ratio of the round's mean CPU per request and mean throughput
     rounds_cpu, rounds_rps = [], []
     for r in sorted(set(round_of)):
         pairs = [p for p, rr in zip(blocks, round_of, strict=True) if rr == r]
-        rounds_cpu.append(statistics.fmean(n.cpu_ms for _, n in pairs)
-                          / statistics.fmean(b.cpu_ms for b, _ in pairs))
-        rounds_rps.append(statistics.fmean(n.rps for _, n in pairs)
-                          / statistics.fmean(b.rps for b, _ in pairs))
+        rounds_cpu.append(
+            statistics.fmean(n.cpu_ms for _, n in pairs)
+            / statistics.fmean(b.cpu_ms for b, _ in pairs)
+        )
+        rounds_rps.append(
+            statistics.fmean(n.rps for _, n in pairs) / statistics.fmean(b.rps for b, _ in pairs)
+        )
     print()
     print(f"per round ({len(rounds_cpu)} fresh pairs of processes), median (IQR):")
     for name, xs in (("CPU ratio", rounds_cpu), ("req/s ratio", rounds_rps)):
-        print(f"  {name} {med(xs):.4f} ({q(xs, 0.25):.4f}..{q(xs, 0.75):.4f})"
-              f"; mean {statistics.fmean(xs):.4f}")
+        print(
+            f"  {name} {med(xs):.4f} ({q(xs, 0.25):.4f}..{q(xs, 0.75):.4f})"
+            f"; mean {statistics.fmean(xs):.4f}"
+        )
     cpu_extra = (med(cpu_ratio) - 1) * 100
     rps_loss = (1 - med(rps_ratio)) * 100
     print()
-    print(f"CPU per request: {cpu_extra:+.1f} % (budget +2 %) — "
-          f"{'met' if cpu_extra <= 2 else 'NOT met'}")
+    print(
+        f"CPU per request: {cpu_extra:+.1f} % (budget +2 %) — "
+        f"{'met' if cpu_extra <= 2 else 'NOT met'}"
+    )
     print(f"throughput: {-rps_loss:+.1f} % (budget -2 %) — {'met' if rps_loss <= 2 else 'NOT met'}")
     print(f"bad answers: {bad}")
     return 0

@@ -35,9 +35,9 @@ The cases (what "bare" is, and what is included):
 * ``sdk sync|async, stream only`` — a real ``openai.Stream`` / ``AsyncStream``
   whose iterator yields pre-built ``ChatCompletionChunk`` objects, bare and watched
   as ``create`` watches it (``sdk._open``, then ``sdk._adopt``: the stream is given
-  the probe's counting subclass). Bare is then almost free, so the difference is the probe's own cost with
-  little SDK noise around it. Not included: ``create``'s ``use_span`` around the
-  request (per stream, not per chunk).
+  the probe's counting subclass). Bare is then almost free, so the difference is the
+  probe's own cost with little SDK noise around it. Not included: ``create``'s
+  ``use_span`` around the request (per stream, not per chunk).
 * ``langgraph`` — ``probes.langgraph._watch`` over an async generator of
   ``astream_events`` v2 ``on_chat_model_stream`` event dicts (as LangGraph yields
   them), against the same generator read through a copy of langchain-core's
@@ -71,7 +71,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httpcore2
 import httpx2
@@ -391,7 +391,12 @@ def graph_events(n: int) -> list[dict[str, Any]]:
     from langchain_core.messages import AIMessageChunk
 
     run_id = "019a0000-0000-7000-8000-000000000001"
-    meta = {"thread_id": "t", "langgraph_step": 1, "langgraph_node": "model", "ls_provider": "azure"}
+    meta = {
+        "thread_id": "t",
+        "langgraph_step": 1,
+        "langgraph_node": "model",
+        "ls_provider": "azure",
+    }
     return [
         {
             "event": "on_chat_model_stream",
@@ -501,8 +506,16 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
         run = gateway_async(loop, per_read)
         cases.append(Case(f"gateway async, {per_read} event/read", "gateway", "event", run, run))
     run = gateway_async(loop, 1)
-    cases.append(Case("gateway async, 1 event/read, abort on", "gateway", "event", run, run,
-                      deadlines=Deadlines(abort=True)))
+    cases.append(
+        Case(
+            "gateway async, 1 event/read, abort on",
+            "gateway",
+            "event",
+            run,
+            run,
+            deadlines=Deadlines(abort=True),
+        )
+    )
     run = sdk_sync_client()
     cases.append(Case("sdk sync, real client", "sdk", "chunk", run, run, chunks=20_000))
     run = sdk_async_client(loop)
@@ -513,10 +526,19 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
     cases.append(Case("sdk async, stream only", "sdk", "chunk", run, run))
     run = langgraph_watch(loop)
     cases.append(Case("langgraph `_watch`", "langgraph", "token event", run, run))
-    cases.append(Case("queue: WatchedQueue vs queue.Queue", "queue", "item", queue_bare(),
-                      queue_watched()))
-    cases.append(Case("queue: WatchedQueue, no runtime, vs queue.Queue", "queue", "item",
-                      queue_bare(), queue_watched(), probe_runtime=False))
+    cases.append(
+        Case("queue: WatchedQueue vs queue.Queue", "queue", "item", queue_bare(), queue_watched())
+    )
+    cases.append(
+        Case(
+            "queue: WatchedQueue, no runtime, vs queue.Queue",
+            "queue",
+            "item",
+            queue_bare(),
+            queue_watched(),
+            probe_runtime=False,
+        )
+    )
     cases.append(Case("sse `SSEBody`", "sse", "event", sse_body(False), sse_body(True)))
     return cases
 
@@ -531,6 +553,7 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
 
     from chunkwatch.probes._gateway_body import sync_body
     from chunkwatch.probes._wire import Reader as reader_cls
+
     ev = openai_events(4)[1]
     sv = service_events(1)[0]
     data = ev.splitlines()[0][6:]
@@ -541,7 +564,10 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
     class NoopReader:
         class tally:
             finished = True
-            facts: dict[str, Any] = {}
+            facts: ClassVar[dict[str, Any]] = {}
+
+        def counter(self) -> None:  # not countable in place: every read goes to feed
+            return None
 
         def feed(self, chunk: bytes) -> None:
             pass
@@ -552,8 +578,8 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
     class StubParser:
         data_events = 0
 
-        def feed(self, chunk: bytes) -> None:
-            pass
+        def count(self, chunk: bytes) -> int:
+            return 0
 
     from chunkwatch.sse import SSEParser
 
@@ -561,49 +587,58 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
     tally = Ledger().open("gateway")
     items = [ev] * 100_000
     g: dict[str, Any] = {
-        "WSB": watched_body, "NoopReader": NoopReader, "items": items, "ev": ev, "sv": sv,
-        "tally": tally, "data": data, "lines": ev.splitlines(), "svlines": sv.splitlines(),
-        "r_none": reader_cls(tally, None), "r_stub": reader_cls(tally, StubParser()),
-        "r_full": reader_cls(tally, SSEParser()), "p": SSEParser(),
+        "WSB": watched_body,
+        "NoopReader": NoopReader,
+        "items": items,
+        "ev": ev,
+        "sv": sv,
+        "tally": tally,
+        "data": data,
+        "lines": ev.splitlines(),
+        "svlines": sv.splitlines(),
+        "r_none": reader_cls(tally, None),
+        "r_stub": reader_cls(tally, StubParser()),
+        "r_full": reader_cls(tally, SSEParser()),
+        "p": SSEParser(),
     }
     g["p"].feed(b"data: {}\n\n")
+    g["rest"] = b"\n"
     loop_only = t("for c in items: pass", g, 1) / len(items)
     gen = t("for c in WSB(items, NoopReader()): pass", g, 1) / len(items)
     rows: list[tuple[str, float]] = [
-        ("gateway `WatchedSyncBody.__iter__`: the generator layer + `reader.feed` call",
-         gen - loop_only),
+        (
+            "gateway `WatchedSyncBody.__iter__`: the generator layer + `reader.feed` call",
+            gen - loop_only,
+        ),
         ("gateway `_Reader.feed`: `tally.bytes += len(chunk)` (+ call)", t("r_none.feed(ev)", g)),
-        ("gateway `_Reader.feed`: + `facts.get('t_first_byte')`, inflate check, before/after "
-         "(parser stubbed)", t("r_stub.feed(ev)", g)),
+        (
+            "gateway `_Reader.feed`: + `facts.get('t_first_byte')`, inflate check, before/after "
+            "(parser stubbed)",
+            t("r_stub.feed(ev)", g),
+        ),
         ("gateway `_Reader.feed`, whole", t("r_full.feed(ev)", g)),
+        ("`SSEParser.count(openai event)`: the one-event fast path", t("p.count(ev)", g)),
         ("`SSEParser.feed(openai event)`, counting mode, whole", t("p.feed(ev)", g)),
         ("`SSEParser.feed(service event)` (`event:` + `data:` lines), whole", t("p.feed(sv)", g)),
         ("  `_lines([data line, blank])` (2 lines, incl. `_dispatch`)", t("p._lines(lines)", g)),
         ("  `_lines([event line, data line, blank])`", t("p._lines(svlines)", g)),
-        ("  `_dispatch()` (incl. `_check`, `_reset`)",
-         t("p._data=[data]; p._has_data=True; p._dispatch()", g)
-         - t("p._data=[data]; p._has_data=True", g)),
+        (
+            "  `_dispatch()` (incl. `_check`, `_reset`)",
+            t("p._data=[data]; p._has_data=True; p._dispatch()", g)
+            - t("p._data=[data]; p._has_data=True", g),
+        ),
         ("  `_check(data)`", t("p._check(data, named_error=False)", g)),
         ("  `_reset()`", t("p._reset()", g)),
         ("`Tally.unit(1)`", t("tally.unit(1)", g)),
     ]
-    lines_of_feed = {
-        "`first = self.bytes < 2` + `self.bytes += len(chunk)`":
-            "first = p.bytes < 2\np.bytes += len(ev)",
-        "`cut = max(buf.rfind(b'\\n', 0, end), buf.rfind(b'\\r', 0, end))`":
-            "cut = max(ev.rfind(b'\\n', 0, 273), ev.rfind(b'\\r', 0, 273))",
-        "  of which `buf.rfind(b'\\r', 0, end)`: scans all 273 bytes":
-            "ev.rfind(b'\\r', 0, 273)",
-        "`self._buf = buf[cut + 1 :]` + `buf[: cut + 1]`": "p._buf = ev[273:]; x = ev[:273]",
-        "`.splitlines()`": "ev.splitlines()",
-        "`_lines`: `name, sep, value = line.partition(b':')` + `value[:1] == b' '` + slice":
-            "name, sep, value = lines[0].partition(b':')\nif sep and value[:1] == b' ': "
-            "value = value[1:]",
-        "`_check`: `stripped = data.strip()`": "data.strip()",
-        "`_check`: `stripped[:1] != b'{' or stripped[-1:] != b'}'`":
-            "data[:1] != b'{' or data[-1:] != b'}'",
-        "`_check`: the two `{\"error\":` prefix slices":
-            "data[:9] == b'{\"error\":' or data[:10] == b'{ \"error\":'",
+    lines_of_feed = {  # the steps of SSEParser.count's one-event fast path
+        "`chunk[:8] == b'data: {\"'`": "ev[:8] == b'data: {\"'",
+        "`line, _, rest = chunk.partition(b'\\n')`": "line, _, rest = ev.partition(b'\\n')",
+        "`rest == b'\\n' and line[-1] == 125`": "rest == b'\\n' and data[-1] == 125",
+        "`line[8] != 101`": "data[2] != 101",
+        "`13 not in line` (CR: scans the line)": "13 not in data",
+        "`self.events += 1; self.data_events += 1`": "p.events += 1; p.data_events += 1",
+        "`.splitlines()` (the `event:` path)": "sv.splitlines()",
     }
     for name, stmt in lines_of_feed.items():
         rows.append((f"  line: {name}", t(stmt, g)))
@@ -625,15 +660,21 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
         return ((t2 - t1) - (t1 - t0)) / n, ((t3 - t2) - (t1 - t0)) / n
 
     ct_cost, get_cost = loop.run_until_complete(task_cost())
-    rows.append(("gateway async: `facts['task'] = current_task()` per read "
-                 f"(`asyncio.current_task` is Python code on {platform.python_version()})",
-                 ct_cost))
-    rows.append(("  vs `asyncio.tasks._current_tasks.get(loop)` with the loop bound per stream",
-                 get_cost))
+    rows.append(
+        (
+            "gateway async: `facts['task'] = current_task()` per read "
+            f"(`asyncio.current_task` is Python code on {platform.python_version()})",
+            ct_cost,
+        )
+    )
+    rows.append(
+        ("  vs `asyncio.tasks._current_tasks.get(loop)` with the loop bound per stream", get_cost)
+    )
     q: queue.Queue[Any] = queue.Queue()
     g["q"], g["ITEM"], g["now"] = q, ITEM, time.perf_counter_ns
-    rows.append(("queue: `queue.Queue.put` + `get(timeout=15)`",
-                 t("q.put(ITEM); q.get(timeout=15.0)", g)))
+    rows.append(
+        ("queue: `queue.Queue.put` + `get(timeout=15)`", t("q.put(ITEM); q.get(timeout=15.0)", g))
+    )
     rows.append(("queue: `WatchedQueue._put`: `(_now(), item)`", t("(now(), ITEM)", g)))
     print("| what (per event / read / item) | ns |")
     print("|---|---|")
@@ -656,13 +697,15 @@ def providers(names: list[str]) -> dict[str, trace.TracerProvider]:
     return out
 
 
-def one_run(case: Case, instrumented: bool, chunks: int, per_stream: int,
-            provider: trace.TracerProvider) -> float:
+def one_run(
+    case: Case, instrumented: bool, chunks: int, per_stream: int, provider: trace.TracerProvider
+) -> float:
     gc.collect()
     runtime = instrumented and case.probe_runtime
     if runtime:
-        chunkwatch.instrument(registry=CollectorRegistry(), tracer_provider=provider,
-                              deadlines=case.deadlines)
+        chunkwatch.instrument(
+            registry=CollectorRegistry(), tracer_provider=provider, deadlines=case.deadlines
+        )
     try:
         ns = (case.probe if instrumented else case.bare)(chunks, per_stream)
     finally:
@@ -696,8 +739,9 @@ class Result:
         }
 
 
-def measure(case: Case, chunks: int, per_stream: int, reps: int,
-            provider: trace.TracerProvider) -> Result:
+def measure(
+    case: Case, chunks: int, per_stream: int, reps: int, provider: trace.TracerProvider
+) -> Result:
     chunks -= chunks % per_stream
     for instrumented in (False, True):  # warm-up pair, not recorded
         one_run(case, instrumented, chunks, per_stream, provider)
@@ -720,8 +764,11 @@ def main() -> int:
     parser.add_argument("--providers", default="sdk,noop", help="tracer providers: sdk,noop")
     parser.add_argument("--shapes", default="marginal,streams", help="marginal,streams")
     parser.add_argument("--json", default="", help="write the raw numbers here")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="only the line / component timings of the slow paths")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="only the line / component timings of the slow paths",
+    )
     args = parser.parse_args()
 
     loop = asyncio.new_event_loop()
@@ -736,12 +783,17 @@ def main() -> int:
     provs = providers([p.strip() for p in args.providers.split(",") if p.strip()])
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
 
-    print(f"# probe cost — Python {platform.python_version()}, {platform.machine()}, "
-          f"{len(__import__('os').sched_getaffinity(0))} CPUs, {args.reps} alternating pairs "
-          f"+ 1 warm-up pair; ns of thread CPU per unit\n", flush=True)
+    print(
+        f"# probe cost — Python {platform.python_version()}, {platform.machine()}, "
+        f"{len(__import__('os').sched_getaffinity(0))} CPUs, {args.reps} alternating pairs "
+        f"+ 1 warm-up pair; ns of thread CPU per unit\n",
+        flush=True,
+    )
     raw: list[dict[str, Any]] = []
-    header = ("| probe | unit | provider | shape | bare ns/unit | instrumented ns/unit | "
-              "overhead ns/unit, median | IQR | min..max |")
+    header = (
+        "| probe | unit | provider | shape | bare ns/unit | instrumented ns/unit | "
+        "overhead ns/unit, median | IQR | min..max |"
+    )
     print(header)
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for case in cases:
@@ -749,16 +801,28 @@ def main() -> int:
         for pname, provider in provs.items():
             for shape in shapes:
                 per_stream = chunks if shape == "marginal" else args.per_stream
-                label = f"1 × {chunks}" if shape == "marginal" else f"{per_stream}/stream"
+                label = f"1 x {chunks}" if shape == "marginal" else f"{per_stream}/stream"
                 res = measure(case, chunks, per_stream, args.reps, provider)
                 s = res.summary()
-                raw.append({"case": case.name, "layer": case.layer, "provider": pname,
-                            "shape": shape, "chunks": chunks, "per_stream": per_stream,
-                            **s, "raw": res.__dict__})
-                print(f"| {case.name} | {case.unit} | {pname} | {label} | {s['bare_ns']:.0f} | "
-                      f"{s['probe_ns']:.0f} | **{s['diff_ns']:.0f}** | "
-                      f"{s['diff_p25']:.0f}..{s['diff_p75']:.0f} | "
-                      f"{s['diff_min']:.0f}..{s['diff_max']:.0f} |", flush=True)
+                raw.append(
+                    {
+                        "case": case.name,
+                        "layer": case.layer,
+                        "provider": pname,
+                        "shape": shape,
+                        "chunks": chunks,
+                        "per_stream": per_stream,
+                        **s,
+                        "raw": res.__dict__,
+                    }
+                )
+                print(
+                    f"| {case.name} | {case.unit} | {pname} | {label} | {s['bare_ns']:.0f} | "
+                    f"{s['probe_ns']:.0f} | **{s['diff_ns']:.0f}** | "
+                    f"{s['diff_p25']:.0f}..{s['diff_p75']:.0f} | "
+                    f"{s['diff_min']:.0f}..{s['diff_max']:.0f} |",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(raw, fh, indent=1)

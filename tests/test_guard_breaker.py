@@ -56,9 +56,14 @@ def test_breaker_walks_closed_open_half_open_closed() -> None:
 def test_a_slow_non_streaming_answer_is_not_a_stall() -> None:
     """The first-chunk deadline is for streams: a buffered answer slower than it (the
     guard's own fallback call, here 1.5 s against a 1 s deadline) is not aborted."""
-    with instrumented_system(tokens=12, token_delay=0.125, guard=True,
-                             breaker=BreakerConfig(failures=1000)) as system:
+    with instrumented_system(
+        tokens=12, token_delay=0.125, guard=True, breaker=BreakerConfig(failures=1000)
+    ) as system:
         r = system.ask(PROMPT, "zero")
         assert r.done and r.text == ANSWER, [e.event for e in r.events]
-        assert system.sample("chunkwatch_stalls_total", layer="sdk", kind="first_chunk",
-                             upstream="test-gw") == 0
+        assert (
+            system.sample(
+                "chunkwatch_stalls_total", layer="sdk", kind="first_chunk", upstream="test-gw"
+            )
+            == 0
+        )

@@ -62,7 +62,7 @@ def test_counting_mode_flags_cut_json_and_error_payloads() -> None:
 def test_collecting_mode_validates_json_strictly() -> None:
     """Collecting mode parses every payload: invalid JSON is malformed, with the reason."""
     p = SSEParser(collect=True)
-    events = feed_all(p, b"data: {\"a\": [1,}\n\n" + CHUNK)
+    events = feed_all(p, b'data: {"a": [1,}\n\n' + CHUNK)
     assert len(events) == 2 and p.malformed == 1
     assert p.first_error is not None and p.first_error.startswith("data is not JSON")
 
@@ -136,8 +136,15 @@ def test_counting_fast_path_counts_like_the_line_rules(body: bytes, step: int | 
     fast, strict = SSEParser(), SSEParser(collect=True, strict_json=False)
     feed_all(fast, body, step)
     feed_all(strict, body, step)
-    fields = ("events", "data_events", "comments", "done", "error_events", "malformed",
-              "pending_fields")
+    fields = (
+        "events",
+        "data_events",
+        "comments",
+        "done",
+        "error_events",
+        "malformed",
+        "pending_fields",
+    )
     assert {f: getattr(fast, f) for f in fields} == {f: getattr(strict, f) for f in fields}
 
 
@@ -163,10 +170,10 @@ ONE_EVENT_READS = [
     b'data: {"\n\n',
     b'data: {"}\n\n',
     b'event: token\ndata: {"a": 1\n\n',
-    b'data: [DONE]\n\n',
+    b"data: [DONE]\n\n",
     b'data: {"half": ',
-    b'1}\n\n',
-    b'event: token\n',
+    b"1}\n\n",
+    b"event: token\n",
     b'data: {"a": 1}\n\n',
     CHUNK + CHUNK,
     b"",
@@ -183,14 +190,33 @@ def test_one_event_reads_count_like_the_line_rules(first: bytes) -> None:
         for read in [first, *ONE_EVENT_READS]:
             parser.feed(read)
         parser.close()
-    fields = ("events", "data_events", "comments", "done", "error_events", "malformed",
-              "pending_fields", "gzip_magic")
+    fields = (
+        "events",
+        "data_events",
+        "comments",
+        "done",
+        "error_events",
+        "malformed",
+        "pending_fields",
+        "gzip_magic",
+    )
     assert {f: getattr(fast, f) for f in fields} == {f: getattr(strict, f) for f in fields}
     assert fast.error_events == 4 and fast.malformed == 5
 
 
-PIECES = [*ONE_EVENT_READS, b"\n", b"\r\n", b"\r", b"data: x\n", b": c\n", b"id: 1\n",
-          b"event: token\n", b"event: error\n", b'data: {"a": 1}\n', b'data: {"error": 1}\n']
+PIECES = [
+    *ONE_EVENT_READS,
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b"data: x\n",
+    b": c\n",
+    b"id: 1\n",
+    b"event: token\n",
+    b"event: error\n",
+    b'data: {"a": 1}\n',
+    b'data: {"error": 1}\n',
+]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -206,8 +232,15 @@ def test_counting_mode_counts_like_the_line_rules_on_random_streams(seed: int) -
         for read in reads:
             parser.feed(read)
         parser.close()
-    fields = ("events", "data_events", "comments", "done", "error_events", "malformed",
-              "pending_fields")
+    fields = (
+        "events",
+        "data_events",
+        "comments",
+        "done",
+        "error_events",
+        "malformed",
+        "pending_fields",
+    )
     assert {f: getattr(fast, f) for f in fields} == {f: getattr(strict, f) for f in fields}
     assert fast.events > 0
 
