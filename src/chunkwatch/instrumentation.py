@@ -5,37 +5,49 @@ Usage (an existing Flask + LangGraph service)::
     import chunkwatch
 
     app = Flask(__name__)
-    chunkwatch.instrument(app, upstreams={"my-gateway.example.com": "azure-gw"})
+    chunkwatch.instrument(app)   # or: opentelemetry-instrument + chunkwatch.instrument(app)
 
-    @app.post("/chat")
-    def chat():
-        ledger = chunkwatch.request_ledger()          # this request's ledger
-        items = chunkwatch.WatchedQueue(ledger)       # instead of queue.Queue()
-        loop_submit(run_agent(..., ledger, items))  # agent: `with chunkwatch.bind(ledger):`
-        ...
+That one line gives the request verdict for the hand-offs services use (a shared
+loop fed by ``run_coroutine_threadsafe``, a thread per request, executors, sync
+``graph.stream`` in the response): see :mod:`chunkwatch.handoff`. The explicit API
+(``request_ledger``, ``bind``, ``WatchedQueue``) adds the queue layer and links
+shapes nothing can follow (docs/instrumentation.md, "What each level gives").
 
-Configuration (arguments; the environment variables are read by
-:meth:`Deadlines.from_env` and :func:`chunkwatch.telemetry.setup_tracing`):
+Configuration — each option also from the environment (:mod:`chunkwatch.config`);
+an argument wins over its variable:
 
 * ``registry`` — the Prometheus registry (default: the global one).
 * ``tracer_provider`` — default: the global one.
-* ``upstreams`` — ``{host | host:port | URL prefix: name}`` for the ``upstream`` label.
-* ``deadlines`` — :class:`~chunkwatch.watchdog.Deadlines` (first chunk, idle, abort).
-* ``capture_content`` — record prompts and completions (truncated); off by default.
-* ``translate_errors`` — raise :class:`StreamEmptyError` for empty streams (default on).
-* ``metrics_path`` — with ``app``, serve Prometheus metrics there (``None``: don't).
+* ``upstreams`` — ``{host | host:port | URL prefix: name}`` for the ``upstream`` label
+  (``CHUNKWATCH_UPSTREAMS``).
+* ``deadlines`` — :class:`~chunkwatch.watchdog.Deadlines` (first chunk, idle, silent at
+  end, abort; ``CHUNKWATCH_*_TIMEOUT``, ``CHUNKWATCH_SILENT_AT_END``,
+  ``CHUNKWATCH_ABORT_STALLED``).
+* ``capture_content`` — record prompts and completions (truncated); off by default
+  (``CHUNKWATCH_CAPTURE_CONTENT``).
+* ``translate_errors`` — raise :class:`StreamEmptyError` for empty streams (default on;
+  ``CHUNKWATCH_TRANSLATE_ERRORS``).
+* ``metrics_path`` — with ``app``, serve Prometheus metrics there (``None``: don't;
+  ``CHUNKWATCH_METRICS_PATH``).
+
+A second ``instrument(...)`` (e.g. after the ``opentelemetry_instrumentor`` entry point
+instrumented with no arguments) applies the options it is given and logs which changed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
+from chunkwatch import handoff
 from chunkwatch import semconv as sc
+from chunkwatch.config import UNSET, Settings
 from chunkwatch.probes import gateway, langgraph, sdk
 from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware
 from chunkwatch.runtime import Runtime, activate, active
@@ -44,69 +56,110 @@ from chunkwatch.watchdog import Deadlines
 __all__ = ["instrument", "instrument_app", "uninstrument"]
 
 _APP_MARK = "chunkwatch.middleware"
+_lock = threading.RLock()
+log = logging.getLogger("chunkwatch")
 
 
 def instrument(
     app: Any = None,
     *,
-    registry: CollectorRegistry | None = None,
-    tracer_provider: trace.TracerProvider | None = None,
-    upstreams: Mapping[str, str] | None = None,
-    deadlines: Deadlines | None = None,
-    capture_content: bool = False,
-    translate_errors: bool = True,
-    metrics_path: str | None = "/metrics",
+    registry: CollectorRegistry | None = UNSET,
+    tracer_provider: trace.TracerProvider | None = UNSET,
+    upstreams: Mapping[str, str] | None = UNSET,
+    deadlines: Deadlines | None = UNSET,
+    capture_content: bool = UNSET,
+    translate_errors: bool = UNSET,
+    metrics_path: str | None = UNSET,
 ) -> Runtime:
     """Install every probe (idempotent) and, with ``app``, the http/sse probes on it.
 
-    A second call returns the runtime of the first; call :func:`uninstrument` to
-    change the configuration.
+    Options not given are read from the environment (:mod:`chunkwatch.config`), then
+    default. A later call (after auto-instrumentation, say) applies the options it is
+    given to the running instrumentation and logs which changed; none is dropped.
     """
-    rt = active()
-    if rt is None:
-        rt = Runtime(
-            registry=registry,
-            tracer_provider=tracer_provider,
-            upstreams=upstreams,
-            deadlines=deadlines,
-            capture_content=capture_content,
-            translate_errors=translate_errors,
-        )
-        activate(rt)
-        gateway.instrument(rt)
-        sdk.instrument(rt)
-        langgraph.instrument(rt)
+    given = {
+        "upstreams": upstreams,
+        "deadlines": deadlines,
+        "capture_content": capture_content,
+        "translate_errors": translate_errors,
+        "metrics_path": metrics_path,
+    }
+    with _lock:
+        rt = active()
+        if rt is None:
+            settings = Settings.from_env().override(**given)
+            rt = Runtime(
+                registry=None if registry is UNSET else registry,
+                tracer_provider=None if tracer_provider is UNSET else tracer_provider,
+                settings=settings,
+            )
+            activate(rt)
+            gateway.instrument(rt)
+            sdk.instrument(rt)
+            langgraph.instrument(rt)
+            handoff.instrument()
+        elif any(v is not UNSET for v in (*given.values(), registry, tracer_provider)):
+            changed = rt.configure(
+                rt.settings.override(**given), registry=registry, tracer_provider=tracer_provider
+            )
+            if changed:
+                log.info("chunkwatch: instrument() again: applied %s", ", ".join(changed))
     if app is not None:
-        instrument_app(app, rt, metrics_path=metrics_path)
+        instrument_app(app, rt, metrics_path=rt.settings.metrics_path)
     return rt
 
 
 def instrument_app(app: Any, rt: Runtime, *, metrics_path: str | None = "/metrics") -> None:
     """The http and sse probes on a Flask app (its ``wsgi_app``), plus ``/metrics``."""
-    if app.extensions.get(_APP_MARK) is not None:
+    rt.serving = True
+    middleware = app.extensions.get(_APP_MARK)
+    if isinstance(middleware, ChunkwatchMiddleware):
+        middleware.enabled = True  # left in place by an earlier uninstrument
+        middleware._runtime = rt
         return
-    original = app.wsgi_app
-    skip = [metrics_path] if metrics_path else []
-    app.wsgi_app = ChunkwatchMiddleware(original, rt, skip_paths=skip)
-    app.extensions[_APP_MARK] = original
+    app.wsgi_app = middleware = ChunkwatchMiddleware(
+        app.wsgi_app, rt, skip_paths=[metrics_path] if metrics_path else []
+    )
+    app.extensions[_APP_MARK] = middleware
     app.before_request(_note_route)
-    if metrics_path:
-        app.add_url_rule(metrics_path, "chunkwatch_metrics", _metrics_view(rt))
+    if metrics_path and "chunkwatch_metrics" not in app.view_functions:
+        app.add_url_rule(metrics_path, "chunkwatch_metrics", _metrics_view())
 
 
 def uninstrument(app: Any = None) -> None:
-    """Remove every probe; with ``app``, restore its ``wsgi_app`` (``/metrics`` stays)."""
-    gateway.uninstrument()
-    sdk.uninstrument()
-    langgraph.uninstrument()
-    rt = active()
-    activate(None)
-    if rt is not None:
-        rt.close()
+    """Remove every probe; with ``app``, its http/sse probes (``/metrics`` stays).
+
+    Only chunkwatch's own wrappers are taken out: another tool's, installed after ours
+    (OpenTelemetry's Flask or WSGI instrumentation), keeps working, and ours, left
+    under it, passes requests through untouched."""
+    with _lock:
+        gateway.uninstrument()
+        sdk.uninstrument()
+        langgraph.uninstrument()
+        handoff.uninstrument()
+        rt = active()
+        activate(None)
+        if rt is not None:
+            rt.close()
     if app is not None:
-        original = app.extensions.pop(_APP_MARK, None)
-        if original is not None:
-            app.wsgi_app = original
+        middleware = app.extensions.pop(_APP_MARK, None)
+        if isinstance(middleware, ChunkwatchMiddleware):
+            if app.wsgi_app is middleware:
+                app.wsgi_app = middleware.app
+            else:
+                middleware.enabled = False
+    _forget_instrumentor()
+
+
+def _forget_instrumentor() -> None:
+    """A direct ``uninstrument()`` also resets the OpenTelemetry instrumentor's flag, so
+    ``opentelemetry-instrument``-style re-instrumentation is not refused later."""
+    try:
+        from chunkwatch.instrumentor import ChunkwatchInstrumentor
+
+        ChunkwatchInstrumentor()._is_instrumented_by_opentelemetry = False
+    except Exception:  # the instrumentation package's internals moved: nothing to reset
+        log.debug("chunkwatch: could not reset the instrumentor's flag", exc_info=True)
 
 
 def _note_route() -> None:
@@ -119,11 +172,14 @@ def _note_route() -> None:
         tally.facts["route"] = request.url_rule.rule
 
 
-def _metrics_view(rt: Runtime) -> Any:
+def _metrics_view() -> Any:
     def metrics() -> Any:
         from flask import Response, request
         from prometheus_client import exposition
 
+        rt = active()
+        if rt is None:
+            return Response("chunkwatch is not instrumented\n", status=404)
         registry = rt.metrics.registry
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             from prometheus_client import multiprocess

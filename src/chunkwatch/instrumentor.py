@@ -6,7 +6,9 @@ library probes (gateway, sdk, langgraph). The Flask app's http/sse probes need
 the app object: call ``chunkwatch.instrument(app)`` in the app, or
 ``ChunkwatchInstrumentor().instrument(app=app)``.
 
-Keyword arguments are those of :func:`chunkwatch.instrument`.
+Keyword arguments are those of :func:`chunkwatch.instrument` (others, which
+``opentelemetry-instrument`` may pass to every instrumentor, are ignored); with
+none, the configuration comes from the environment (:mod:`chunkwatch.config`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ class ChunkwatchInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("openai >= 1.0",)
 
     def _instrument(self, **kwargs: Any) -> None:
+        import inspect
+
         from chunkwatch.instrumentation import instrument
 
-        instrument(**kwargs)
+        known = inspect.signature(instrument).parameters
+        instrument(**{k: v for k, v in kwargs.items() if k in known})
 
     def _uninstrument(self, **kwargs: Any) -> None:
         from chunkwatch.instrumentation import uninstrument

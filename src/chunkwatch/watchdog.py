@@ -29,17 +29,36 @@ from chunkwatch import semconv as sc
 if TYPE_CHECKING:
     from chunkwatch.ledger import Tally
 
-__all__ = ["Deadlines", "Watchdog"]
+__all__ = ["Deadlines", "Watchdog", "env_flag"]
 
 log = logging.getLogger("chunkwatch")
 
 
-def _env_float(name: str, default: float | None) -> float | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+def _env_float(
+    name: str, default: float | None, env: Mapping[str, str] | None = None
+) -> float | None:
+    raw = (os.environ if env is None else env).get(name)
+    if raw is None or raw.strip() == "":
         return default
-    value = float(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds (0 = off)") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}={raw!r}: expected a finite number of seconds (0 = off)")
     return value if value > 0 else None
+
+
+def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """A 1/0 (true/false, yes/no, on/off) variable; unset or empty: ``default``."""
+    raw = (os.environ if env is None else env).get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r}: expected 1 or 0")
 
 
 @dataclass(frozen=True)
@@ -48,22 +67,29 @@ class Deadlines:
 
     ``layers`` maps a layer to ``(first_chunk, idle)`` and overrides the defaults
     for that layer; ``watched`` names the layers the defaults apply to.
+    ``silent_at_end``: a stream below the response that is still open, and has been
+    silent at least this long, when its request ends (the app gave up waiting, the
+    client left) is judged ``stalled`` then, with the time it was silent.
     """
 
     first_chunk: float | None = 30.0
     idle: float | None = 30.0
     abort: bool = False
     watched: frozenset[str] = frozenset({sc.GATEWAY, sc.SDK})
+    silent_at_end: float | None = 2.0
     layers: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, **overrides: object) -> Deadlines:
-        """``CHUNKWATCH_FIRST_CHUNK_TIMEOUT``, ``CHUNKWATCH_IDLE_TIMEOUT`` (seconds, 0 = off),
-        ``CHUNKWATCH_ABORT_STALLED`` (1/0)."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Deadlines:
+        """``CHUNKWATCH_FIRST_CHUNK_TIMEOUT``, ``CHUNKWATCH_IDLE_TIMEOUT``,
+        ``CHUNKWATCH_SILENT_AT_END`` (seconds, 0 = off), ``CHUNKWATCH_ABORT_STALLED`` (1/0).
+        A value that is not a number is an error that names the variable."""
+        env = os.environ if environ is None else environ
         kwargs: dict[str, object] = {
-            "first_chunk": _env_float("CHUNKWATCH_FIRST_CHUNK_TIMEOUT", cls.first_chunk),
-            "idle": _env_float("CHUNKWATCH_IDLE_TIMEOUT", cls.idle),
-            "abort": os.environ.get("CHUNKWATCH_ABORT_STALLED", "0") not in ("", "0", "false"),
+            "first_chunk": _env_float("CHUNKWATCH_FIRST_CHUNK_TIMEOUT", cls.first_chunk, env),
+            "idle": _env_float("CHUNKWATCH_IDLE_TIMEOUT", cls.idle, env),
+            "silent_at_end": _env_float("CHUNKWATCH_SILENT_AT_END", cls.silent_at_end, env),
+            "abort": env_flag("CHUNKWATCH_ABORT_STALLED", False, env),
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
