@@ -120,6 +120,8 @@ class Ledger:
         self.parent_context: Any = None  # OTel context new work of this request parents to
         self.upstream: str | None = None
         self.attributes: dict[str, Any] = {}  # app-level facts (mode, fallback, ...)
+        self.closed = False  # the request's verdict is drawn: new streams are not its own
+        self.unlinked = False  # a stream's own ledger: no request could be found for it
 
     def open(
         self,

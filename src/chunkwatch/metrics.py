@@ -27,7 +27,7 @@ import re
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from chunkwatch.ledger import Tally
     from chunkwatch.verdict import Verdict
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "upstream_name"]
+__all__ = ["LATENCY_BUCKETS", "Metrics", "redact_url", "upstream_name"]
 
 # 10 ms .. 60 s: first tokens of LLMs arrive in 100 ms .. 10 s; stalls run to minutes.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -63,6 +63,27 @@ def upstream_name(url: str, names: dict[str, str] | None = None) -> str:
         if key in (host, hostport) or (key.startswith("http") and url.startswith(key)):
             return _NAME_RE.sub("_", name.lower())[:64]
     return _NAME_RE.sub("_", hostport)[:64]
+
+
+_KEPT_QUERY = frozenset({"api-version"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with user and password replaced by ``REDACTED`` and every query value but
+    ``api-version``'s replaced by ``REDACTED`` (the HTTP semantic conventions' rule for
+    ``url.full``, applied to every key: gateways carry keys and signatures there)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "REDACTED:REDACTED@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        item
+        if item.split("=", 1)[0] in _KEPT_QUERY or "=" not in item
+        else item.split("=", 1)[0] + "=REDACTED"
+        for item in parts.query.split("&")
+        if item
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class Metrics:
@@ -156,6 +177,13 @@ class Metrics:
             sc.STALLS,
             "Stalls detected by the watchdog while the stream was open, by kind.",
             (sc.L_LAYER, sc.L_KIND, sc.L_UPSTREAM),
+            registry=reg,
+        )
+        self.unlinked = Counter(
+            sc.UNLINKED_STREAMS,
+            "Streams no inbound request could be tied to: counted in chunkwatch_streams_total, "
+            "missing from every request verdict.",
+            (sc.L_LAYER,),
             registry=reg,
         )
         self.genai_duration = Histogram(

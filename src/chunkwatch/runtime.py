@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -25,9 +26,10 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from chunkwatch import semconv as sc
+from chunkwatch.config import UNSET, Settings
 from chunkwatch.ledger import Ledger, Tally, current_ledger
-from chunkwatch.metrics import Metrics, upstream_name
-from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
+from chunkwatch.metrics import Metrics, redact_url, upstream_name
+from chunkwatch.outcomes import FAULT_OUTCOMES, End, Outcome
 from chunkwatch.verdict import Verdict, describe
 from chunkwatch.watchdog import Deadlines, Watchdog
 
@@ -60,9 +62,26 @@ class Runtime:
         deadlines: Deadlines | None = None,
         capture_content: bool = False,
         translate_errors: bool = True,
+        settings: Settings | None = None,
     ) -> None:
-        from chunkwatch import __version__
+        if settings is None:
+            settings = Settings(
+                upstreams=dict(upstreams or {}),
+                deadlines=deadlines or Deadlines(),
+                capture_content=capture_content,
+                translate_errors=translate_errors,
+            )
+        self.settings = settings
+        self.registry = registry
+        self.tracer_provider = tracer_provider
+        self._set_metrics(registry)
+        self._set_tracer(tracer_provider)
+        self._apply(settings)
+        self.watchdog = Watchdog(self._on_stall)
+        self.serving = False  # an app is instrumented: streams are expected to have requests
+        self._told_unlinked = False
 
+    def _set_metrics(self, registry: CollectorRegistry | None) -> None:
         try:
             self.metrics = Metrics.on(registry)
         except ValueError as err:  # the registry refuses our names: never crash the host
@@ -72,13 +91,41 @@ class Runtime:
                 err,
             )
             self.metrics = Metrics.on(CollectorRegistry())
+
+    def _set_tracer(self, tracer_provider: trace.TracerProvider | None) -> None:
+        from chunkwatch import __version__
+
         self.tracer = trace.get_tracer("chunkwatch", __version__, tracer_provider=tracer_provider)
-        self.upstreams = dict(upstreams or {})
+
+    def _apply(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstreams = dict(settings.upstreams)
         self._upstream_names: dict[str, str] = {}
-        self.deadlines = deadlines or Deadlines()
-        self.capture_content = capture_content
-        self.translate_errors = translate_errors
-        self.watchdog = Watchdog(self._on_stall)
+        self._redacted: dict[str, str] = {}
+        self.deadlines = settings.deadlines
+        self.capture_content = settings.capture_content
+        self.translate_errors = settings.translate_errors
+
+    def configure(
+        self,
+        settings: Settings,
+        *,
+        registry: Any = UNSET,
+        tracer_provider: Any = UNSET,
+    ) -> list[str]:
+        """Apply a later ``instrument(...)``'s options to this runtime; the names of the
+        options that changed (streams already open keep what they started with)."""
+        changed = settings.differences(self.settings)
+        if registry is not UNSET and registry is not self.registry:
+            self.registry = registry
+            self._set_metrics(registry)
+            changed.append("registry")
+        if tracer_provider is not UNSET and tracer_provider is not self.tracer_provider:
+            self.tracer_provider = tracer_provider
+            self._set_tracer(tracer_provider)
+            changed.append("tracer_provider")
+        self._apply(settings)
+        return changed
 
     # -- naming -----------------------------------------------------------------------------
 
@@ -92,11 +139,50 @@ class Runtime:
             name = self._upstream_names[url] = upstream_name(url, self.upstreams)
         return name
 
+    def redacted_url(self, url: Any) -> str:
+        """``url.full`` for a span: credentials replaced by ``REDACTED``, every query value
+        but ``api-version`` replaced by ``REDACTED`` (gateways put keys and signatures
+        there). Remembered per URL, like the upstream name."""
+        key = str(url)
+        full = self._redacted.get(key)
+        if full is None:
+            if len(self._redacted) >= _MAX_UPSTREAM_URLS:
+                self._redacted.clear()
+            full = self._redacted[key] = redact_url(key)
+        return full
+
     # -- streams ----------------------------------------------------------------------------
 
-    def ledger(self) -> Ledger:
-        """The current request's ledger, or a ledger of its own for a stream outside one."""
-        return current_ledger() or Ledger()
+    def ledger(self, layer: str | None = None) -> Ledger:
+        """The current request's ledger, or a ledger of its own for a stream outside one.
+
+        A stream at ``layer`` that finds no request while an app is instrumented is
+        *unlinked*: its outcome still goes to ``chunkwatch_streams_total`` (and so to the
+        alerts), it is counted in ``chunkwatch_unlinked_streams_total{layer}``, and the
+        first one is logged once with what to add."""
+        ledger = current_ledger()
+        if ledger is not None and not ledger.closed:
+            return ledger
+        own = Ledger()
+        own.unlinked = True
+        if layer is not None and self.serving:
+            try:
+                self.metrics.unlinked.labels(layer).inc()
+            except Exception:
+                self.bookkeeping_error(layer, "unlinked")
+            if not self._told_unlinked:
+                self._told_unlinked = True
+                log.warning(
+                    "chunkwatch: a %s stream could not be tied to an inbound request, so no "
+                    "request verdict includes it (its outcome is still counted in "
+                    "chunkwatch_streams_total; chunkwatch_unlinked_streams_total counts such "
+                    "streams). Threads, executors and run_coroutine_threadsafe started inside "
+                    "a request are followed; for another hand-off, run the agent inside "
+                    "`with chunkwatch.bind(ledger):` with `ledger = chunkwatch.request_ledger()` "
+                    "taken in the view (docs/instrumentation.md). Logged once.",
+                    layer,
+                )
+        return own
 
     def start_span(
         self,
@@ -107,9 +193,22 @@ class Runtime:
         context: Any = None,
         attributes: Mapping[str, Any] | None = None,
         links: Any = None,
+        ledger: Ledger | None = None,
     ) -> Span | None:
+        """A span of ``layer``. With ``ledger`` and no explicit ``context``, a span that would
+        start a trace of its own (nothing current here: a thread nobody propagated the
+        context to) is parented to the request instead; an unlinked stream says so."""
         try:
             attrs = {sc.A_LAYER: layer, **(attributes or {})}
+            if ledger is not None:
+                if ledger.unlinked:
+                    attrs[sc.A_LINKED] = False
+                elif (
+                    context is None
+                    and ledger.parent_context is not None
+                    and not trace.get_current_span().get_span_context().is_valid
+                ):
+                    context = ledger.parent_context
             return self.tracer.start_span(
                 name, context=context, kind=kind, attributes=attrs, links=links
             )
@@ -127,7 +226,7 @@ class Runtime:
         watch: bool = True,
         **facts: Any,
     ) -> Tally:
-        ledger = ledger or self.ledger()
+        ledger = ledger or self.ledger(layer)
         tally = ledger.open(layer, upstream=upstream, on_finish=self._finish, **facts)
         tally.span = span
         try:
@@ -140,6 +239,30 @@ class Runtime:
                 tally.facts["deadlines"] = (first, idle)
                 self.watchdog.watch(tally, first, idle)
         return tally
+
+    def _stalled_at_end(self, ledger: Ledger) -> None:
+        """Streams below the response still open and silent when the request ends (the app
+        stopped waiting, the client left): stalled, with the time they were silent."""
+        limit = self.deadlines.silent_at_end
+        if limit is None:
+            return
+        now = time.perf_counter_ns()
+        for t in list(ledger.tallies):
+            if t.finished or t.layer in (sc.SSE, sc.HTTP) or not t.stream_requested:
+                continue
+            silent = (now - (t.t_last if t.t_last is not None else t.t_start)) / 1e9
+            if silent < limit:
+                continue  # still flowing: an orphan, not a stall
+            t.facts["silent_for"] = silent
+            if not t.stalled:
+                t.stalled = "first_chunk" if t.t_last is None else "idle"
+                self._on_stall(t, t.stalled, silent)
+            else:
+                abort = t.facts.get("abort")
+                if self.deadlines.abort and abort is not None and "aborted" not in t.facts:
+                    t.facts["aborted"] = (t.stalled, silent)
+                    abort()
+            t.finish(End.TIMEOUT)
 
     def _finish(self, t: Tally) -> None:
         self.watchdog.forget(t)
@@ -207,6 +330,11 @@ class Runtime:
 
     def finish_request(self, ledger: Ledger, span: Span | None) -> Verdict | None:
         """Draw the verdict of a finished request and write it everywhere it goes."""
+        try:
+            self._stalled_at_end(ledger)
+        except Exception:
+            self.bookkeeping_error(sc.HTTP, "stalled_at_end")
+        ledger.closed = True
         try:
             verdict = ledger.verdict()
         except Exception:

@@ -169,7 +169,10 @@ def describe(t: Tally) -> str:
             f"all after {_ms(t.time_to_first)} in one burst "
             f"(spread {(t.t_last - t.t_first) / 1e6:.1f} ms)"
         )
-    if outcome is Outcome.STALLED and t.stalled:
+    silent_for = t.facts.get("silent_for")
+    if outcome is Outcome.STALLED and silent_for is not None:
+        parts.append(f"open and silent for {_ms(silent_for)} when the request ended")
+    elif outcome is Outcome.STALLED and t.stalled:
         deadline = t.facts.get("deadline")
         which = "first-chunk" if t.stalled == "first_chunk" else "idle"
         parts.append(
@@ -186,7 +189,8 @@ def describe(t: Tally) -> str:
         parts.append("no [DONE]" if t.layer == sc.GATEWAY else "no finish_reason")
     if t.exc_type:
         parts.append(f"raised {t.exc_type}")
-    end = _ENDS.get(t.end, "") if t.end is not None else ""
-    parts.append(f"{end} after {_ms(t.duration)}".strip())
+    if silent_for is None:
+        end = _ENDS.get(t.end, "") if t.end is not None else ""
+        parts.append(f"{end} after {_ms(t.duration)}".strip())
     meaning = _MEANING.get((t.layer, outcome)) or _GENERIC[outcome]
     return f"{t.layer}: {', '.join(parts)} — {meaning}"

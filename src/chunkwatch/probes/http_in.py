@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
+from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
 from chunkwatch.probes.sse_out import SSEBody
 from chunkwatch.runtime import Runtime, active
@@ -65,10 +66,13 @@ class ChunkwatchMiddleware:
         self.app = app
         self._runtime = runtime
         self._skip = frozenset(skip_paths)  # e.g. the metrics path: a scrape is not a request
+        self.enabled = True  # False: left in place by uninstrument (another wrapper is above)
+        if self._runtime is not None:
+            self._runtime.serving = True
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         rt = self._runtime or active()
-        if rt is None or environ.get("PATH_INFO") in self._skip:
+        if rt is None or not self.enabled or environ.get("PATH_INFO") in self._skip:
             return self.app(environ, start_response)
         try:
             ledger, tally = self._open(rt, environ)
@@ -81,6 +85,9 @@ class ChunkwatchMiddleware:
             request.started(status, headers)
             return start_response(status, headers, *exc)
 
+        # The ledger is current while the view runs (and, in the sse probe, while the body
+        # is iterated): asyncio tasks, threads and executor work started from here find it.
+        token = _current_ledger.set(ledger)
         try:
             with trace.use_span(
                 tally.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
@@ -89,18 +96,25 @@ class ChunkwatchMiddleware:
         except BaseException as exc:
             request.end(End.ERROR, exc)
             raise
+        finally:
+            _current_ledger.reset(token)
         return request.wrap(body)
 
     def _open(self, rt: Runtime, environ: dict[str, Any]) -> tuple[Ledger, Tally]:
         ledger = Ledger()
         environ[ENVIRON_KEY] = ledger
-        parent = propagate.extract(environ, getter=_GETTER)
+        parent: Any = propagate.extract(environ, getter=_GETTER)
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/")
+        kind = SpanKind.SERVER
+        if trace.get_current_span().get_span_context().is_valid:
+            # Another tool's server span (OpenTelemetry's WSGI middleware outside ours)
+            # is this request's: ours is a child of it, as OTel's own do in that case.
+            parent, kind = None, SpanKind.INTERNAL
         span = rt.start_span(
             method,
             sc.HTTP,
-            kind=SpanKind.SERVER,
+            kind=kind,
             context=parent,
             attributes={
                 sc.HTTP_REQUEST_METHOD: method,

@@ -65,13 +65,15 @@ def translate(exc: BaseException, tally: Tally | None = None) -> BaseException:
 
 async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterator[Any]:
     name = getattr(graph, "name", None) or "LangGraph"
+    ledger = rt.ledger(sc.LANGGRAPH)
     span = rt.start_span(
         f"{sc.SPAN_AGENT} {name}",
         sc.LANGGRAPH,
         attributes={sc.GEN_AI_OPERATION_NAME: "invoke_agent", sc.GEN_AI_AGENT_NAME: name},
+        ledger=ledger,
     )
-    own = current_ledger() is None  # outside a request: this run's own ledger
-    tally = rt.open(sc.LANGGRAPH, span=span)
+    own = ledger is not current_ledger()  # outside a request: this run's own ledger
+    tally = rt.open(sc.LANGGRAPH, ledger=ledger, span=span)
     tally.facts["unit"] = unit
     tally.facts["unit_name"] = "token events" if unit == "token" else f"{unit} items"
     tokens = unit == "token"

@@ -73,9 +73,13 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     prompt = rt.content(_last_user_text(kwargs.get("messages")))
     if prompt is not None:
         attrs[sc.A_PROMPT] = prompt
-    span = rt.start_span(f"chat {model}", sc.SDK, kind=SpanKind.CLIENT, attributes=attrs)
+    ledger = rt.ledger(sc.SDK)
+    span = rt.start_span(
+        f"chat {model}", sc.SDK, kind=SpanKind.CLIENT, attributes=attrs, ledger=ledger
+    )
     tally = rt.open(
         sc.SDK,
+        ledger=ledger,
         upstream=upstream,
         span=span,
         stream_requested=stream,

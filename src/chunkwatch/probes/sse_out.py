@@ -27,6 +27,7 @@ from opentelemetry import trace
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
+from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
 from chunkwatch.runtime import Runtime
 from chunkwatch.sse import SSEParser, WholeEvent
@@ -61,6 +62,7 @@ class SSEBody:
             ledger.parent_context = trace.set_span_in_context(span)
         self.tally: Tally = rt.open(sc.SSE, ledger=ledger, span=span, watch=False)
         self._gen: Generator[bytes, None, None] | None = None
+        self._token: Any = None
 
     def __iter__(self) -> Iterator[bytes]:
         self._gen = self._iterate()
@@ -69,6 +71,9 @@ class SSEBody:
     def _iterate(self) -> Generator[bytes, None, None]:
         parser, tally = self._parser, self.tally
         count, unit = parser.count, tally.unit
+        # The request's ledger is current while the body runs (a generator calling the
+        # model in the server's thread finds it); undone in _end.
+        self._token = _current_ledger.set(self._ledger)
         try:
             for chunk in self._body:
                 try:
@@ -112,6 +117,12 @@ class SSEBody:
             self._end(End.CLOSED)
 
     def _end(self, end: End, exc: BaseException | None = None) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                _current_ledger.reset(token)
+            except (ValueError, RuntimeError):  # ended from another context (e.g. by the GC)
+                pass
         tally = self.tally
         if tally.finished:
             return
