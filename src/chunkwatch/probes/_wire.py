@@ -33,6 +33,10 @@ _NOTED = frozenset(
 )
 
 
+# of the noted headers, those also recorded under their HTTP semantic-convention names
+_SEMCONV_HEADERS = ("content-type", "content-length", "content-encoding", "transfer-encoding")
+
+
 def _noted(headers: Any) -> dict[str, str]:
     """The values of the noted headers, by lower-case name, repeated ones joined with ", "
     (as ``headers[name]`` gives them), in one pass: an httpx ``Headers`` lookup scans
@@ -65,6 +69,9 @@ def note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
     for name in sc.REQUEST_ID_HEADERS:
         if name in headers:
             facts[f"chunkwatch.http.{name.replace('-', '_')}"] = headers[name][:128]
+    for name in _SEMCONV_HEADERS:  # http.response.header.<name>: string[] (HTTP semconv)
+        if name in headers:
+            facts[sc.HTTP_RESPONSE_HEADER_PREFIX + name] = (headers[name][:256],)
     tally.facts["span_attributes"] = facts
     if not tally.stream_requested:
         return None
@@ -134,6 +141,7 @@ class Reader:
             return
         attrs = dict(tally.facts.get("span_attributes", {}))
         attrs[sc.A_BYTES] = tally.bytes
+        attrs[sc.HTTP_RESPONSE_BODY_SIZE] = tally.bytes
         attrs[sc.A_DONE] = tally.terminal_seen
         attrs[sc.A_COMMENTS] = tally.comments
         if tally.t_headers is not None:

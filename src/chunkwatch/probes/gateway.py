@@ -37,6 +37,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
@@ -69,22 +70,35 @@ def _stream_requested(request: Any) -> bool:
 def _open(rt: Runtime, request: Any) -> Tally:
     url = request.url
     upstream = rt.upstream_for(f"{url.scheme}://{url.host}:{url.port or ''}")
-    span = rt.start_span(
-        f"POST {_operation(url.path)}",
-        sc.GATEWAY,
-        kind=SpanKind.CLIENT,
-        attributes={
-            sc.HTTP_REQUEST_METHOD: request.method,
-            sc.SERVER_ADDRESS: url.host,
-            sc.SERVER_PORT: url.port or (443 if url.scheme == "https" else 80),
-            sc.URL_SCHEME: url.scheme,
-            sc.URL_PATH: url.path,
-            sc.A_UPSTREAM: upstream,
-        },
-    )
+    ledger = rt.ledger(sc.GATEWAY)
+    attributes: dict[str, Any] = {
+        sc.HTTP_REQUEST_METHOD: request.method,
+        sc.SERVER_ADDRESS: url.host,
+        sc.SERVER_PORT: url.port or (443 if url.scheme == "https" else 80),
+        sc.URL_SCHEME: url.scheme,
+        sc.URL_PATH: url.path,
+        sc.A_UPSTREAM: upstream,
+    }
+    if _client_span_above(request):
+        # Another instrumentation (OpenTelemetry's httpx / httpx2) owns this request's
+        # CLIENT span, ends it at the response headers and propagated its context:
+        # the body's facts go on a child of it.
+        span = rt.start_span(sc.SPAN_GATEWAY_BODY, sc.GATEWAY, attributes=attributes, ledger=ledger)
+    else:
+        attributes[sc.URL_FULL] = rt.redacted_url(url)
+        span = rt.start_span(
+            f"POST {_operation(url.path)}",
+            sc.GATEWAY,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            ledger=ledger,
+        )
+        if span is not None:
+            _inject(rt, request, span)
     stream = _stream_requested(request)
     return rt.open(
         sc.GATEWAY,
+        ledger=ledger,
         upstream=upstream,
         span=span,
         stream_requested=stream,
@@ -92,6 +106,28 @@ def _open(rt: Runtime, request: Any) -> Tally:
         needs_status=True,
         watch=stream,  # a buffered answer has no first chunk before the whole generation
     )
+
+
+def _client_span_above(request: Any) -> bool:
+    """True when an HTTP client span of another instrumentation covers this request: the
+    current span is an HTTP CLIENT span (chunkwatch sits beneath other tools' patches; a
+    GenAI ``chat`` span is a CLIENT span too, but has no HTTP method), or the request
+    already carries a ``traceparent`` (sampled out, the span is not readable)."""
+    current = trace.get_current_span()
+    if getattr(current, "kind", None) is SpanKind.CLIENT:
+        attributes = getattr(current, "attributes", None) or {}
+        if sc.HTTP_REQUEST_METHOD in attributes or "http.method" in attributes:
+            return True
+    return "traceparent" in request.headers
+
+
+def _inject(rt: Runtime, request: Any, span: Any) -> None:
+    """Propagate this CLIENT span's context (``traceparent``, through the configured
+    propagators) on the outgoing request, as an HTTP client instrumentation does."""
+    try:
+        propagate.inject(request.headers, context=trace.set_span_in_context(span))
+    except Exception:
+        rt.bookkeeping_error(sc.GATEWAY, "inject")
 
 
 def _operation(path: str) -> str:
