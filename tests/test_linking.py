@@ -197,3 +197,46 @@ def test_a_later_instrument_applies_its_options(
         assert "upstreams" in said and "registry" in said and "deadlines" in said
     finally:
         chunkwatch.uninstrument()
+
+
+@pytest.mark.parametrize("first", ["chunkwatch", "otel"])
+def test_beside_otel_threading_both_contexts_travel_and_either_can_leave(first: str) -> None:
+    """With OpenTelemetry's threading instrumentation installed before or after
+    chunkwatch, a thread carries both the ledger and the trace context; removing
+    chunkwatch leaves OTel's propagation working, and the reverse."""
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+
+    def seen() -> tuple[Ledger | None, int]:
+        out: list[tuple[Ledger | None, int]] = []
+
+        def look() -> None:
+            out.append((current_ledger(), trace.get_current_span().get_span_context().span_id))
+
+        t = threading.Thread(target=look)
+        t.start()
+        t.join()
+        return out[0]
+
+    installs = [
+        lambda: chunkwatch.instrument(registry=CollectorRegistry()),
+        ThreadingInstrumentor().instrument,
+    ]
+    for install in installs if first == "chunkwatch" else reversed(installs):
+        install()
+    try:
+        ledger = Ledger()
+        with tracer.start_as_current_span("request") as span, bind(ledger):
+            span_id = span.get_span_context().span_id
+            assert seen() == (ledger, span_id)
+            chunkwatch.uninstrument()
+            assert seen() == (None, span_id)  # OTel's propagation survived ours leaving
+            chunkwatch.instrument(registry=CollectorRegistry())
+            ThreadingInstrumentor().uninstrument()
+            assert seen()[0] is ledger  # ours survived OTel's leaving
+    finally:
+        chunkwatch.uninstrument()
+        ThreadingInstrumentor().uninstrument()

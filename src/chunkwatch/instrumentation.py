@@ -49,6 +49,7 @@ from chunkwatch import handoff
 from chunkwatch import semconv as sc
 from chunkwatch.config import UNSET, Settings
 from chunkwatch.probes import gateway, langgraph, sdk
+from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware
 from chunkwatch.runtime import Runtime, activate, active
 from chunkwatch.watchdog import Deadlines
@@ -56,6 +57,8 @@ from chunkwatch.watchdog import Deadlines
 __all__ = ["instrument", "instrument_app", "uninstrument"]
 
 _APP_MARK = "chunkwatch.middleware"
+_FLASK_OWNER = "chunkwatch.flask"
+_ROUTE_MARK = "chunkwatch.route_hook"  # _note_route registered (it stays: it checks for a ledger)
 _lock = threading.RLock()
 log = logging.getLogger("chunkwatch")
 
@@ -110,44 +113,69 @@ def instrument(
 
 
 def instrument_app(app: Any, rt: Runtime, *, metrics_path: str | None = "/metrics") -> None:
-    """The http and sse probes on a Flask app (its ``wsgi_app``), plus ``/metrics``."""
+    """The http and sse probes on a Flask app, plus ``/metrics``.
+
+    They run where the WSGI server calls the app (``Flask.__call__``), outside whatever
+    wraps ``app.wsgi_app``: OpenTelemetry's Flask and WSGI instrumentations replace and
+    restore ``app.wsgi_app`` without regard for others, so chunkwatch never touches it
+    — neither tool can strip the other, in any order of instrumenting and removing."""
     rt.serving = True
     middleware = app.extensions.get(_APP_MARK)
     if isinstance(middleware, ChunkwatchMiddleware):
-        middleware.enabled = True  # left in place by an earlier uninstrument
+        middleware.enabled = True
         middleware._runtime = rt
-        return
-    app.wsgi_app = middleware = ChunkwatchMiddleware(
-        app.wsgi_app, rt, skip_paths=[metrics_path] if metrics_path else []
-    )
-    app.extensions[_APP_MARK] = middleware
-    app.before_request(_note_route)
+    else:
+        app.extensions[_APP_MARK] = ChunkwatchMiddleware(
+            _CurrentWsgiApp(app), rt, skip_paths=[metrics_path] if metrics_path else []
+        )
+    from flask import Flask
+
+    patch(_FLASK_OWNER, Flask, "__call__", _make_call)
+    if not app.extensions.get(_ROUTE_MARK):  # once per app: Flask refuses hooks after setup
+        app.extensions[_ROUTE_MARK] = True
+        app.before_request(_note_route)
     if metrics_path and "chunkwatch_metrics" not in app.view_functions:
         app.add_url_rule(metrics_path, "chunkwatch_metrics", _metrics_view())
+
+
+class _CurrentWsgiApp:
+    """Calls the app's ``wsgi_app`` as it is at each request (others may wrap it later)."""
+
+    def __init__(self, app: Any) -> None:
+        self.flask_app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return self.flask_app.wsgi_app(environ, start_response)
+
+
+def _make_call(original: Any) -> Any:
+    def __call__(self: Any, environ: dict[str, Any], start_response: Any) -> Any:
+        middleware = self.extensions.get(_APP_MARK)
+        if middleware is None or not middleware.enabled:
+            return original(self, environ, start_response)
+        return middleware(environ, start_response)
+
+    return __call__
 
 
 def uninstrument(app: Any = None) -> None:
     """Remove every probe; with ``app``, its http/sse probes (``/metrics`` stays).
 
-    Only chunkwatch's own wrappers are taken out: another tool's, installed after ours
-    (OpenTelemetry's Flask or WSGI instrumentation), keeps working, and ours, left
-    under it, passes requests through untouched."""
+    Only chunkwatch's own wrappers are taken out: another tool's keeps working."""
     with _lock:
         gateway.uninstrument()
         sdk.uninstrument()
         langgraph.uninstrument()
         handoff.uninstrument()
+        unpatch(_FLASK_OWNER)
         rt = active()
         activate(None)
         if rt is not None:
             rt.close()
     if app is not None:
-        middleware = app.extensions.pop(_APP_MARK, None)
+        middleware = app.extensions.get(_APP_MARK)
         if isinstance(middleware, ChunkwatchMiddleware):
-            if app.wsgi_app is middleware:
-                app.wsgi_app = middleware.app
-            else:
-                middleware.enabled = False
+            middleware.enabled = False  # kept, so instrumenting again reuses it
     _forget_instrumentor()
 
 

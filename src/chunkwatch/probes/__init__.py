@@ -8,6 +8,6 @@ sdk        openai ``chat.completions.create``       chunks (content chunks noted
 langgraph  ``astream_events`` / ``astream``         token events or state updates
 queue      :class:`~chunkwatch.probes.queue.WatchedQueue`  items got
 sse        the WSGI response body                   events written
-http       the WSGI app (Flask ``wsgi_app``)        —
+http       the WSGI app (Flask ``__call__``)        —
 ========== ======================================= =====================================
 """

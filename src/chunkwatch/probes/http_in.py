@@ -1,7 +1,8 @@
 """The ``http`` probe: the inbound request, from its first byte to its last.
 
-Seam: the WSGI application (for Flask, ``app.wsgi_app``). For every request it
-creates the request's :class:`~chunkwatch.ledger.Ledger` (``environ
+Seam: the WSGI application (for Flask, where the server calls the app, outside
+whatever wraps ``app.wsgi_app``: :func:`chunkwatch.instrumentation.instrument_app`).
+For every request it creates the request's :class:`~chunkwatch.ledger.Ledger` (``environ
 ["chunkwatch.ledger"]``; :func:`request_ledger` inside a Flask view) and the
 server span ``{method} {route}``, continuing a W3C ``traceparent`` if the client
 sent one. For ``text/event-stream`` responses it wraps the body in the ``sse``
