@@ -93,7 +93,7 @@ def _open(rt: Runtime, request: Any) -> Tally:
             attributes=attributes,
             ledger=ledger,
         )
-        if span is not None:
+        if span is not None and span.get_span_context().is_valid:  # no-op tracer: nothing to send
             _inject(rt, request, span)
     stream = _stream_requested(request)
     return rt.open(
