@@ -128,9 +128,11 @@ def instrument_app(app: Any, rt: Runtime, *, metrics_path: str | None = "/metric
         app.extensions[_APP_MARK] = ChunkwatchMiddleware(
             _CurrentWsgiApp(app), rt, skip_paths=[metrics_path] if metrics_path else []
         )
-    from flask import Flask
-
-    patch(_FLASK_OWNER, Flask, "__call__", _make_call)
+    # The class that defines __call__ for this app: flask.app.Flask, also when the app is
+    # a subclass (OpenTelemetry's auto-instrumentation swaps flask.Flask for one).
+    owner = next((c for c in type(app).__mro__ if "__call__" in c.__dict__), None)
+    if owner is not None and owner is not object:
+        patch(_FLASK_OWNER, owner, "__call__", _make_call)
     if not app.extensions.get(_ROUTE_MARK):  # once per app: Flask refuses hooks after setup
         app.extensions[_ROUTE_MARK] = True
         app.before_request(_note_route)
