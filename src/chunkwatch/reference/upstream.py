@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,9 @@ class Upstream:
         self.content_filter = content_filter
         self._http = HTTPServer(self._handle, host, port)
         self.stats = _zero_stats()
+        # the W3C traceparent of the last chat requests (None: none sent), newest last:
+        # tests check that the service's trace reaches the model
+        self.traceparents: deque[str | None] = deque(maxlen=32)
 
     @property
     def port(self) -> int:
@@ -149,6 +153,7 @@ class Upstream:
 
     async def _chat(self, req: Request, resp: Responder, deployment: str | None) -> None:
         self.stats["requests"] += 1
+        self.traceparents.append(req.header("traceparent"))
         try:
             body = parse_request(req.body)
         except BadRequest as err:
