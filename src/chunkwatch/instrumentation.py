@@ -97,9 +97,11 @@ def instrument(
                 settings=settings,
             )
             activate(rt)
-            gateway.instrument(rt)
-            sdk.instrument(rt)
-            langgraph.instrument(rt)
+            for probe in (gateway, sdk, langgraph):
+                try:
+                    probe.instrument(rt)
+                except ImportError:  # the library it hooks is not installed: nothing to watch
+                    log.debug("chunkwatch: %s not instrumented", probe.__name__, exc_info=True)
             handoff.instrument()
         elif any(v is not UNSET for v in (*given.values(), registry, tracer_provider)):
             changed = rt.configure(
@@ -165,10 +167,8 @@ def uninstrument(app: Any = None) -> None:
 
     Only chunkwatch's own wrappers are taken out: another tool's keeps working."""
     with _lock:
-        gateway.uninstrument()
-        sdk.uninstrument()
-        langgraph.uninstrument()
-        handoff.uninstrument()
+        for probe in (gateway, sdk, langgraph, handoff):
+            probe.uninstrument()
         unpatch(_FLASK_OWNER)
         rt = active()
         activate(None)
