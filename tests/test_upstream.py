@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from chunkwatch.reference.threaded import Running, start_in_thread
 from chunkwatch.reference.upstream import (
+    TRACEPARENTS_KEPT,
     Upstream,
     add_upstream_parser,
     answer_tokens,
@@ -283,6 +285,27 @@ def test_stats_count_stream_and_non_stream_requests() -> None:
         )
         assert (stats["completed_streams"], stats["active_streams"]) == (1, 0)
         assert httpx2.delete(up.url + "/_stats").json()["requests"] == 0
+
+
+def test_stats_keep_the_last_traceparents_received() -> None:
+    """GET /_stats lists the `traceparent` header of the last TRACEPARENTS_KEPT chat requests,
+    oldest first, null for a request without one; DELETE /_stats empties the list."""
+    with start_in_thread(Upstream(tokens=1, token_delay=0)) as up:
+        assert httpx2.get(up.url + "/_stats").json()["traceparents"] == []
+        sent = [f"00-{i:032x}-{i:016x}-01" for i in range(1, TRACEPARENTS_KEPT + 3)]
+        body = json.dumps({"messages": USER, "stream": True}).encode()
+        for tp in sent:  # urllib: no probe of any tool in this process touches its headers
+            req = urllib.request.Request(
+                up.url + "/v1/chat/completions", data=body, headers={"traceparent": tp}
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                resp.read()
+        post(up.url, {"messages": USER})
+        got = httpx2.get(up.url + "/_stats").json()["traceparents"]
+        assert got == [*sent[-(TRACEPARENTS_KEPT - 1) :], None]
+        assert list(up.server.traceparents) == got
+        assert httpx2.delete(up.url + "/_stats").json()["traceparents"] == []
+        assert httpx2.get(up.url + "/_stats").json()["traceparents"] == []
 
 
 def test_client_disconnect_stops_the_stream() -> None:

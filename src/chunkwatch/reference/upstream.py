@@ -11,7 +11,10 @@ Usage::
 
 Routes: ``POST /v1/chat/completions`` and
 ``POST /openai/deployments/{deployment}/chat/completions?api-version=...`` (any
-API key or none); ``GET /_stats`` (request counters as JSON), ``DELETE /_stats``.
+API key or none); ``GET /_stats`` (request counters as JSON, and ``traceparents``: the
+W3C ``traceparent`` header of the last 32 chat requests, oldest first, ``null`` where a
+request had none -- so a test can check that a client's trace reached the model),
+``DELETE /_stats`` (zeroes the counters, clears ``traceparents``).
 
 Answers are deterministic (:func:`answer_tokens` of the last ``user`` message's
 text). ``stream: true`` is OpenAI's exact chunk sequence -- role chunk, one chunk
@@ -55,6 +58,7 @@ from chunkwatch.sse import format_event
 
 __all__ = [
     "TOOL_MARKER",
+    "TRACEPARENTS_KEPT",
     "Upstream",
     "add_upstream_parser",
     "answer_tokens",
@@ -66,6 +70,7 @@ __all__ = [
 
 _CHAT_PATHS = ("/v1/chat/completions",)
 _AZURE_PREFIX = "/openai/deployments/"
+TRACEPARENTS_KEPT = 32  # the ``traceparent`` headers ``/_stats`` shows
 _SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
 
 
@@ -103,9 +108,8 @@ class Upstream:
         self.content_filter = content_filter
         self._http = HTTPServer(self._handle, host, port)
         self.stats = _zero_stats()
-        # the W3C traceparent of the last chat requests (None: none sent), newest last:
-        # tests check that the service's trace reaches the model
-        self.traceparents: deque[str | None] = deque(maxlen=32)
+        # the ``traceparent`` header of the last chat requests (None: none sent), newest last
+        self.traceparents: deque[str | None] = deque(maxlen=TRACEPARENTS_KEPT)
 
     @property
     def port(self) -> int:
@@ -122,9 +126,11 @@ class Upstream:
         await self._http.stop()
 
     def reset_stats(self) -> None:
-        """Zero the counters (``active_streams`` keeps counting the streams still open)."""
+        """Zero the counters (``active_streams`` keeps counting the streams still open) and
+        forget the traceparents."""
         active = self.stats["active_streams"]
         self.stats.update(_zero_stats(), active_streams=active)
+        self.traceparents.clear()
 
     async def _handle(self, req: Request, resp: Responder) -> None:
         path = req.path
@@ -149,7 +155,7 @@ class Upstream:
             error = openai_error("Use GET or DELETE on /_stats.", "invalid_request_error")
             await resp.send_json(405, error, [("Allow", "GET, DELETE")])
             return
-        await resp.send_json(200, self.stats)
+        await resp.send_json(200, {**self.stats, "traceparents": list(self.traceparents)})
 
     async def _chat(self, req: Request, resp: Responder, deployment: str | None) -> None:
         self.stats["requests"] += 1
