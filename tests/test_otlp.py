@@ -6,10 +6,7 @@ Jaeger receives. One healthy request and one through the `zero` gateway.
 
 from __future__ import annotations
 
-import gzip
-import http.server
 import re
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +14,6 @@ from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -31,6 +23,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.reference.client import chat
 
 from .helpers import instrumented_system
+from .otlp_receiver import OTLPReceiver, WireSpan, decode_spans
 from .test_collector import config as collector_config
 from .test_collector import matched_attributes
 
@@ -38,63 +31,8 @@ PROMPT = "Which layer dropped the data?"
 SERVICE = "chunkwatch-otlp-test"
 
 
-class Receiver(http.server.ThreadingHTTPServer):
-    """POST /v1/traces: decode and keep every ExportTraceServiceRequest."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests: list[ExportTraceServiceRequest] = []
-        self.paths: list[str] = []
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        msg = ExportTraceServiceRequest()
-        msg.ParseFromString(body)
-        with self.server.lock:
-            self.server.requests.append(msg)
-            self.server.paths.append(f"{self.path} {self.headers.get('Content-Type')}")
-        out = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def value(v: AnyValue) -> Any:
-    kind = v.WhichOneof("value")
-    if kind == "array_value":
-        return tuple(value(x) for x in v.array_value.values)
-    return getattr(v, kind) if kind else None
-
-
-@dataclass
-class WireSpan:
-    span: Span
-    attrs: dict[str, Any]
-    resource: dict[str, Any]
-
-    @property
-    def trace_id(self) -> str:
-        return self.span.trace_id.hex()
-
-    @property
-    def layer(self) -> str:
-        return str(self.attrs.get(sc.A_LAYER))
+# the names tests/test_user_services.py imports from here
+Receiver, _spans = OTLPReceiver, decode_spans
 
 
 @dataclass
@@ -111,29 +49,14 @@ class Wire:
         return trace
 
 
-def _spans(requests: list[ExportTraceServiceRequest]) -> list[WireSpan]:
-    out = []
-    for req in requests:
-        for rs in req.resource_spans:
-            resource = {a.key: value(a.value) for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    attrs = {a.key: value(a.value) for a in span.attributes}
-                    out.append(WireSpan(span, attrs, resource))
-    return out
-
-
-def _roots_done(receiver: Receiver) -> int:
-    with receiver.lock:
-        spans = _spans(list(receiver.requests))
+def _roots_done(receiver: OTLPReceiver) -> int:
+    spans = receiver.spans()
     return sum(1 for s in spans if not s.span.parent_span_id and s.layer == sc.HTTP)
 
 
 @pytest.fixture(scope="module")
 def wire() -> Iterator[Wire]:
-    receiver = Receiver()
-    thread = threading.Thread(target=receiver.serve_forever, name="otlp-receiver", daemon=True)
-    thread.start()
+    receiver = OTLPReceiver().start()
     provider = TracerProvider(resource=Resource.create({"service.name": SERVICE}))
     provider.add_span_processor(
         BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.url), schedule_delay_millis=100)
@@ -149,13 +72,12 @@ def wire() -> Iterator[Wire]:
                 provider.force_flush(1000)
                 time.sleep(0.05)
         provider.force_flush(5000)
+        spans = receiver.spans()
         with receiver.lock:
-            spans = _spans(list(receiver.requests))
             paths = list(receiver.paths)
     finally:
         provider.shutdown()
-        receiver.shutdown()
-        receiver.server_close()
+        receiver.stop()
     traces: dict[str, list[WireSpan]] = {}
     for s in spans:
         traces.setdefault(s.trace_id, []).append(s)
