@@ -18,7 +18,6 @@ import json
 import os
 import re
 import selectors
-import signal
 import subprocess
 import sys
 import tempfile
@@ -157,7 +156,7 @@ def service_process(
     shape: str, setup: str, gateway_url: str, gateway_port: int, receiver: OTLPReceiver
 ) -> Iterator[tuple[int, Path]]:
     """Start ``services/<shape>.py`` in ``setup``; yield its port and its log file. The
-    process (and its group) is killed on exit, whatever happened."""
+    process is killed on exit, whatever happened."""
     env = {
         **os.environ,
         "COMPAT_SETUP": setup,
@@ -190,8 +189,7 @@ def service_process(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log_file,
-            text=True,
-            start_new_session=True,  # its own process group: killed with everything it started
+            text=True,  # in our process group: a ^C in the terminal stops the services too
         )
         stack.callback(_kill, proc)
         yield _read_port(proc, Path(log_file.name)), Path(log_file.name)
@@ -212,10 +210,7 @@ def _read_port(proc: subprocess.Popen[str], log: Path) -> int:
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    proc.kill()  # opentelemetry-instrument exec()s the script: this is the service itself
     proc.wait(10)
     if proc.stdout is not None:
         proc.stdout.close()
