@@ -23,16 +23,12 @@ from chunkwatch import semconv as sc
 from chunkwatch.reference.client import chat
 
 from .helpers import instrumented_system
-from .otlp_receiver import OTLPReceiver, WireSpan, decode_spans
+from .otlp_receiver import OTLPReceiver, WireSpan
 from .test_collector import config as collector_config
 from .test_collector import matched_attributes
 
 PROMPT = "Which layer dropped the data?"
 SERVICE = "chunkwatch-otlp-test"
-
-
-# the names tests/test_user_services.py imports from here
-Receiver, _spans = OTLPReceiver, decode_spans
 
 
 @dataclass

@@ -46,6 +46,10 @@ UPSTREAM_NAME = "test-gw"
 STALL_LIMIT = 10.0
 CONSUMER_TIMEOUT = 3.0
 SILENT_AT_END = 1.0
+# The sync shape has no consumer timeout: its request lasts until the gateway drops the
+# silent stream (STALL_LIMIT). A first-chunk deadline under that limit names the stall
+# while the stream is open; the queue shapes' consumer gives up first (silent at end).
+FIRST_CHUNK_TIMEOUT = 5.0
 # gateway fault -> (its parameters, the request verdict chunkwatch must give)
 FAULTS: dict[str, tuple[dict[str, float], str]] = {
     "pass": ({}, "ok"),
@@ -60,7 +64,11 @@ START_TIMEOUT = 60.0
 REQUEST_TIMEOUT = STALL_LIMIT + 20
 PARALLEL = int(os.environ.get("COMPAT_PARALLEL", "4"))
 MESSAGE = "Which layer dropped the data?"
-_OURS = ("CHUNKWATCH_UPSTREAMS", "CHUNKWATCH_SILENT_AT_END")  # the services' configuration
+_OURS = (
+    "CHUNKWATCH_UPSTREAMS",
+    "CHUNKWATCH_SILENT_AT_END",
+    "CHUNKWATCH_FIRST_CHUNK_TIMEOUT",
+)  # the services' configuration
 VERDICT_LINE = re.compile(
     r"chunkwatch verdict=(?P<verdict>\S+) upstream=(?P<upstream>\S+) "
     r"trace_id=(?P<trace_id>\S+)"
@@ -165,6 +173,7 @@ def service_process(
         "AZURE_OPENAI_API_KEY": "sk-compat-NEVER-IN-TELEMETRY",
         "CHUNKWATCH_UPSTREAMS": f"127.0.0.1:{gateway_port}={UPSTREAM_NAME}",
         "CHUNKWATCH_SILENT_AT_END": str(SILENT_AT_END),
+        "CHUNKWATCH_FIRST_CHUNK_TIMEOUT": str(FIRST_CHUNK_TIMEOUT),
         "OTEL_SERVICE_NAME": f"compat-{shape}-{setup}",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
