@@ -62,7 +62,16 @@ def _make_start(original: Any) -> Any:
         if ledger is not None:
             # The instance's run, as it resolves now (the class's, or a subclass's,
             # through any other tool's wrapper), is what the new thread will call.
-            self.run = _bound(ledger, self.run)  # type: ignore[method-assign]
+            run = self.run
+
+            def run_bound() -> None:
+                try:
+                    with bind(ledger):
+                        run()
+                finally:  # a Thread object kept after its end does not keep the request
+                    self.__dict__.pop("run", None)
+
+            self.run = run_bound  # type: ignore[method-assign]
         return original(self)  # type: ignore[no-any-return]
 
     return start
