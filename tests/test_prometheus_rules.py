@@ -32,6 +32,15 @@ EXPECTED_ALERTS = {
     "ChunkwatchNoTraffic": "warning",
     "ChunkwatchFallbackEngaged": "warning",
 }
+# Fault alerts that read the request verdict and, for streams no request could be tied to,
+# the stream outcome of the layers that see the fault first.
+STREAM_BRANCH_ALERTS = {
+    "ChunkwatchEmptyStreams": Outcome.EMPTY,
+    "ChunkwatchWrongContentType": Outcome.WRONG_CONTENT_TYPE,
+    "ChunkwatchTruncatedStreams": Outcome.TRUNCATED,
+    "ChunkwatchBufferedStreams": Outcome.BUFFERED,
+    "ChunkwatchStreamHTTPErrors": Outcome.HTTP_ERROR,
+}
 # Recording rules that derive no metric: the layers' order, from semconv.LAYERS.
 STATIC_RECORDS = {"layer:chunkwatch_layer_order:static"}
 _SELECTOR = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
@@ -191,3 +200,17 @@ def test_layer_order_is_semconv_layers() -> None:
     expr = _records()["layer:chunkwatch_layer_order:static"]
     pairs = re.findall(r'vector\((\d+)\),\s*"layer",\s*"(\w+)"', expr)
     assert [layer for _, layer in sorted(pairs, key=lambda p: int(p[0]))] == list(sc.LAYERS)
+
+
+def test_fault_alerts_also_read_the_gateway_and_sdk_streams() -> None:
+    """Each verdict-based fault alert also fires from the per-layer stream outcome ratio of the
+    gateway and the sdk (an unlinked stream is in no verdict), keeping the lowest of the two
+    layers over the threshold, so it names the layer and merges with the verdict's alert."""
+    alerts = _alerts()
+    streams = "layer_outcome_upstream:chunkwatch_streams:ratio_rate5m"
+    for name, outcome in STREAM_BRANCH_ALERTS.items():
+        expr = alerts[name]["expr"]
+        assert f'chunkwatch_requests:ratio_rate5m{{outcome="{outcome}"}}' in expr, name
+        selector = f'{streams}{{layer=~"{sc.GATEWAY}|{sc.SDK}",outcome="{outcome}"}}'
+        assert selector in expr, name
+        assert "bottomk by (upstream) (1," in expr, name
