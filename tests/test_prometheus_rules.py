@@ -31,6 +31,7 @@ EXPECTED_ALERTS = {
     "ChunkwatchInstrumentationErrors": "warning",
     "ChunkwatchNoTraffic": "warning",
     "ChunkwatchFallbackEngaged": "warning",
+    "ChunkwatchUnlinkedStreams": "warning",
 }
 # Fault alerts that read the request verdict and, for streams no request could be tied to,
 # the stream outcome of the layers that see the fault first.
