@@ -103,12 +103,18 @@ def post_raw(url: str, body: bytes, content_type: str = "application/json") -> t
         (b'{"message": "   "}', 400, "invalid_message"),
         (b'{"message": "hi", "thread_id": 7}', 400, "invalid_thread_id"),
         (json.dumps({"message": "x" * 70_000}).encode(), 413, "payload_too_large"),
+        (b"[" * 10_000 + b"]" * 10_000, 400, "invalid_json"),
+        (b'{"message": "\\ud800 hi"}', 400, "invalid_message"),
+        (b'{"message": "hi", "thread_id": "\\udfff"}', 400, "invalid_thread_id"),
+        (b'{"message": "\xff\xfe"}', 400, "invalid_json"),
     ],
 )
 def test_bad_input_gets_a_json_error(
     tokens_service: ServiceThread, body: bytes, status: int, kind: str
 ) -> None:
-    """Invalid JSON, a missing or non-string message, a body over 64 KiB: a JSON 400/413."""
+    """Invalid JSON (also nested too deep to parse, or not UTF-8), a missing, non-string or
+    unencodable (lone surrogate) message or thread id, a body over 64 KiB: a JSON 400/413,
+    never a 500 or a stream that fails later."""
     got_status, payload = post_raw(tokens_service.url, body)
     assert got_status == status
     assert payload["error"]["type"] == kind and payload["error"]["message"]

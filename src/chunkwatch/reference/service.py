@@ -234,6 +234,24 @@ def _error(exc: BaseException, ledger: Ledger | None) -> dict[str, Any]:
     return chunkwatch.error_payload(exc, ledger)
 
 
+def _parse_body(raw: bytes) -> Any:
+    """The JSON body, or None: invalid UTF-8 or JSON, and nesting too deep for the parser
+    (``RecursionError``), are the client's error, not the service's."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _encodable(text: str) -> bool:
+    """False for text no UTF-8 encoder accepts (a lone surrogate from ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _json_error(status: int, message: str, kind: str) -> Response:
     resp = jsonify({"error": {"type": kind, "message": message}})
     resp.status_code = status
@@ -267,8 +285,9 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        # The details (which may name internal hosts) go to the log, not to the client.
         log.exception("unhandled error before the stream started")
-        return _json_error(500, f"{type(exc).__name__}: {exc}", "internal_error")
+        return _json_error(500, "internal error; see the service log", "internal_error")
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -276,16 +295,24 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
 
     @app.post("/chat")
     def chat_route() -> Response:
-        body = request.get_json(force=True, silent=True)
+        body = _parse_body(request.get_data(cache=False))
         if not isinstance(body, dict):
             return _json_error(400, "the body must be a JSON object", "invalid_json")
         message = body.get("message")
         if not isinstance(message, str) or not message.strip():
             return _json_error(400, "`message` must be a non-empty string", "invalid_message")
+        if not _encodable(message):
+            return _json_error(
+                400, "`message` must be valid Unicode text (no lone surrogates)", "invalid_message"
+            )
         thread_id = body.get("thread_id")
         if thread_id is None:
             thread_id = uuid.uuid4().hex
-        elif not isinstance(thread_id, str) or not 0 < len(thread_id) <= MAX_THREAD_ID:
+        elif (
+            not isinstance(thread_id, str)
+            or not 0 < len(thread_id) <= MAX_THREAD_ID
+            or not _encodable(thread_id)
+        ):
             return _json_error(
                 400,
                 f"`thread_id` must be a string of 1..{MAX_THREAD_ID} chars",
