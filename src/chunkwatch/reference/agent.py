@@ -13,7 +13,9 @@ exercise model -> tool -> model.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -24,7 +26,33 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
 
-__all__ = ["LLMConfig", "build_graph", "lookup", "make_model"]
+__all__ = ["LOCAL_API_KEY", "LLMConfig", "api_key_from_env", "build_graph", "lookup", "make_model"]
+
+
+LOCAL_API_KEY = "chunkwatch-local"  # the local upstream accepts any key
+
+
+def api_key_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """The model endpoint's key: ``AZURE_OPENAI_API_KEY``, else ``OPENAI_API_KEY``, else the
+    contents of the file ``CHUNKWATCH_API_KEY_FILE`` names (a mounted secret), else the
+    local placeholder. An unreadable or empty key file is an error naming the variable,
+    never the key."""
+    env = os.environ if environ is None else environ
+    for name in ("AZURE_OPENAI_API_KEY", "OPENAI_API_KEY"):
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    path = env.get("CHUNKWATCH_API_KEY_FILE", "").strip()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as err:
+            raise ValueError(f"CHUNKWATCH_API_KEY_FILE={path!r}: {err.strerror}") from None
+        if not value:
+            raise ValueError(f"CHUNKWATCH_API_KEY_FILE={path!r}: the file is empty")
+        return value
+    return LOCAL_API_KEY
 
 
 @dataclass(frozen=True)
@@ -34,7 +62,7 @@ class LLMConfig:
     url: str
     deployment: str = "gpt-4o-mini"
     api_version: str = "2024-10-21"
-    api_key: str = "chunkwatch-local"  # the local upstream accepts any key
+    api_key: str = field(default=LOCAL_API_KEY, repr=False)  # never in a repr or a log
     timeout: float | None = None  # AzureChatOpenAI's own default: no HTTP timeouts
     max_retries: int = 0
 

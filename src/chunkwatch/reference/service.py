@@ -48,7 +48,7 @@ from chunkwatch.guard import BreakerConfig, Guard, GuardScope
 from chunkwatch.ledger import Ledger, bind
 from chunkwatch.metrics import upstream_name
 from chunkwatch.probes.queue import WatchedQueue
-from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
+from chunkwatch.reference.agent import LLMConfig, api_key_from_env, build_graph, make_model
 from chunkwatch.reference.loop import AgentLoop
 from chunkwatch.sse import format_comment, format_event
 from chunkwatch.watchdog import Deadlines
@@ -355,7 +355,12 @@ def add_serve_parser(subparsers: Any) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     return ServiceConfig(
-        llm=LLMConfig(url=args.llm_url, deployment=args.deployment, api_version=args.api_version),
+        llm=LLMConfig(
+            url=args.llm_url,
+            deployment=args.deployment,
+            api_version=args.api_version,
+            api_key=api_key_from_env(),
+        ),
         mode=args.mode,
         heartbeat=args.heartbeat,
         request_timeout=args.request_timeout,

@@ -19,6 +19,8 @@ stops gunicorn at start, not at the first request):
 * ``CHUNKWATCH_MODE`` — ``tokens`` (default) or ``updates``.
 * ``CHUNKWATCH_DEPLOYMENT`` — Azure deployment name (default ``gpt-4o-mini``).
 * ``CHUNKWATCH_API_VERSION`` — Azure ``api-version`` (default ``2024-10-21``).
+* ``AZURE_OPENAI_API_KEY`` or ``OPENAI_API_KEY`` — the model endpoint's key; or
+  ``CHUNKWATCH_API_KEY_FILE``, a file holding it (a mounted secret). Never logged.
 * ``CHUNKWATCH_INSTRUMENT`` — ``1`` (default) or ``0``: run without chunkwatch.
 * ``CHUNKWATCH_GUARD`` — ``1`` (default) or ``0``: as ``chunkwatch serve --no-guard``
   (the fallback to state streaming when token streaming breaks; its breaker is
@@ -54,7 +56,7 @@ from typing import Any
 
 import chunkwatch
 from chunkwatch import telemetry
-from chunkwatch.reference.agent import LLMConfig
+from chunkwatch.reference.agent import LLMConfig, api_key_from_env
 from chunkwatch.reference.service import ServiceConfig, create_app
 
 __all__ = [
@@ -90,6 +92,7 @@ def config_from_env(environ: Mapping[str, str] = os.environ) -> ServiceConfig:
         url=url,
         deployment=environ.get("CHUNKWATCH_DEPLOYMENT", "").strip() or LLMConfig.deployment,
         api_version=environ.get("CHUNKWATCH_API_VERSION", "").strip() or LLMConfig.api_version,
+        api_key=api_key_from_env(environ),
     )
     return ServiceConfig(
         llm=llm,
