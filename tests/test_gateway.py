@@ -609,6 +609,25 @@ def test_chaos_put_rejects_bad_settings_and_keeps_the_old_one(
     assert httpx2.get(gateway.url + "/_chaos").json() == {"fault": "truncate", "events": 2}
 
 
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b'{"fault": "keepalive-only", "interval": NaN}', "'interval' must be a finite"),
+        (b'{"fault": "stall", "limit": Infinity}', "'limit' must be a finite"),
+        (b'{"fault": "truncate", "events": -Infinity}', "'events' must be a finite"),
+    ],
+)
+def test_chaos_put_rejects_non_finite_numbers(
+    gateway: Running[Gateway], raw: bytes, words: str
+) -> None:
+    """NaN and Infinity (which Python's JSON parser accepts) are a 400, and GET /_chaos stays
+    valid JSON: a NaN interval would spin the gateway, an infinite limit hold forever."""
+    resp = httpx2.put(gateway.url + "/_chaos", content=raw)
+    assert resp.status_code == 400
+    assert words in resp.json()["error"]["message"]
+    assert httpx2.get(gateway.url + "/_chaos").json() == {"fault": "pass"}
+
+
 def test_chaos_put_invalid_json_and_wrong_method(gateway: Running[Gateway]) -> None:
     """PUT with a non-JSON body -> 400; POST /_chaos -> 405 with Allow; /_chaos/other -> 404."""
     resp = httpx2.put(gateway.url + "/_chaos", content=b"{oops")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -108,6 +109,8 @@ class FaultSetting:
 def _param(name: str, value: object, default: int | float) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"parameter {name!r} must be a number, not {value!r}")
+    if not math.isfinite(value):  # NaN slips past every comparison; an endless hold spins
+        raise ValueError(f"parameter {name!r} must be a finite number, not {value!r}")
     if isinstance(default, int) and not float(value).is_integer():
         raise ValueError(f"parameter {name!r} must be an integer, not {value!r}")
     number: int | float = int(value) if isinstance(default, int) else float(value)
