@@ -67,3 +67,39 @@ def test_a_slow_non_streaming_answer_is_not_a_stall() -> None:
             )
             == 0
         )
+
+
+def test_one_users_filtered_prompts_do_not_fall_back_or_open_the_breaker() -> None:
+    """Azure's HTTP 400 content_filter refuses one user's prompt, not the stream: it is not
+    re-sent without streaming (one upstream call), does not count toward the breaker, and
+    after more such prompts than the breaker's threshold other users still stream tokens."""
+    breaker = BreakerConfig(failures=2, window=60, cooldown=60)
+    with instrumented_system(token_delay=0.005, guard=True, breaker=breaker) as system:
+        guard = chat_guard(system)
+        upstream = system.upstream.server
+        for _ in range(4):
+            before = upstream.stats["requests"]
+            r = system.ask("tell me [[filtered]] things", "pass")
+            assert r.named("error") and not r.named("mode") and not r.done
+            assert upstream.stats["requests"] - before == 1  # no buffered re-send
+        assert guard.state("test-gw") is BreakerState.CLOSED
+        assert system.sample("chunkwatch_fallbacks_total", upstream="test-gw") == 0
+        r = system.ask(PROMPT, "pass")
+        assert r.done and r.text == ANSWER and r.named("token") and not r.named("mode")
+
+
+def test_a_fallback_that_fails_too_does_not_count_toward_the_breaker() -> None:
+    """A stream-shape 400 whose buffered re-send fails as well says nothing about streaming
+    through this upstream: the breaker counts only fallbacks that worked."""
+    breaker = BreakerConfig(failures=2, window=60, cooldown=60)
+    with instrumented_system(token_delay=0.005, guard=True, breaker=breaker) as system:
+        guard = chat_guard(system)
+        # the gateway answers 400 to streams only; the upstream then refuses the prompt
+        for _ in range(3):
+            r = system.ask("again [[filtered]]", "status", status=400)
+            assert r.named("error") and not r.done
+        assert guard.state("test-gw") is BreakerState.CLOSED
+        for _ in range(2):  # a real stream-only 400: the fallback works and is counted
+            r = system.ask(PROMPT, "status", status=400)
+            assert r.done and r.text == ANSWER
+        assert guard.state("test-gw") is BreakerState.OPEN

@@ -68,7 +68,9 @@ class GuardedModel(Runnable[Any, Any]):
             except Exception as exc:
                 reason = self._fall_back(exc, since)
                 with fallback_attributes(reason):
-                    return self.buffered.invoke(input, config, **kwargs)
+                    result = self.buffered.invoke(input, config, **kwargs)
+                self.guard.failed(self.upstream, reason)  # streaming broke where buffered works
+                return result
         self.guard.succeeded(self.upstream)
         return result
 
@@ -84,7 +86,9 @@ class GuardedModel(Runnable[Any, Any]):
             except Exception as exc:
                 reason = self._fall_back(exc, since)
                 with fallback_attributes(reason):
-                    return await self.buffered.ainvoke(input, config, **kwargs)
+                    result = await self.buffered.ainvoke(input, config, **kwargs)
+                self.guard.failed(self.upstream, reason)  # streaming broke where buffered works
+                return result
         self.guard.succeeded(self.upstream)
         return result
 

@@ -71,6 +71,34 @@ log = logging.getLogger("chunkwatch")
 _ORDER = {layer: i for i, layer in enumerate(sc.LAYERS)}
 # HTTP statuses a request's shape explains: worth one try without streaming.
 STREAM_SHAPE_STATUSES = frozenset({400, 405, 406, 415, 422, 501})
+# Error codes (OpenAI / Azure OpenAI) that refuse the prompt itself: the same prompt
+# fails without streaming too, and one user's prompt says nothing about the upstream.
+PROMPT_ERROR_CODES = frozenset(
+    {
+        "content_filter",
+        "content_policy_violation",
+        "context_length_exceeded",
+        "string_above_max_length",
+        "invalid_prompt",
+        "ResponsibleAIPolicyViolation",
+    }
+)
+
+
+def about_the_prompt(exc: BaseException) -> bool:
+    """True when ``exc`` (an openai ``APIStatusError``) refuses the prompt, not the stream:
+    a prompt error code, or an error about ``messages`` / ``prompt`` rather than
+    ``stream`` / ``stream_options``."""
+    code = getattr(exc, "code", None)
+    param = getattr(exc, "param", None)
+    body = getattr(exc, "body", None)
+    inner = body.get("innererror") if isinstance(body, dict) else None
+    inner_code = inner.get("code") if isinstance(inner, dict) else None
+    if code in PROMPT_ERROR_CODES or inner_code in PROMPT_ERROR_CODES:
+        return True
+    if isinstance(param, str) and param.startswith("stream"):
+        return False
+    return param in ("messages", "prompt", "input")
 
 
 class BreakerState(StrEnum):
@@ -280,7 +308,11 @@ class Guard:
                     and (t.stalled in (None, "first_chunk"))
                     and not t.units
                 )
-                or (t.outcome is Outcome.HTTP_ERROR and t.status in STREAM_SHAPE_STATUSES)
+                or (
+                    t.outcome is Outcome.HTTP_ERROR
+                    and t.status in STREAM_SHAPE_STATUSES
+                    and not about_the_prompt(exc)
+                )
             )
             return f"{t.outcome}@{t.layer}" if eligible else None
         # Not instrumented (or no tally): only the unmistakable empty stream qualifies.
@@ -291,7 +323,8 @@ class Guard:
         return None
 
     def record_fallback(self, upstream: str, reason: str) -> None:
-        self.failed(upstream, reason)
+        """Count a fallback (the breaker counts it only once the fallback worked:
+        :meth:`failed`, called by the guarded model)."""
         rt = self.runtime
         if rt is not None:
             try:

@@ -20,16 +20,20 @@ import uuid
 from typing import Any
 
 __all__ = [
+    "FILTER_MARKER",
     "TOOL_MARKER",
     "Answer",
     "BadRequest",
     "answer_tokens",
+    "content_filter_error",
     "openai_error",
     "parse_request",
+    "prompt_filtered",
     "tool_call_id",
 ]
 
 TOOL_MARKER = "[[tool]]"
+FILTER_MARKER = "[[filtered]]"  # a prompt Azure's content filter refuses (HTTP 400)
 _VOCABULARY = (
     "alpha amber anchor apple arrow aspen atlas autumn basil beacon birch bloom breeze brook "
     "canyon cedar cinder clover comet coral crystal dawn delta dune echo ember fable falcon "
@@ -87,6 +91,37 @@ def openai_error(
 ) -> dict[str, Any]:
     """An OpenAI-style error body (the upstream's and the gateway's)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def content_filter_error() -> dict[str, Any]:
+    """Azure OpenAI's 400 for a prompt its content filter refuses (stream or not)."""
+    return {
+        "error": {
+            "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+            "content management policy. Please modify your prompt and retry.",
+            "type": None,
+            "param": "prompt",
+            "code": "content_filter",
+            "status": 400,
+            "innererror": {
+                "code": "ResponsibleAIPolicyViolation",
+                "content_filter_result": {
+                    "hate": {"filtered": True, "severity": "high"},
+                    "self_harm": {"filtered": False, "severity": "safe"},
+                    "sexual": {"filtered": False, "severity": "safe"},
+                    "violence": {"filtered": False, "severity": "safe"},
+                },
+            },
+        }
+    }
+
+
+def prompt_filtered(req: dict[str, Any]) -> bool:
+    """True when the last user message carries :data:`FILTER_MARKER`."""
+    for msg in reversed(req.get("messages") or []):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            return FILTER_MARKER in _text(msg.get("content"))
+    return False
 
 
 # -- the request ---------------------------------------------------------------------------

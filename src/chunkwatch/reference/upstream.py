@@ -48,8 +48,10 @@ from chunkwatch.reference._answer import (
     Answer,
     BadRequest,
     answer_tokens,
+    content_filter_error,
     openai_error,
     parse_request,
+    prompt_filtered,
     tool_call_id,
 )
 from chunkwatch.reference._http import HTTPServer, Request, Responder
@@ -168,6 +170,10 @@ class Upstream:
                 err.message, "invalid_request_error", code=err.code, param=err.param
             )
             await resp.send_json(400, error)
+            return
+        if prompt_filtered(body):  # Azure's content filter refuses this user's prompt
+            self.stats["bad_requests"] += 1
+            await resp.send_json(400, content_filter_error())
             return
         model = body.get("model") or deployment or "chunkwatch-upstream"
         tokens, filtered = max(0, int(self.tokens)), bool(self.content_filter)
