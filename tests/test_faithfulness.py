@@ -28,24 +28,26 @@ NO_GENERATIONS = "No generations found in stream"
 # mode -> (gateway params, what the user sees: "answer" | "partial" | error type, message part).
 # Error types are what langchain-openai raises: it wraps the SDK's APIConnectionError,
 # InternalServerError and BadRequestError in its own OpenAI* classes.
+# what the client is told (chunkwatch.events.public_message): never the exception's text
+CONNECTION = "could not be reached or dropped the connection"
 EXPECTED: dict[str, tuple[dict[str, Any], str, str]] = {
     "pass": ({}, "answer", ""),
     "zero": ({}, "ValueError", NO_GENERATIONS),
-    "zero-abrupt": ({}, "OpenAIConnectionError", "Connection error"),
+    "zero-abrupt": ({}, "OpenAIConnectionError", CONNECTION),
     "done-only": ({}, "ValueError", NO_GENERATIONS),
     "json": ({}, "ValueError", NO_GENERATIONS),
     "html": ({}, "ValueError", NO_GENERATIONS),
     "buffer": ({}, "answer", ""),
     "buffer-late": ({}, "answer", ""),
     "truncate": ({"events": 4}, "partial", ""),
-    "truncate-abrupt": ({"events": 4}, "OpenAIConnectionError", "Connection error"),
+    "truncate-abrupt": ({"events": 4}, "OpenAIConnectionError", CONNECTION),
     # AzureChatOpenAI has no timeouts: a stall lasts until the gateway drops it (`limit`)
-    "stall": ({"limit": 1.0}, "OpenAIConnectionError", "Connection error"),
-    "stall-headers": ({"limit": 1.0}, "OpenAIConnectionError", "Connection error"),
+    "stall": ({"limit": 1.0}, "OpenAIConnectionError", CONNECTION),
+    "stall-headers": ({"limit": 1.0}, "OpenAIConnectionError", CONNECTION),
     "keepalive-only": ({"interval": 0.2, "limit": 1.0}, "ValueError", NO_GENERATIONS),
     "trickle": ({"bytes": 200, "delay": 0.01}, "answer", ""),
-    "status": ({"status": 502}, "OpenAIAPIError", "502"),
-    "reject-stream-options": ({}, "OpenAIInvalidRequestError", "stream_options"),
+    "status": ({"status": 502}, "OpenAIAPIError", "HTTP 502"),
+    "reject-stream-options": ({}, "OpenAIInvalidRequestError", "HTTP 400"),
     "malformed": ({}, "JSONDecodeError", ""),
     "no-blank-lines": ({}, "ValueError", NO_GENERATIONS),
     "error-event": ({"events": 4}, "APIError", ""),

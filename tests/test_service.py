@@ -197,3 +197,43 @@ def test_request_deadline_ends_the_stream_with_an_error_event() -> None:
     finally:
         svc.stop()
         slow.stop()
+
+
+def test_the_client_is_told_the_verdict_and_trace_not_internal_addresses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model endpoint that refuses connections: the client's error event carries the
+    layer, outcome, a message chunkwatch words, and the trace id to quote — no host, port
+    or exception text; the log keeps the details with the same trace id."""
+    import socket
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    service = ServiceThread(
+        create_app(
+            ServiceConfig(
+                llm=LLMConfig(url=f"http://127.0.0.1:{closed}"),
+                registry=CollectorRegistry(),
+                tracer_provider=TracerProvider(),
+                guard=False,
+            )
+        )
+    )
+    try:
+        with caplog.at_level("WARNING", logger="chunkwatch"):
+            r = chat(service.url, "hello", timeout=30)
+    finally:
+        service.stop()
+    assert r.error is not None and r.last_event == "error"
+    raw = json.dumps(r.error)
+    assert "127.0.0.1" not in raw and str(closed) not in raw, raw
+    assert r.error["layer"] == "gateway" and r.error["outcome"] == "error"
+    assert "could not be reached" in r.error["message"]
+    trace_id = r.error["trace_id"]
+    assert len(trace_id) == 32
+    logged = [rec.getMessage() for rec in caplog.records if trace_id in rec.getMessage()]
+    assert any("Connection" in line for line in logged), logged
