@@ -13,7 +13,7 @@ Usage::
 
     provider = telemetry.setup_tracing("my-service", set_global=True)  # None: tracing is off
     ...
-    telemetry.shutdown()  # at exit: flush what is still batched, stop the exporter
+    telemetry.shutdown()  # at exit: flush what is still batched (5 s at most), stop the exporter
 
 Configuration (environment variables):
 
@@ -44,6 +44,15 @@ Configuration (environment variables):
 * ``OTEL_PROPAGATORS`` — read by the API: how ``traceparent`` is read from and
   written to requests (default W3C trace context and baggage).
 
+Shutdown is bounded: :func:`shutdown` (also run at interpreter exit) gives the
+flush and the exporter's shutdown 5 s in all, whatever the endpoint does. The
+SDK's own flush ignores its timeout and waits for the export in progress, and an
+OTLP export to an endpoint that never answers, or a closed port, takes up to
+``OTEL_EXPORTER_OTLP_TIMEOUT`` (10 s by default) per batch, retries included; so
+the flush runs in a daemon thread and is abandoned at the deadline, with one
+warning that the spans still batched are lost. The process exits on time; the
+export that was in progress dies with it.
+
 Forks: the SDK's batch processor restarts its export thread in a forked child,
 so a provider built before a fork keeps working after it; the gunicorn entry
 point builds it in each worker anyway.
@@ -53,8 +62,11 @@ API: :func:`setup_tracing`, :func:`shutdown`.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -75,6 +87,8 @@ EXPORTERS = ("otlp", "console", "none")
 FLUSH_TIMEOUT_MS = 5000
 
 _providers: list[TracerProvider] = []
+_lock = threading.Lock()
+_at_exit = False
 
 
 def _exporter_names() -> list[str]:
@@ -124,24 +138,62 @@ def setup_tracing(
     names = _exporter_names()
     if not names:
         return None
-    provider = TracerProvider(resource=_resource(service_name))  # sampler: OTEL_TRACES_SAMPLER
+    # sampler: OTEL_TRACES_SAMPLER. Not the SDK's own exit hook: its flush has no deadline.
+    provider = TracerProvider(resource=_resource(service_name), shutdown_on_exit=False)
     for name in dict.fromkeys(names):
         exporter = _exporter(name)
         if name == "console":
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         else:
             provider.add_span_processor(BatchSpanProcessor(exporter))
-    _providers.append(provider)
+    global _at_exit
+    with _lock:
+        _providers.append(provider)
+        if not _at_exit:
+            atexit.register(shutdown)
+            _at_exit = True
     if set_global:
         trace.set_tracer_provider(provider)
     return provider
 
 
-def shutdown(timeout_millis: int = FLUSH_TIMEOUT_MS) -> None:
-    """Flush and shut down every provider :func:`setup_tracing` built. Idempotent."""
-    while _providers:
-        provider = _providers.pop()
-        try:
-            provider.force_flush(timeout_millis)
-        finally:
-            provider.shutdown()
+def shutdown(timeout_millis: int = FLUSH_TIMEOUT_MS) -> bool:
+    """Flush and shut down every provider :func:`setup_tracing` built, within ``timeout_millis``.
+
+    Returns False if the deadline came first: the flush goes on in a daemon thread
+    that does not hold up the process's exit, and the spans it had not sent are
+    lost (logged once, as a warning). Idempotent; also registered with ``atexit``.
+    """
+    with _lock:
+        providers = _providers[:]
+        _providers.clear()
+    if not providers:
+        return True
+    done = threading.Event()
+
+    def flush_and_stop() -> None:
+        for provider in providers:
+            try:
+                provider.force_flush(timeout_millis)
+                provider.shutdown()
+            except Exception:
+                log.debug("chunkwatch: shutting down a tracer provider failed", exc_info=True)
+        done.set()
+
+    threading.Thread(target=flush_and_stop, name="chunkwatch-trace-flush", daemon=True).start()
+    if done.wait(timeout_millis / 1000):
+        return True
+    log.warning(
+        "chunkwatch: the trace exporter did not finish within %.1f s at shutdown (is the "
+        "OTLP endpoint %s answering?): giving up, the spans still batched are lost",
+        timeout_millis / 1000,
+        _endpoint(),
+    )
+    return False
+
+
+def _endpoint() -> str:
+    """Where the OTLP exporter sends, as scheme://host:port (no credentials, no path)."""
+    url = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), "")
+    parts = urlsplit(url or "http://localhost:4318")
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
