@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -369,6 +370,10 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
@@ -379,6 +384,8 @@ def run_serve(args: argparse.Namespace) -> int:
         config = replace(config, tracer_provider=telemetry.setup_tracing(set_global=True))
     app = create_app(config)
     server = make_server(args.host, args.port, app, threaded=True)
+    # SIGTERM (docker stop, systemd, Kubernetes) stops it as SIGINT does: with the flush.
+    signal.signal(signal.SIGTERM, _interrupt)
     print(f"chunkwatch serve listening on http://{args.host}:{server.server_port}", flush=True)
     try:
         server.serve_forever()
