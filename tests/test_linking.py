@@ -240,3 +240,17 @@ def test_beside_otel_threading_both_contexts_travel_and_either_can_leave(first: 
     finally:
         chunkwatch.uninstrument()
         ThreadingInstrumentor().uninstrument()
+
+
+def test_chunkwatchs_own_threads_do_not_hold_the_request_that_started_them(
+    rt: Runtime,
+) -> None:
+    """The watchdog thread, started by the first stream of some request, is not bound to
+    that request: it serves all of them."""
+    ledger = Ledger()
+    seen: list[Ledger | None] = []
+    with bind(ledger):
+        t = threading.Thread(target=lambda: seen.append(current_ledger()), name="chunkwatch-x")
+        t.start()
+        t.join()
+    assert seen == [None]

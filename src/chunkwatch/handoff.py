@@ -59,7 +59,9 @@ def _bound(ledger: Ledger, fn: Callable[..., Any]) -> Callable[..., Any]:
 def _make_start(original: Any) -> Any:
     def start(self: Thread) -> None:
         ledger = _ledger_to_carry()
-        if ledger is not None:
+        # chunkwatch's own threads (the watchdog, started by a request's first stream)
+        # serve every request: they must not hold the one that happened to start them.
+        if ledger is not None and not self.name.startswith("chunkwatch-"):
             # The instance's run, as it resolves now (the class's, or a subclass's,
             # through any other tool's wrapper), is what the new thread will call.
             run = self.run
