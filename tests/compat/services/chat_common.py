@@ -107,6 +107,22 @@ async def agent(graph: Any, message: str, items: queue.Queue[Any]) -> None:
         items.put(exc)
 
 
+async def agent_on_a_new_loop(message: str, items: queue.Queue[Any]) -> None:
+    """The agent for a service that runs ``asyncio.run`` per request, with an HTTP client
+    of the request's own: each ``asyncio.run()`` is a new event loop, and the async client
+    langchain-openai shares by default keeps connections bound to the first one
+    ("RuntimeError: Event loop is closed" on every other request)."""
+    import httpx2
+
+    async with httpx2.AsyncClient() as http:
+        llm = make_llm(http_async_client=http)
+
+        async def call_model(state: dict[str, Any]) -> dict[str, Any]:
+            return {"messages": [await llm.ainvoke(state["messages"])]}
+
+        await agent(build_graph(call_model), message, items)
+
+
 def drain(items: queue.Queue[Any], last: str) -> Iterator[str]:
     """The response body: tokens as they come, ``last`` at the end, errors as
     ``event: error``; gives up after CONSUMER_TIMEOUT seconds without an item."""

@@ -10,32 +10,20 @@ import queue
 import threading
 from typing import Any
 
-import httpx2
-from chat_common import agent, build_graph, drain, instrument, make_llm, serve, sse
+from chat_common import agent_on_a_new_loop, drain, instrument, serve, sse
 from flask import Flask, Response, request
 
 app = Flask(__name__)
 instrument(app)
 
 
-async def run_agent(message: str, items: queue.Queue[Any]) -> None:
-    # A client of this request's own: each asyncio.run() is a new event loop, and the
-    # async client langchain-openai shares by default keeps connections bound to the
-    # first one ("RuntimeError: Event loop is closed" on every other request).
-    async with httpx2.AsyncClient() as http:
-        llm = make_llm(http_async_client=http)
-
-        async def call_model(state: dict[str, Any]) -> dict[str, Any]:
-            return {"messages": [await llm.ainvoke(state["messages"])]}
-
-        await agent(build_graph(call_model), message, items)
-
-
 @app.post("/chat")
 def chat() -> Response:
     message = request.get_json()["message"]
     items: queue.Queue[Any] = queue.Queue()
-    threading.Thread(target=lambda: asyncio.run(run_agent(message, items)), daemon=True).start()
+    threading.Thread(
+        target=lambda: asyncio.run(agent_on_a_new_loop(message, items)), daemon=True
+    ).start()
     return Response(drain(items, last=sse({}, "end")), mimetype="text/event-stream")
 
 
