@@ -738,6 +738,29 @@ def test_upstream_dropping_mid_stream_drops_the_client() -> None:
     assert raw.status == 200 and raw.end == "dropped"
 
 
+def test_a_client_that_leaves_cancels_its_upstream_request_at_once() -> None:
+    """A client that closes its connection while the upstream is between two slow tokens:
+    the gateway cancels its upstream request within about a tenth of a second, not at the
+    upstream's next chunk (a second later here)."""
+    with (
+        start_in_thread(Upstream(tokens=20, token_delay=1.0)) as up,
+        start_in_thread(Gateway(up.url)) as gw,
+    ):
+        body = json.dumps(STREAM_BODY).encode()
+        head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+            sock.sendall(head.encode() + body)
+            assert b"data:" in sock.recv(65536)  # the role chunk: the stream is open
+            assert up.server.stats["active_streams"] == 1
+        left = time.monotonic()
+        while up.server.stats["active_streams"] and time.monotonic() - left < 0.9:
+            time.sleep(0.005)
+        took = time.monotonic() - left
+        assert up.server.stats["active_streams"] == 0, "the upstream stream is still running"
+        assert took < 0.5, f"cancelled after {took:.2f} s"
+        assert up.server.stats["aborted_streams"] == 1
+
+
 # -- the command ------------------------------------------------------------------------------
 
 

@@ -325,7 +325,8 @@ class HTTPServer:
             return False
         resp = Responder(reader, writer, req)
         try:
-            await self._handler(req, resp)
+            if not await _unless_client_leaves(self._handler(req, resp), reader):
+                return False  # the client went away: its handler (and upstream call) is cancelled
         except (ClientGone, ConnectionError):
             return False
         except Exception:
@@ -336,6 +337,32 @@ class HTTPServer:
                 await resp.abort()
             return False
         return resp.finished and resp.keep_alive and not resp.aborted
+
+
+CLIENT_CHECK = 0.05  # seconds between looks at whether the client closed its connection
+
+
+async def _unless_client_leaves(handler: Awaitable[None], reader: asyncio.StreamReader) -> bool:
+    """Run ``handler``; cancel it as soon as the client closes its connection (EOF or a
+    reset), not only when a write to it fails — a stream held or waiting for its upstream
+    would otherwise keep its upstream request until the next write. False if cancelled.
+
+    Only ``at_eof()`` / ``exception()`` are looked at: nothing is read, so bytes a client
+    sent ahead (a pipelined request) stay for the next request."""
+    task = asyncio.ensure_future(handler)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=CLIENT_CHECK)
+            if not task.done() and (reader.at_eof() or reader.exception() is not None):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                return False
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    await task  # its result, or its exception, as before
+    return True
 
 
 async def _refuse(writer: asyncio.StreamWriter, err: HTTPError) -> None:
