@@ -49,6 +49,7 @@ from chunkwatch.guard import BreakerConfig, Guard, GuardScope
 from chunkwatch.ledger import Ledger, bind
 from chunkwatch.metrics import upstream_name
 from chunkwatch.probes.queue import WatchedQueue
+from chunkwatch.reference._input import BadInput, parse_chat
 from chunkwatch.reference.agent import LLMConfig, api_key_from_env, build_graph, make_model
 from chunkwatch.reference.loop import AgentLoop
 from chunkwatch.sse import format_comment, format_event
@@ -61,7 +62,6 @@ log = logging.getLogger("chunkwatch.service")
 Mode = Literal["tokens", "updates"]
 Item = tuple[str, dict[str, Any]]
 MAX_BODY = 64 * 1024
-MAX_THREAD_ID = 128
 
 
 @dataclass(frozen=True)
@@ -235,24 +235,6 @@ def _error(exc: BaseException, ledger: Ledger | None) -> dict[str, Any]:
     return chunkwatch.error_payload(exc, ledger)
 
 
-def _parse_body(raw: bytes) -> Any:
-    """The JSON body, or None: invalid UTF-8 or JSON, and nesting too deep for the parser
-    (``RecursionError``), are the client's error, not the service's."""
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _encodable(text: str) -> bool:
-    """False for text no UTF-8 encoder accepts (a lone surrogate from ``"\\ud800"``)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _json_error(status: int, message: str, kind: str) -> Response:
     resp = jsonify({"error": {"type": kind, "message": message}})
     resp.status_code = status
@@ -296,31 +278,13 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
 
     @app.post("/chat")
     def chat_route() -> Response:
-        body = _parse_body(request.get_data(cache=False))
-        if not isinstance(body, dict):
-            return _json_error(400, "the body must be a JSON object", "invalid_json")
-        message = body.get("message")
-        if not isinstance(message, str) or not message.strip():
-            return _json_error(400, "`message` must be a non-empty string", "invalid_message")
-        if not _encodable(message):
-            return _json_error(
-                400, "`message` must be valid Unicode text (no lone surrogates)", "invalid_message"
-            )
-        thread_id = body.get("thread_id")
-        if thread_id is None:
-            thread_id = uuid.uuid4().hex
-        elif (
-            not isinstance(thread_id, str)
-            or not 0 < len(thread_id) <= MAX_THREAD_ID
-            or not _encodable(thread_id)
-        ):
-            return _json_error(
-                400,
-                f"`thread_id` must be a string of 1..{MAX_THREAD_ID} chars",
-                "invalid_thread_id",
-            )
+        try:
+            given = parse_chat(request.get_data(cache=False))
+        except BadInput as err:
+            return _json_error(400, err.message, err.kind)
+        thread_id = given.thread_id or uuid.uuid4().hex
         return Response(
-            chat.stream(message, thread_id, ledger=chunkwatch.request_ledger()),
+            chat.stream(given.message, thread_id, ledger=chunkwatch.request_ledger()),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
