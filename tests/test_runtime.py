@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from chunkwatch import runtime as runtime_mod
-from chunkwatch.metrics import upstream_name
+from chunkwatch import naming
+from chunkwatch.naming import upstream_name
 from chunkwatch.runtime import Runtime
 
 
@@ -21,7 +21,7 @@ def test_upstream_names_are_looked_up_once_per_url_and_bounded(
         asked.append(url)
         return upstream_name(url, names)
 
-    monkeypatch.setattr(runtime_mod, "upstream_name", counting)
+    monkeypatch.setattr(naming, "upstream_name", counting)
     rt = Runtime(registry=CollectorRegistry(), upstreams={"gw.example.com": "Azure GW"})
     try:
         assert rt.upstream_for("https://gw.example.com/openai") == "azure_gw"
@@ -30,6 +30,6 @@ def test_upstream_names_are_looked_up_once_per_url_and_bounded(
         assert asked == ["https://gw.example.com/openai", "http://127.0.0.1:8431"]
         for port in range(1, 1001):
             assert rt.upstream_for(f"http://10.0.0.1:{port}") == f"10.0.0.1:{port}"
-        assert len(rt._upstream_names) <= 256
+        assert len(rt.names.upstream.known) <= 256
     finally:
         rt.close()

@@ -23,15 +23,14 @@ multiprocess mode. That mode drops exemplars and keeps gauges per process
 from __future__ import annotations
 
 import os
-import re
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from chunkwatch import semconv as sc
+from chunkwatch.naming import redact_url, upstream_name  # re-exported: they lived here
 
 if TYPE_CHECKING:
     from chunkwatch.ledger import Tally
@@ -45,45 +44,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEPTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
-_NAME_RE = re.compile(r"[^a-z0-9_.:-]")
 _lock = threading.Lock()
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
-
-
-def upstream_name(url: str, names: dict[str, str] | None = None) -> str:
-    """The ``upstream`` label for ``url``: a configured name, else ``host[:port]``.
-
-    ``names`` maps ``host``, ``host:port`` or a URL prefix to a name. Never a path,
-    never a query; at most 64 characters of ``[a-z0-9_.:-]``.
-    """
-    parts = urlsplit(url if "//" in url else f"//{url}")
-    host = (parts.hostname or "unknown").lower()
-    hostport = f"{host}:{parts.port}" if parts.port else host
-    for key, name in (names or {}).items():
-        if key in (host, hostport) or (key.startswith("http") and url.startswith(key)):
-            return _NAME_RE.sub("_", name.lower())[:64]
-    return _NAME_RE.sub("_", hostport)[:64]
-
-
-_KEPT_QUERY = frozenset({"api-version"})
-
-
-def redact_url(url: str) -> str:
-    """``url`` with user and password replaced by ``REDACTED`` and every query value but
-    ``api-version``'s replaced by ``REDACTED`` (the HTTP semantic conventions' rule for
-    ``url.full``, applied to every key: gateways carry keys and signatures there)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "REDACTED:REDACTED@" + netloc.rsplit("@", 1)[1]
-    query = "&".join(
-        item
-        if item.split("=", 1)[0] in _KEPT_QUERY or "=" not in item
-        else item.split("=", 1)[0] + "=REDACTED"
-        for item in parts.query.split("&")
-        if item
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class Metrics:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -28,8 +27,9 @@ from prometheus_client import CollectorRegistry
 from chunkwatch import semconv as sc
 from chunkwatch.config import UNSET, Settings
 from chunkwatch.ledger import Ledger, Tally, current_ledger
-from chunkwatch.metrics import Metrics, redact_url, upstream_name
-from chunkwatch.outcomes import FAULT_OUTCOMES, End, Outcome
+from chunkwatch.metrics import Metrics
+from chunkwatch.naming import Names
+from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
 from chunkwatch.verdict import Verdict, describe
 from chunkwatch.watchdog import Deadlines, Watchdog
 
@@ -38,7 +38,6 @@ __all__ = ["Runtime", "activate", "active"]
 log = logging.getLogger("chunkwatch")
 
 CONTENT_LIMIT = 1000  # characters of prompt / completion kept when capture is on
-_MAX_UPSTREAM_URLS = 256  # URLs whose upstream name is remembered
 
 
 def trace_id_of(span: Span | None) -> str | None:
@@ -77,7 +76,7 @@ class Runtime:
         self._set_metrics(registry)
         self._set_tracer(tracer_provider)
         self._apply(settings)
-        self.watchdog = Watchdog(self._on_stall)
+        self.watchdog = Watchdog(self.on_stall)
         self.serving = False  # an app is instrumented: streams are expected to have requests
         self._told_unlinked = False
 
@@ -100,8 +99,7 @@ class Runtime:
     def _apply(self, settings: Settings) -> None:
         self.settings = settings
         self.upstreams = dict(settings.upstreams)
-        self._upstream_names: dict[str, str] = {}
-        self._redacted: dict[str, str] = {}
+        self.names = Names(settings.upstreams)
         self.deadlines = settings.deadlines
         self.capture_content = settings.capture_content
         self.translate_errors = settings.translate_errors
@@ -130,26 +128,12 @@ class Runtime:
     # -- naming -----------------------------------------------------------------------------
 
     def upstream_for(self, url: str) -> str:
-        """The ``upstream`` label for ``url`` (names are looked up once per URL: parsing
-        one costs more than a stream's whole bookkeeping)."""
-        name = self._upstream_names.get(url)
-        if name is None:
-            if len(self._upstream_names) >= _MAX_UPSTREAM_URLS:  # bounded, whatever is asked
-                self._upstream_names.clear()
-            name = self._upstream_names[url] = upstream_name(url, self.upstreams)
-        return name
+        """The ``upstream`` label for ``url`` (:mod:`chunkwatch.naming`)."""
+        return self.names.upstream(url)
 
     def redacted_url(self, url: Any) -> str:
-        """``url.full`` for a span: credentials replaced by ``REDACTED``, every query value
-        but ``api-version`` replaced by ``REDACTED`` (gateways put keys and signatures
-        there). Remembered per URL, like the upstream name."""
-        key = str(url)
-        full = self._redacted.get(key)
-        if full is None:
-            if len(self._redacted) >= _MAX_UPSTREAM_URLS:
-                self._redacted.clear()
-            full = self._redacted[key] = redact_url(key)
-        return full
+        """``url.full`` for a span, credentials and query values redacted."""
+        return self.names.url_full(str(url))
 
     # -- streams ----------------------------------------------------------------------------
 
@@ -240,30 +224,6 @@ class Runtime:
                 self.watchdog.watch(tally, first, idle)
         return tally
 
-    def _stalled_at_end(self, ledger: Ledger) -> None:
-        """Streams below the response still open and silent when the request ends (the app
-        stopped waiting, the client left): stalled, with the time they were silent."""
-        limit = self.deadlines.silent_at_end
-        if limit is None:
-            return
-        now = time.perf_counter_ns()
-        for t in list(ledger.tallies):
-            if t.finished or t.layer in (sc.SSE, sc.HTTP) or not t.stream_requested:
-                continue
-            silent = (now - (t.t_last if t.t_last is not None else t.t_start)) / 1e9
-            if silent < limit:
-                continue  # still flowing: an orphan, not a stall
-            t.facts["silent_for"] = silent
-            if not t.stalled:
-                t.stalled = "first_chunk" if t.t_last is None else "idle"
-                self._on_stall(t, t.stalled, silent)
-            else:
-                abort = t.facts.get("abort")
-                if self.deadlines.abort and abort is not None and "aborted" not in t.facts:
-                    t.facts["aborted"] = (t.stalled, silent)
-                    abort()
-            t.finish(End.TIMEOUT)
-
     def _finish(self, t: Tally) -> None:
         self.watchdog.forget(t)
         # A finished stream must not keep its task (and the frames it holds) alive.
@@ -305,7 +265,9 @@ class Runtime:
         except Exception:
             self.bookkeeping_error(t.layer, "span")
 
-    def _on_stall(self, t: Tally, kind: str, after: float) -> None:
+    def on_stall(self, t: Tally, kind: str, after: float) -> None:
+        """A stall of ``t``, found now (watchdog, request end): count it, note it on the
+        span, log it, and abort the stream if ``Deadlines.abort``."""
         t.facts["deadline"] = after
         self.metrics.stall(t, kind, trace_id_of(t.span))
         if t.span is not None:
@@ -329,50 +291,11 @@ class Runtime:
     # -- requests ---------------------------------------------------------------------------
 
     def finish_request(self, ledger: Ledger, span: Span | None) -> Verdict | None:
-        """Draw the verdict of a finished request and write it everywhere it goes."""
-        try:
-            self._stalled_at_end(ledger)
-        except Exception:
-            self.bookkeeping_error(sc.HTTP, "stalled_at_end")
-        ledger.closed = True
-        try:
-            verdict = ledger.verdict()
-        except Exception:
-            self.bookkeeping_error(sc.HTTP, "verdict")
-            return None
-        upstream = ledger.upstream or "none"
-        trace_id = trace_id_of(span)
-        try:
-            self.metrics.request_finished(verdict, upstream, trace_id)
-        except Exception:
-            self.bookkeeping_error(sc.HTTP, "metrics")
-        if span is not None and span.is_recording():
-            try:
-                attrs: dict[str, Any] = {
-                    sc.A_VERDICT: str(verdict),
-                    sc.A_VERDICT_LAYER: verdict.layer,
-                    sc.A_VERDICT_OUTCOME: str(verdict.outcome),
-                    sc.A_VERDICT_DETAIL: verdict.detail,
-                    sc.A_UPSTREAM: upstream,
-                }
-                for layer, units in ledger.funnel().items():
-                    attrs[sc.A_FUNNEL_PREFIX + layer] = units
-                attrs.update(ledger.attributes)
-                span.set_attributes(attrs)
-                if not verdict.ok:
-                    span.set_attribute(sc.ERROR_TYPE, str(verdict.outcome))
-            except Exception:
-                self.bookkeeping_error(sc.HTTP, "span")
-        level = logging.INFO if verdict.ok else logging.WARNING
-        log.log(
-            level,
-            "chunkwatch verdict=%s upstream=%s trace_id=%s detail=%s",
-            verdict,
-            upstream,
-            trace_id or "-",
-            verdict.detail,
-        )
-        return verdict
+        """Draw the verdict of a finished request and write it everywhere it goes
+        (:mod:`chunkwatch.request_end`)."""
+        from chunkwatch.request_end import finish_request
+
+        return finish_request(self, ledger, span)
 
     # -- content (opt-in only) --------------------------------------------------------------
 

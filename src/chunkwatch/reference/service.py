@@ -47,7 +47,7 @@ from werkzeug.exceptions import HTTPException
 import chunkwatch
 from chunkwatch.guard import BreakerConfig, Guard, GuardScope
 from chunkwatch.ledger import Ledger, bind
-from chunkwatch.metrics import upstream_name
+from chunkwatch.naming import upstream_name
 from chunkwatch.probes.queue import WatchedQueue
 from chunkwatch.reference._input import BadInput, parse_chat
 from chunkwatch.reference.agent import LLMConfig, api_key_from_env, build_graph, make_model

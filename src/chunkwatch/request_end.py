@@ -1,0 +1,102 @@
+"""The end of a request: what is still open below it, then the verdict, written once.
+
+:func:`finish_request` runs when the response's last byte is written (or the client
+left). Streams below the response that are still open and silent then are judged
+``stalled`` (:func:`stalled_at_end`); then the ledger is closed — nothing recorded later
+belongs to this request — and the verdict goes to ``chunkwatch_requests_total``, the
+root span and one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from chunkwatch import semconv as sc
+from chunkwatch.outcomes import End
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from chunkwatch.ledger import Ledger
+    from chunkwatch.runtime import Runtime
+    from chunkwatch.verdict import Verdict
+
+__all__ = ["finish_request", "stalled_at_end"]
+
+log = logging.getLogger("chunkwatch")
+
+
+def stalled_at_end(rt: Runtime, ledger: Ledger) -> None:
+    """Streams below the response still open and silent when the request ends (the app
+    stopped waiting, the client left): stalled, with the time they were silent."""
+    limit = rt.deadlines.silent_at_end
+    if limit is None:
+        return
+    now = time.perf_counter_ns()
+    for t in list(ledger.tallies):
+        if t.finished or t.layer in (sc.SSE, sc.HTTP) or not t.stream_requested:
+            continue
+        silent = (now - (t.t_last if t.t_last is not None else t.t_start)) / 1e9
+        if silent < limit:
+            continue  # still flowing: an orphan, not a stall
+        t.facts["silent_for"] = silent
+        if not t.stalled:
+            t.stalled = "first_chunk" if t.t_last is None else "idle"
+            rt.on_stall(t, t.stalled, silent)
+        else:
+            abort = t.facts.get("abort")
+            if rt.deadlines.abort and abort is not None and "aborted" not in t.facts:
+                t.facts["aborted"] = (t.stalled, silent)
+                abort()
+        t.finish(End.TIMEOUT)
+
+
+def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | None:
+    """Draw the verdict of a finished request and write it everywhere it goes."""
+    try:
+        stalled_at_end(rt, ledger)
+    except Exception:
+        rt.bookkeeping_error(sc.HTTP, "stalled_at_end")
+    ledger.closed = True
+    try:
+        verdict = ledger.verdict()
+    except Exception:
+        rt.bookkeeping_error(sc.HTTP, "verdict")
+        return None
+    upstream = ledger.upstream or "none"
+    from chunkwatch.runtime import trace_id_of
+
+    trace_id = trace_id_of(span)
+    try:
+        rt.metrics.request_finished(verdict, upstream, trace_id)
+    except Exception:
+        rt.bookkeeping_error(sc.HTTP, "metrics")
+    if span is not None and span.is_recording():
+        try:
+            attrs: dict[str, Any] = {
+                sc.A_VERDICT: str(verdict),
+                sc.A_VERDICT_LAYER: verdict.layer,
+                sc.A_VERDICT_OUTCOME: str(verdict.outcome),
+                sc.A_VERDICT_DETAIL: verdict.detail,
+                sc.A_UPSTREAM: upstream,
+            }
+            for layer, units in ledger.funnel().items():
+                attrs[sc.A_FUNNEL_PREFIX + layer] = units
+            attrs.update(ledger.attributes)
+            span.set_attributes(attrs)
+            if not verdict.ok:
+                span.set_attribute(sc.ERROR_TYPE, str(verdict.outcome))
+        except Exception:
+            rt.bookkeeping_error(sc.HTTP, "span")
+    level = logging.INFO if verdict.ok else logging.WARNING
+    log.log(
+        level,
+        "chunkwatch verdict=%s upstream=%s trace_id=%s detail=%s",
+        verdict,
+        upstream,
+        trace_id or "-",
+        verdict.detail,
+    )
+    return verdict
