@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FunctionType
 from typing import Any
 
@@ -56,30 +56,33 @@ def _is_ours(obj: Any) -> bool:
     return type(obj) is FunctionType and _MARK in obj.__dict__
 
 
-def _chain(cls: type, name: str) -> tuple[Any, Any]:
-    """``(lowest proxy or None, what it wraps)`` for ``cls.name`` as found in the class dict;
-    the walk stops at the first object that is not a wrapt proxy (or is ours)."""
+def _walk(cls: type, name: str) -> Iterator[tuple[Any, Any]]:
+    """``(holder, node)`` down ``cls.name``'s chain, as found in the class dict: each wrapt
+    proxy, then what the lowest one wraps (``holder`` is the proxy above, None at the top).
+    The walk stops at chunkwatch's own wrapper or at the first object that is not a proxy."""
     proxies = _proxy_types()
-    holder, current = None, cls.__dict__.get(name)
-    seen = 0
-    while proxies and isinstance(current, proxies) and not _is_ours(current) and seen < 32:
-        inner = getattr(current, "__wrapped__", None)
+    holder, node = None, cls.__dict__.get(name)
+    for _ in range(32):  # a chain longer than any real stack of instrumentations: stop
+        yield holder, node
+        if _is_ours(node) or not proxies or not isinstance(node, proxies):
+            return
+        inner = getattr(node, "__wrapped__", None)
         if inner is None:
-            break
-        holder, current, seen = current, inner, seen + 1
-    return holder, current
+            return
+        holder, node = node, inner
+
+
+def _chain(cls: type, name: str) -> tuple[Any, Any]:
+    """``(lowest proxy or None, what it wraps)``: where chunkwatch's wrapper goes."""
+    *_, last = _walk(cls, name)
+    return last
 
 
 def _find_ours(cls: type, name: str, owner: str) -> tuple[Any, Any] | None:
-    """``(holder, ours)``: our wrapper in the chain and the proxy holding it (None: the class)."""
-    proxies = _proxy_types()
-    holder, current = None, cls.__dict__.get(name)
-    for _ in range(32):
-        if _is_ours(current) and getattr(current, _OWNER_MARK, None) == owner:
-            return holder, current
-        if not proxies or not isinstance(current, proxies):
-            return None
-        holder, current = current, getattr(current, "__wrapped__", None)
+    """``(holder, ours)``: ``owner``'s wrapper in the chain and the proxy above it."""
+    for holder, node in _walk(cls, name):
+        if _is_ours(node) and getattr(node, _OWNER_MARK, None) == owner:
+            return holder, node
     return None
 
 
@@ -149,12 +152,4 @@ def unpatch(owner: str) -> None:
 
 def is_patched(cls: type, name: str) -> bool:
     """True if any chunkwatch wrapper is in ``cls.name``'s chain."""
-    proxies = _proxy_types()
-    current = cls.__dict__.get(name)
-    for _ in range(32):
-        if _is_ours(current):
-            return True
-        if not proxies or not isinstance(current, proxies):
-            return False
-        current = getattr(current, "__wrapped__", None)
-    return False
+    return any(_is_ours(node) for _, node in _walk(cls, name))
