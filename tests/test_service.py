@@ -12,7 +12,8 @@ import pytest
 
 from chunkwatch.reference.agent import LLMConfig
 from chunkwatch.reference.client import chat
-from chunkwatch.reference.service import ServiceConfig, ServiceThread, create_app
+from chunkwatch.reference.service import ServiceConfig, create_app
+from chunkwatch.reference.serving import ServiceThread
 from chunkwatch.reference.threaded import Running, start_in_thread
 from chunkwatch.reference.upstream import Upstream, answer_tokens
 

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "reproduce the empty-stream incident on loopback",
     ),
     "doctor": ("chunkwatch.doctor", "add_doctor_parser", "probe an endpoint layer by layer"),
-    "serve": ("chunkwatch.reference.service", "add_serve_parser", "run the reference service"),
+    "serve": ("chunkwatch.reference.serving", "add_serve_parser", "run the reference service"),
     "gateway": ("chunkwatch.reference.gateway", "add_gateway_parser", "run the fault gateway"),
     "upstream": ("chunkwatch.reference.upstream", "add_upstream_parser", "run the local model"),
 }

@@ -16,7 +16,8 @@ from typing import Any
 from chunkwatch.reference.agent import LLMConfig
 from chunkwatch.reference.client import ChatResult, chat
 from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.service import ServiceConfig, ServiceThread, create_app
+from chunkwatch.reference.service import ServiceConfig, create_app
+from chunkwatch.reference.serving import ServiceThread
 from chunkwatch.reference.threaded import start_in_thread
 from chunkwatch.reference.upstream import Upstream
 
