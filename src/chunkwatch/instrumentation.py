@@ -97,9 +97,10 @@ def instrument(
                 settings=settings,
             )
             activate(rt)
-            for probe in (gateway, sdk, langgraph):
+            for probe, layer in ((gateway, sc.GATEWAY), (sdk, sc.SDK), (langgraph, sc.LANGGRAPH)):
                 try:
                     probe.instrument(rt)
+                    rt.probed.add(layer)
                 except ImportError:  # the library it hooks is not installed: nothing to watch
                     log.debug("chunkwatch: %s not instrumented", probe.__name__, exc_info=True)
             handoff.instrument()

@@ -28,6 +28,7 @@ from chunkwatch.outcomes import End, Evidence, Outcome, classify, end_for_except
 from chunkwatch.semconv import LAYERS
 
 if TYPE_CHECKING:
+    from chunkwatch.orphans import Orphans
     from chunkwatch.verdict import Verdict
 
 __all__ = ["Ledger", "Tally", "bind", "current_ledger"]
@@ -122,6 +123,7 @@ class Ledger:
         self.attributes: dict[str, Any] = {}  # app-level facts (mode, fallback, ...)
         self.closed = False  # the request's verdict is drawn: new streams are not its own
         self.unlinked = False  # a stream's own ledger: no request could be found for it
+        self.orphans: Orphans | None = None  # the client left: model streams still followed
 
     def open(
         self,

@@ -41,6 +41,8 @@ __all__ = ["LATENCY_BUCKETS", "Metrics", "redact_url", "upstream_name"]
 # 10 ms .. 60 s: first tokens of LLMs arrive in 100 ms .. 10 s; stalls run to minutes.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# client left -> model stream stopped: a cancel takes effect within a token interval or two
+ORPHAN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEPTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -148,6 +150,20 @@ class Metrics:
             (sc.L_LAYER,),
             registry=reg,
         )
+        self.orphaned_chunks = Counter(
+            sc.ORPHANED_CHUNKS,
+            "Units model streams received after their request's client had left (nobody "
+            "read them).",
+            (sc.L_UPSTREAM,),
+            registry=reg,
+        )
+        self.orphaned_seconds = Histogram(
+            sc.ORPHANED_STREAM_SECONDS,
+            "Per model stream open when its request's client left: the time until it stopped.",
+            (sc.L_UPSTREAM,),
+            buckets=ORPHAN_BUCKETS,
+            registry=reg,
+        )
         self.genai_duration = Histogram(
             sc.GENAI_OPERATION_DURATION,
             "GenAI client operation duration (OpenTelemetry GenAI semantic conventions).",
@@ -250,6 +266,12 @@ class Metrics:
         self.requests.labels(str(verdict.outcome), verdict.layer, upstream).inc(
             exemplar=self.exemplar(trace_id)
         )
+
+    def orphaned(self, upstream: str, units: int, ran_on: float, trace_id: str | None) -> None:
+        """One model stream of a departed client, stopped ``ran_on`` s after it left."""
+        if units:
+            self.orphaned_chunks.labels(upstream).inc(units)
+        self.orphaned_seconds.labels(upstream).observe(ran_on, exemplar=self.exemplar(trace_id))
 
     def instrumentation_error(self, layer: str, stage: str) -> None:
         try:

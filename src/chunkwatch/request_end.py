@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from chunkwatch import semconv as sc
+from chunkwatch.orphans import MODEL_LAYERS, WAIT, Orphans, client_left
 from chunkwatch.outcomes import End
 
 if TYPE_CHECKING:
@@ -54,16 +55,26 @@ def stalled_at_end(rt: Runtime, ledger: Ledger) -> None:
 
 
 def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | None:
-    """Draw the verdict of a finished request and write it everywhere it goes."""
+    """Draw the verdict of a finished request, count it, and end ``span`` (the request's
+    root) with it. If the client left while model streams were still open, the span and
+    the log line wait until those stop (:mod:`chunkwatch.orphans`), to say what they did."""
     try:
         stalled_at_end(rt, ledger)
     except Exception:
         rt.bookkeeping_error(sc.HTTP, "stalled_at_end")
+    orphans = None
+    try:
+        if client_left(ledger):
+            orphans = _follow_orphans(rt, ledger, span)
+    except Exception:
+        rt.bookkeeping_error(sc.HTTP, "orphans")
     ledger.closed = True
     try:
         verdict = ledger.verdict()
     except Exception:
         rt.bookkeeping_error(sc.HTTP, "verdict")
+        if span is not None:
+            span.end()
         return None
     upstream = ledger.upstream or "none"
     from chunkwatch.runtime import trace_id_of
@@ -73,6 +84,42 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
         rt.metrics.request_finished(verdict, upstream, trace_id)
     except Exception:
         rt.bookkeeping_error(sc.HTTP, "metrics")
+    if orphans is None:
+        _report(rt, ledger, span, verdict, trace_id, {})
+        return verdict
+    orphans.trace_id = trace_id
+
+    def settled(o: Orphans) -> None:
+        _report(rt, ledger, span, o.verdict(verdict), trace_id, o.attributes())
+
+    orphans.when_settled(settled)  # when the last of them stops (or at orphans.WAIT)
+    return verdict
+
+
+def _follow_orphans(rt: Runtime, ledger: Ledger, span: Span | None) -> Orphans:
+    """The model streams still open as the client leaves, and any the request's agent
+    opens from now on, followed until they stop."""
+    layer = sc.GATEWAY if sc.GATEWAY in rt.probed else sc.SDK
+    orphans = Orphans(rt, ledger, layer)
+    for t in ledger.tallies:
+        if t.layer in MODEL_LAYERS and t.stream_requested and not t.finished:
+            orphans.adopt(t, t.units)
+    ledger.orphans = orphans
+    if orphans.following():
+        rt.watchdog.call_later(WAIT, orphans.expire)
+    return orphans
+
+
+def _report(
+    rt: Runtime,
+    ledger: Ledger,
+    span: Span | None,
+    verdict: Verdict,
+    trace_id: str | None,
+    extra: dict[str, Any],
+) -> None:
+    """The verdict on the root span (which ends here) and in one log line."""
+    upstream = ledger.upstream or "none"
     if span is not None and span.is_recording():
         try:
             attrs: dict[str, Any] = {
@@ -85,12 +132,15 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
             for layer, units in ledger.funnel().items():
                 attrs[sc.A_FUNNEL_PREFIX + layer] = units
             attrs.update(ledger.attributes)
+            attrs.update(extra)
             span.set_attributes(attrs)
             if not verdict.ok:
                 span.set_attribute(sc.ERROR_TYPE, str(verdict.outcome))
         except Exception:
             rt.bookkeeping_error(sc.HTTP, "span")
-    level = logging.INFO if verdict.ok else logging.WARNING
+    if span is not None:
+        span.end()
+    level = logging.INFO if verdict.ok and not extra.get(sc.A_ORPHANED) else logging.WARNING
     log.log(
         level,
         "chunkwatch verdict=%s upstream=%s trace_id=%s detail=%s",
@@ -99,4 +149,3 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
         trace_id or "-",
         verdict.detail,
     )
-    return verdict

@@ -29,6 +29,7 @@ from chunkwatch.config import UNSET, Settings
 from chunkwatch.ledger import Ledger, Tally, current_ledger
 from chunkwatch.metrics import Metrics
 from chunkwatch.naming import Names
+from chunkwatch.orphans import MODEL_LAYERS
 from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
 from chunkwatch.verdict import Verdict, describe
 from chunkwatch.watchdog import Deadlines, Watchdog
@@ -78,6 +79,7 @@ class Runtime:
         self._apply(settings)
         self.watchdog = Watchdog(self.on_stall)
         self.serving = False  # an app is instrumented: streams are expected to have requests
+        self.probed: set[str] = set()  # the layers whose probe is installed
         self._told_unlinked = False
 
     def _set_metrics(self, registry: CollectorRegistry | None) -> None:
@@ -147,6 +149,8 @@ class Runtime:
         ledger = current_ledger()
         if ledger is not None and not ledger.closed:
             return ledger
+        if ledger is not None and ledger.orphans is not None:
+            return ledger.orphans.ledger_for_new_stream()  # its client left; it runs on
         own = Ledger()
         own.unlinked = True
         if layer is not None and self.serving:
@@ -213,6 +217,8 @@ class Runtime:
         ledger = ledger or self.ledger(layer)
         tally = ledger.open(layer, upstream=upstream, on_finish=self._finish, **facts)
         tally.span = span
+        if ledger.orphans is not None and not ledger.closed and layer in MODEL_LAYERS:
+            ledger.orphans.adopt(tally)
         try:
             self.metrics.stream_opened(layer)
         except Exception:
@@ -231,6 +237,12 @@ class Runtime:
         t.facts.pop("abort", None)
         if t.upstream == "none" and t.ledger is not None and t.ledger.upstream:
             t.upstream = t.ledger.upstream  # opened before the request reached a model
+        orphans = t.facts.get("orphans")
+        if orphans is not None:
+            try:
+                orphans.stream_ended(t)
+            except Exception:
+                self.bookkeeping_error(t.layer, "orphans")
         span = t.span
         try:
             if t.facts.get("not_a_stream"):

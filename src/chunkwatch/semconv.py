@@ -48,6 +48,10 @@ SSE_DISCONNECTS: Final = "chunkwatch_sse_disconnects"
 INSTRUMENTATION_ERRORS: Final = "chunkwatch_instrumentation_errors"
 STALLS: Final = "chunkwatch_stalls"
 UNLINKED_STREAMS: Final = "chunkwatch_unlinked_streams"  # {layer}: no request could be found
+# {upstream}: units model streams received after their client left; per such stream, the
+# time from the client leaving until it stopped
+ORPHANED_CHUNKS: Final = "chunkwatch_orphaned_chunks"
+ORPHANED_STREAM_SECONDS: Final = "chunkwatch_orphaned_stream_seconds"
 FALLBACKS: Final = "chunkwatch_fallbacks"  # guard: {upstream, reason}
 STREAM_MODE: Final = "chunkwatch_stream_mode"  # guard: {upstream}, 1 = tokens, 0 = updates
 BREAKER_TRANSITIONS: Final = "chunkwatch_breaker_transitions"  # guard: {upstream, to}
@@ -98,6 +102,11 @@ A_QUEUE_WAIT: Final = "chunkwatch.queue.wait"
 A_DISCONNECTED: Final = "chunkwatch.client_disconnected"
 A_LINKED: Final = "chunkwatch.linked"  # False: no inbound request could be found for it
 A_SILENT_FOR: Final = "chunkwatch.silent_for"  # open and silent that long at request end
+A_ORPHANED: Final = "chunkwatch.orphaned"  # the root span: a model stream ran on, unread
+A_ORPHANED_STREAMS: Final = "chunkwatch.orphaned.streams"  # open when the client left, or after
+A_ORPHANED_CHUNKS: Final = "chunkwatch.orphaned.chunks"  # units they received after it left
+A_ORPHANED_SECONDS: Final = "chunkwatch.orphaned.seconds"  # the longest one ran on that long
+A_ORPHANED_STILL_RUNNING: Final = "chunkwatch.orphaned.still_running"  # after orphans.WAIT
 SPAN_GATEWAY_BODY: Final = "gateway response body"  # under another tool's HTTP client span
 A_MODE: Final = "chunkwatch.stream_mode"
 A_FALLBACK_REASON: Final = "chunkwatch.fallback.reason"

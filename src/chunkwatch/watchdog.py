@@ -122,6 +122,7 @@ class Watchdog:
         self._fixed_tick = tick is not None
         self._tick = MAX_TICK if tick is None else tick
         self._watched: dict[int, tuple[Tally, int | None, int | None]] = {}
+        self._timers: list[tuple[int, Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -139,12 +140,22 @@ class Watchdog:
             if tick < self._tick and not self._fixed_tick:
                 self._tick = tick
                 self._wake.set()  # the thread may be asleep for the longer tick
-            # not alive: never started, or started before a fork (threads do not survive it)
-            if (self._thread is None or not self._thread.is_alive()) and not self._stopped:
-                self._thread = threading.Thread(
-                    target=self._run, name="chunkwatch-watchdog", daemon=True
-                )
-                self._thread.start()
+            self._ensure_thread()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Call ``fn`` from the watchdog's thread about ``delay`` seconds from now (within
+        a tick): for deadlines that are not a stream's (orphaned streams)."""
+        with self._lock:
+            self._timers.append((time.perf_counter_ns() + int(delay * 1e9), fn))
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        # not alive: never started, or started before a fork (threads do not survive it)
+        if (self._thread is None or not self._thread.is_alive()) and not self._stopped:
+            self._thread = threading.Thread(
+                target=self._run, name="chunkwatch-watchdog", daemon=True
+            )
+            self._thread.start()
 
     def forget(self, tally: Tally) -> None:
         with self._lock:
@@ -161,6 +172,14 @@ class Watchdog:
         now = time.perf_counter_ns() if now is None else now
         with self._lock:
             items = list(self._watched.values())
+            due = [fn for when, fn in self._timers if when <= now]
+            if due:
+                self._timers = [(when, fn) for when, fn in self._timers if when > now]
+        for fn in due:
+            try:
+                fn()
+            except Exception:
+                log.debug("chunkwatch: a watchdog timer failed", exc_info=True)
         for tally, first_ns, idle_ns in items:
             if tally.stalled or tally.t_end is not None:
                 continue

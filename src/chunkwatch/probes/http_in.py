@@ -181,10 +181,10 @@ class _Request:
             return
         tally.facts["keep_span_open"] = True  # the verdict goes on it first
         tally.finish(end)
-        self.rt.finish_request(self.ledger, span)
         if span is not None:
             span.set_attribute(sc.A_CHUNKS, self.ledger.units(sc.SSE))
-            span.end()
+        # Ends the span: now, or once model streams its departed client left running stop.
+        self.rt.finish_request(self.ledger, span)
 
 
 class _PlainBody:

@@ -111,9 +111,10 @@ def _current(tally: Tally) -> AbstractContextManager[Any]:
 
 
 def _ledger_of(tally: Tally) -> AbstractContextManager[Any]:
-    """Outside a request, the call's own ledger is current while it is sent, so the
-    gateway tally lands beside this one and the verdict sees both."""
-    if current_ledger() is not None:
+    """Outside a request (or after it ended), the call's own ledger is current while it
+    is sent, so the gateway tally lands beside this one and the verdict sees both."""
+    current = current_ledger()
+    if current is not None and not current.closed:
         return nullcontext()
     return bind(tally.ledger)
 
