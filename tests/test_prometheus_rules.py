@@ -32,6 +32,13 @@ EXPECTED_ALERTS = {
     "ChunkwatchNoTraffic": "warning",
     "ChunkwatchFallbackEngaged": "warning",
     "ChunkwatchUnlinkedStreams": "warning",
+    "ChunkwatchOrphanedStreams": "warning",
+}
+# Alerts with no layer to name, and why.
+LAYERLESS_ALERTS = {
+    # the model streams of departed clients: the fix is in the app's disconnect handling,
+    # not at a layer (the metrics count at gateway, or sdk without the gateway probe)
+    "ChunkwatchOrphanedStreams",
 }
 # Fault alerts that read the request verdict and, for streams no request could be tied to,
 # the stream outcome of the layers that see the fault first.
@@ -118,7 +125,7 @@ def test_every_alert_says_layer_upstream_value_and_links_its_runbook() -> None:
         ann = alert["annotations"]
         assert set(ann) == {"summary", "description", "runbook_url"}, name
         desc = ann["description"]
-        assert "$labels.layer" in desc, name
+        assert "$labels.layer" in desc or name in LAYERLESS_ALERTS, name
         assert "$labels.upstream" in desc or "all upstreams" in desc, name
         assert "$value" in desc, name
         path, _, anchor = ann["runbook_url"].partition("#")
