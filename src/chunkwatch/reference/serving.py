@@ -1,6 +1,25 @@
 """Serving the reference app: ``chunkwatch serve`` (Werkzeug) and :class:`ServiceThread`.
 
-The gunicorn entry point is :mod:`chunkwatch.reference.wsgi`.
+Both run on :class:`~chunkwatch.reference._bounded.BoundedServer`, Werkzeug's
+server with bounds: requests are read without a thread and within a deadline,
+at most ``--threads`` are served at once, and every error the server sends
+itself is JSON. The options and their defaults (``chunkwatch serve --help``):
+
+* ``--threads`` (64) — requests served at once; each open SSE stream holds one.
+  Past it: ``503`` with ``Retry-After: 1``.
+* ``--max-pending`` (256) — connections still sending their request. Past it, the
+  one that has been sending longest is answered ``408`` and closed.
+* ``--read-timeout`` (10 s) — to send the whole request (line, headers, body),
+  from the connection. Past it: ``408``. A streamed answer is not timed: it lasts
+  as long as the agent (``--request-timeout``).
+* ``--send-timeout`` (60 s) — a client that reads nothing of its answer for this
+  long is disconnected.
+* ``--max-request-line`` (8190 bytes, else ``414``), ``--max-header-bytes`` (32768,
+  line and headers together, else ``431``), ``--max-header-fields`` (100, else
+  ``431``); the body: 64 KiB (the app's ``413``).
+
+The gunicorn entry point is :mod:`chunkwatch.reference.wsgi`; docs/deployment.md
+compares the two and shows the proxy to put in front of either.
 """
 
 from __future__ import annotations
@@ -14,10 +33,19 @@ from typing import Any
 from flask import Flask
 
 import chunkwatch
+from chunkwatch.reference._bounded import BoundedServer, QuietHandler
+from chunkwatch.reference._limits import Limits
 from chunkwatch.reference.agent import LLMConfig, api_key_from_env
 from chunkwatch.reference.service import ServiceConfig, create_app
 
-__all__ = ["ServiceThread", "add_serve_parser", "config_from_args", "run_serve"]
+__all__ = [
+    "Limits",
+    "ServiceThread",
+    "add_serve_parser",
+    "config_from_args",
+    "limits_from_args",
+    "run_serve",
+]
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -33,6 +61,37 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--heartbeat", type=float, default=15.0)
     p.add_argument("--request-timeout", type=float, default=300.0)
+    d = Limits()
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help=f"requests served at once, open streams included (default {d.threads}); "
+        "past it: JSON 503",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=d.max_pending,
+        help=f"connections still sending their request (default {d.max_pending}); past it "
+        "the oldest gets JSON 408",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=d.read_timeout,
+        help=f"seconds to send the whole request, body included (default {d.read_timeout:g}); "
+        "past it: JSON 408. Streamed answers are not timed",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        default=d.send_timeout,
+        help=f"seconds a client may read nothing of its answer (default {d.send_timeout:g})",
+    )
+    p.add_argument("--max-request-line", type=int, default=d.max_request_line, help="bytes; 414")
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes, help="bytes; 431")
+    p.add_argument("--max-header-fields", type=int, default=d.max_header_fields, help="431")
     p.add_argument(
         "--no-instrument", dest="instrument", action="store_false", help="run without chunkwatch"
     )
@@ -62,20 +121,35 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     )
 
 
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    limits = Limits(
+        threads=args.threads,
+        max_pending=args.max_pending,
+        read_timeout=args.read_timeout,
+        send_timeout=args.send_timeout,
+        max_request_line=args.max_request_line,
+        max_header_bytes=args.max_header_bytes,
+        max_header_fields=args.max_header_fields,
+    )
+    for name in ("threads", "max_pending", "read_timeout", "send_timeout"):
+        if getattr(limits, name) <= 0:
+            raise SystemExit(f"chunkwatch serve: --{name.replace('_', '-')} must be above 0")
+    return limits
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from werkzeug.serving import make_server
-
     from chunkwatch import telemetry
 
+    limits = limits_from_args(args)
     config = config_from_args(args)
     if config.instrument:  # OTEL_* from the environment; None (API no-op) when unconfigured
         config = replace(config, tracer_provider=telemetry.setup_tracing(set_global=True))
     app = create_app(config)
-    server = make_server(args.host, args.port, app, threaded=True)
+    server = BoundedServer(args.host, args.port, app, limits)
     # SIGTERM (docker stop, systemd, Kubernetes) stops it as SIGINT does: with the flush.
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"chunkwatch serve listening on http://{args.host}:{server.server_port}", flush=True)
@@ -90,19 +164,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 class ServiceThread:
-    """The app on Werkzeug's threaded server in a daemon thread (demo and tests)."""
+    """The app on the bounded server of ``chunkwatch serve``, in a daemon thread (demo, tests)."""
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, app: Flask, host: str = "127.0.0.1", port: int = 0, limits: Limits | None = None
+    ) -> None:
         import threading
 
-        from werkzeug.serving import WSGIRequestHandler, make_server
-
-        class Quiet(WSGIRequestHandler):
-            def log_request(self, *args: Any, **kwargs: Any) -> None:
-                pass
-
         self.app = app
-        self.server = make_server(host, port, app, threaded=True, request_handler=Quiet)
+        self.server = BoundedServer(host, port, app, limits, handler=QuietHandler)
         self.url = f"http://{host}:{self.server.server_port}"
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="chunkwatch-service", daemon=True
