@@ -27,6 +27,9 @@ stops gunicorn at start, not at the first request):
   per worker process).
 * ``CHUNKWATCH_HEARTBEAT``, ``CHUNKWATCH_REQUEST_TIMEOUT`` — seconds, as
   ``chunkwatch serve --heartbeat`` / ``--request-timeout``.
+* ``CHUNKWATCH_BODY_TIMEOUT`` — seconds a client has to send its request body
+  (default 10, as ``chunkwatch serve --read-timeout``); past it: JSON 408 and the
+  connection closed (:class:`~chunkwatch.reference._limits.BodyDeadline`).
 * ``CHUNKWATCH_FIRST_CHUNK_TIMEOUT``, ``CHUNKWATCH_IDLE_TIMEOUT`` — the stall
   deadlines (:meth:`chunkwatch.Deadlines.from_env`; stalled upstream streams
   are aborted, as in ``chunkwatch serve``).
@@ -42,6 +45,13 @@ but heartbeats. gunicorn imports this module in the master (``-c python:...``,
 ``--preload``), so ``app`` is a :class:`LazyApp` that builds the Flask app, the
 loop, the metrics and the tracer provider in each worker, after the fork
 (``post_worker_init``), and refuses to run an app built in another process.
+
+Limits: the request line (8190 bytes), header fields (100, 8190 bytes each) and
+the body (64 KiB, read within ``CHUNKWATCH_BODY_TIMEOUT``) are bounded here. What
+gunicorn cannot bound — a client sending its *headers* slowly holds a worker
+thread for as long as it keeps sending, a slow body holds one until the body
+deadline, and gunicorn's own 400/414/431 pages are plain text — is the job of a
+buffering proxy in front: docs/deployment.md has the nginx configuration.
 """
 
 from __future__ import annotations
@@ -56,12 +66,14 @@ from typing import Any
 
 import chunkwatch
 from chunkwatch import telemetry
+from chunkwatch.reference._limits import BodyDeadline, Limits
 from chunkwatch.reference.agent import LLMConfig, api_key_from_env
 from chunkwatch.reference.service import ServiceConfig, create_app
 
 __all__ = [
     "LazyApp",
     "app",
+    "body_timeout_from_env",
     "child_exit",
     "config_from_env",
     "on_starting",
@@ -73,6 +85,14 @@ log = logging.getLogger("chunkwatch.service")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+
+
+def body_timeout_from_env(environ: Mapping[str, str] = os.environ) -> float:
+    """``CHUNKWATCH_BODY_TIMEOUT``: seconds to send the request body. Raises ValueError."""
+    timeout = _seconds(environ, "CHUNKWATCH_BODY_TIMEOUT", Limits.read_timeout)
+    if timeout <= 0:
+        raise ValueError(f"CHUNKWATCH_BODY_TIMEOUT={timeout:g}: expected seconds above 0")
+    return timeout
 
 
 def config_from_env(environ: Mapping[str, str] = os.environ) -> ServiceConfig:
@@ -136,10 +156,12 @@ class LazyApp:
     process (before a fork) is refused with an error, never served half-dead.
     """
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, body_timeout: float = Limits.read_timeout) -> None:
         self.config = config
+        self.body_timeout = body_timeout
         self._lock = threading.Lock()
         self._flask: Any = None
+        self._served: WSGIApp | None = None  # the Flask app behind the body deadline
         self._pid: int | None = None
 
     def load(self) -> WSGIApp:
@@ -160,6 +182,7 @@ class LazyApp:
                 provider = telemetry.setup_tracing("chunkwatch", set_global=True)
                 config = replace(config, tracer_provider=provider)
             self._flask = create_app(config)
+            self._served = BodyDeadline(self._flask, self.body_timeout)
             self._pid = os.getpid()
             built: WSGIApp = self._flask
             return built
@@ -167,7 +190,7 @@ class LazyApp:
     def close(self) -> None:
         """Stop the agent loop, remove the probes and flush traces. Idempotent."""
         with self._lock:
-            flask_app, self._flask = self._flask, None
+            flask_app, self._flask, self._served = self._flask, None, None
         if flask_app is None or self._pid != os.getpid():
             return
         chat = flask_app.extensions.get("chunkwatch.chat")
@@ -180,14 +203,15 @@ class LazyApp:
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
-        flask_app = self._flask
-        if flask_app is None or self._pid != os.getpid():
-            flask_app = self.load()  # first use in this process, or the refusal
-        result: Iterable[bytes] = flask_app(environ, start_response)
-        return result
+        served = self._served
+        if served is None or self._pid != os.getpid():
+            self.load()  # first use in this process, or the refusal
+            served = self._served
+            assert served is not None
+        return served(environ, start_response)
 
 
-app = LazyApp(config_from_env())
+app = LazyApp(config_from_env(), body_timeout_from_env())
 
 
 # -- gunicorn configuration (``gunicorn -c python:chunkwatch.reference.wsgi``) --------------------
@@ -196,6 +220,11 @@ app = LazyApp(config_from_env())
 wsgi_app = "chunkwatch.reference.wsgi:app"
 worker_class = "gthread"  # a stream holds a thread; sync workers would be killed at --timeout
 threads = 8
+# What a request may hold (docs/deployment.md, "Limits"); gunicorn answers 400, 414 or 431
+# past them, as plain text. Keep-alive connections wait on the worker's poller, not a thread.
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
 
 
 def on_starting(server: Any) -> None:
