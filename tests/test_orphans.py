@@ -185,3 +185,22 @@ def test_a_request_that_completes_follows_nothing(
     (span,) = _roots(exporter)
     assert sc.A_ORPHANED not in dict(span.attributes or {})  # type: ignore[attr-defined]
     assert ledger.orphans is None
+
+
+def test_units_in_flight_when_the_client_left_are_not_lost(rt: Runtime) -> None:
+    """The sdk had counted a chunk the langgraph layer had not passed on yet when the client
+    left: the stream is still open, the chunk is in flight, the verdict is the disconnect
+    (fifty departing clients got `lost@langgraph` for this)."""
+    ledger = Ledger()
+    sdk = rt.open(sc.SDK, ledger=ledger, upstream="gw", watch=False, stream_requested=True)
+    sdk.unit(4)
+    graph = rt.open(sc.LANGGRAPH, ledger=ledger, upstream="gw", watch=False)
+    graph.facts["unit"] = "token"
+    graph.unit(3)
+    sse = rt.open(sc.SSE, ledger=ledger, watch=False)
+    sse.unit()
+    sse.finish(End.CLOSED)
+    verdict = rt.finish_request(ledger, None)
+    assert verdict is not None and str(verdict) == "disconnected@sse"
+    sdk.finish(End.CLOSED)
+    graph.finish(End.CLOSED)

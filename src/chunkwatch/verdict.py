@@ -6,7 +6,9 @@ langgraph, queue, sse, http):
 1. the first stream, lowest layer first, whose outcome is a fault (anything but
    ``ok``, ``disconnected`` and ``abandoned``) is the verdict;
 2. otherwise units lost between two layers that count the same unit (gateway data
-   events -> sdk chunks -> langgraph token events) is ``lost`` at the upper layer;
+   events -> sdk chunks -> langgraph token events) is ``lost`` at the upper layer —
+   between finished streams only: a stream still open when the client left has units
+   in flight;
 3. otherwise a client that went away is ``disconnected`` at the layer that noticed it:
    the highest layer below ``http`` that saw it (``sse`` for an event stream);
    ``abandoned`` likewise;
@@ -81,7 +83,10 @@ def _lost_between_layers(ledger: Ledger) -> Verdict | None:
         pairs.append(
             (sc.SDK, sum(t.units for t in sdk), sc.LANGGRAPH, sum(t.units for t in tokens))
         )
+    open_layers = {t.layer for t in ledger.tallies if not t.finished}
     for below, n_below, above, n_above in pairs:
+        if below in open_layers or above in open_layers:
+            continue  # still streaming when the request ended (the client left): in flight
         if n_above < n_below:
             return Verdict(
                 Outcome.LOST,

@@ -65,6 +65,11 @@ class LLMConfig:
     api_key: str = field(default=LOCAL_API_KEY, repr=False)  # never in a repr or a log
     timeout: float | None = None  # AzureChatOpenAI's own default: no HTTP timeouts
     max_retries: int = 0
+    # langchain-openai reads each chunk through asyncio.wait_for when this is > 0, and on
+    # Python 3.11 wait_for can swallow the cancel of a departed client's request (CPython
+    # gh-86296): its model stream runs on, unread. 0 turns that off; stalls are still cut
+    # by chunkwatch's deadlines (the service aborts stalled streams).
+    stream_chunk_timeout: float = 0.0
 
 
 @tool
@@ -84,6 +89,7 @@ def make_model(config: LLMConfig, *, streaming: bool) -> AzureChatOpenAI:
         timeout=config.timeout,
         max_retries=config.max_retries,
         streaming=streaming,
+        stream_chunk_timeout=config.stream_chunk_timeout,
     )
 
 
