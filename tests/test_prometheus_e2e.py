@@ -284,6 +284,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     with instrumented_system(guard=True, breaker=BREAKER) as system:
         for _ in range(2):  # counters exist before the first scrape
             chat(system.service.url, PROMPT, timeout=30)
+        _disconnect(system.service.url)  # so do the orphaned-stream series
+        time.sleep(0.5)  # the departed client's model stream stops, then is counted
         prom = Prometheus(workdir, [system.service.url.removeprefix("http://")], [rules])
         prom.start()
         traffic = Traffic(system.service.url)

@@ -269,8 +269,7 @@ class Metrics:
 
     def orphaned(self, upstream: str, units: int, ran_on: float, trace_id: str | None) -> None:
         """One model stream of a departed client, stopped ``ran_on`` s after it left."""
-        if units:
-            self.orphaned_chunks.labels(upstream).inc(units)
+        self.orphaned_chunks.labels(upstream).inc(units)  # 0 too: the series exists
         self.orphaned_seconds.labels(upstream).observe(ran_on, exemplar=self.exemplar(trace_id))
 
     def instrumentation_error(self, layer: str, stage: str) -> None:
