@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,7 +105,7 @@ def gunicorn(upstream: Running[Upstream], tmp_path_factory: pytest.TempPathFacto
     cmd = [
         sys.executable, "-m", "gunicorn", "-c", "python:chunkwatch.reference.wsgi",
         "-w", "2", "--threads", "8", "-b", "127.0.0.1:0", "--no-control-socket",
-        "--error-logfile", "-", "--log-level", "info",
+        "--graceful-timeout", "1", "--error-logfile", "-", "--log-level", "info",
     ]  # fmt: skip
     env = child_env(
         CHUNKWATCH_LLM_URL=upstream.url,
@@ -330,7 +331,99 @@ def test_gunicorn_answers_slow_bodies_with_json_408_and_healthz_again_after_the_
     assert set(answers) == {(408, "request_timeout")}
 
 
-def test_gunicorn_answers_a_body_over_the_limit_with_json_413_unread(gunicorn: int) -> None:
-    """A body announced over 64 KiB is refused with JSON 413 before a byte of it is sent."""
-    status, headers, body = request(gunicorn, SLOW_HEAD + b"Content-Length: 70000\r\n\r\n")
+def test_gunicorn_refuses_a_body_over_the_limit_unread_and_frees_the_connection(
+    gunicorn: int,
+) -> None:
+    """A body announced over 64 KiB gets a JSON 413 before a byte of it is sent, and the
+    connection ends at once: gunicorn does not hold the thread draining (for up to 5 s)
+    a body that will never come."""
+    with slow_client(gunicorn, SLOW_HEAD + b"Content-Length: 70000\r\n\r\n") as sock:
+        status, headers, body = read_response(sock, 5)
+        start = time.monotonic()
+        sock.settimeout(10)
+        rest = sock.recv(1024)
+        closed_after = time.monotonic() - start
     assert (status, json_error(headers, body)["type"]) == (413, "payload_too_large")
+    assert rest == b"" and closed_after < 1.0, closed_after
+
+
+# -- the nginx example of docs/deployment.md ---------------------------------------------------
+
+DOCS = Path(__file__).parent.parent / "docs" / "deployment.md"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def nginx(gunicorn: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """nginx with the docs' configuration, in front of gunicorn: its port."""
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if binary is None:
+        pytest.skip("nginx is not installed")
+    tmp = tmp_path_factory.mktemp("nginx")
+    block = re.search(r"```nginx\n(.*?)```", DOCS.read_text(), re.S)
+    assert block, "docs/deployment.md has no nginx block"
+    port = free_port()
+    site = block[1].replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{gunicorn};")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp / "site.conf").write_text(site)
+    (tmp / "nginx.conf").write_text(
+        f"daemon off; pid {tmp}/nginx.pid; error_log {tmp}/error.log info;\n"
+        "worker_processes 1; events { worker_connections 1024; }\n"
+        f"http {{ access_log {tmp}/access.log; client_body_temp_path {tmp}/body;\n"
+        f"proxy_temp_path {tmp}/proxy; include {tmp}/site.conf; }}\n"
+    )
+    cmd = [binary, "-c", str(tmp / "nginx.conf"), "-p", str(tmp), "-e", str(tmp / "error.log")]
+    with child(cmd, child_env(), tmp / "nginx.log") as proc:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    tmp / "nginx.log"
+                ).read_text() + (tmp / "error.log").read_text()
+                time.sleep(0.05)
+        yield port
+
+
+def test_the_docs_nginx_example_holds_slow_clients_and_streams_unbuffered(nginx: int) -> None:
+    """The nginx block of docs/deployment.md in front of gunicorn (2 x 8 threads): 40
+    slow clients are held by nginx, not gunicorn threads, so ``/healthz`` answers at
+    once; a 3 s answer streams through token by token (not buffered to the end)."""
+    with ExitStack() as stack:
+        for i in range(40):
+            stack.enter_context(slow_client(nginx, slow_body() if i % 2 else SLOW_HEAD))
+        time.sleep(0.3)
+        status, took = healthz(nginx)
+        result = chat(f"http://127.0.0.1:{nginx}", "through the proxy", timeout=20)
+    assert status == 200 and took < 0.5, took
+    assert result.status == 200 and result.last_event == "done", result
+    first = result.first_content_after
+    assert first is not None and first < 1.0 and result.elapsed > READ_TIMEOUT, result
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "kind"),
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 400,
+         "bad_request"),
+        (SLOW_HEAD + b"Content-Length: 70000\r\n\r\n", 413, "payload_too_large"),
+        (b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n", 404, "not_found"),
+    ],
+    ids=["414", "400-header", "413", "metrics-404"],
+)  # fmt: skip
+def test_the_docs_nginx_example_answers_its_own_errors_in_json(
+    nginx: int, raw: bytes, status: int, kind: str
+) -> None:
+    """The proxy's own errors keep their status and have the service's JSON shape."""
+    got, headers, body = request(nginx, raw)
+    assert (got, json_error(headers, body)["type"]) == (status, kind)

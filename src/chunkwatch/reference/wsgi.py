@@ -4,7 +4,7 @@ Usage (this module is both the app and the gunicorn config; see ``docs/deploymen
 
     export CHUNKWATCH_LLM_URL=http://127.0.0.1:8081
     export PROMETHEUS_MULTIPROC_DIR=/run/chunkwatch/metrics   # empty, before start
-    gunicorn -c python:chunkwatch.reference.wsgi -w 4 -b 0.0.0.0:8000
+    gunicorn -c python:chunkwatch.reference.wsgi -w 4 -b 127.0.0.1:8000  # behind a proxy
 
 ``-c python:chunkwatch.reference.wsgi`` loads the hooks below and the defaults
 ``worker_class = "gthread"``, ``threads = 8`` and ``wsgi_app`` (this module's
