@@ -6,7 +6,10 @@ agent runs as a task on one shared background event loop
 a thread-safe queue.
 
 ``POST /chat`` with JSON ``{"message": str, "thread_id": str?}`` answers
-``text/event-stream``. The event schema (see ``docs/service.md``):
+``text/event-stream``. Without ``thread_id`` a new conversation starts; ``event: done``
+carries the id the service issued for it, which continues it. Conversation memory is
+bounded (:mod:`chunkwatch.reference.conversations`). The event schema (see
+``docs/service.md``):
 
 * ``: open`` comment, flushed at once so a proxy in front never waits for the
   first token; ``: heartbeat`` comments while nothing else is sent;
@@ -21,7 +24,8 @@ a thread-safe queue.
   failed stream. The body always ends properly after it.
 
 Bad input gets JSON errors: 400 (invalid JSON, missing or non-string
-``message``), 413 (body over 64 KiB). ``GET /healthz`` answers ``{"status": "ok"}``.
+``message``), 404 ``unknown_thread`` (a ``thread_id`` never issued, or forgotten), 413
+(body over 64 KiB). ``GET /healthz`` answers ``{"status": "ok"}``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import asyncio
 import json
 import logging
 import queue
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from typing import Any, Literal
 
 from flask import Flask, Response, jsonify, request
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
-from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from werkzeug.exceptions import HTTPException
 
 import chunkwatch
@@ -48,6 +51,12 @@ from chunkwatch.naming import upstream_name
 from chunkwatch.probes.queue import WatchedQueue
 from chunkwatch.reference._input import BadInput, parse_chat
 from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
+from chunkwatch.reference.conversations import (
+    UNKNOWN_THREAD,
+    ConversationLimits,
+    Conversations,
+    UnknownThread,
+)
 from chunkwatch.reference.loop import AgentLoop
 from chunkwatch.sse import format_comment, format_event
 from chunkwatch.watchdog import Deadlines
@@ -76,6 +85,10 @@ class ServiceConfig:
     # The guard: fall back to state streaming when token streaming is broken.
     guard: bool = True
     breaker: BreakerConfig | None = None
+    # Conversation memory: in this process, within these limits (CHUNKWATCH_* variables);
+    # or a LangGraph checkpointer of yours (AsyncPostgresSaver ...), whose retention is yours.
+    conversations: ConversationLimits = field(default_factory=ConversationLimits.from_env)
+    checkpointer: BaseCheckpointSaver[Any] | None = None
 
 
 def message_json(msg: BaseMessage) -> dict[str, Any]:
@@ -100,7 +113,10 @@ class ChatService:
     def __init__(self, config: ServiceConfig, loop: AgentLoop | None = None) -> None:
         self.config = config
         self.loop = loop or AgentLoop()
-        checkpointer = InMemorySaver()
+        self.conversations = Conversations(
+            config.conversations, config.checkpointer, submit=self.loop.submit
+        )
+        checkpointer = self.conversations.saver
         self.guard = Guard(config.breaker or BreakerConfig.from_env()) if config.guard else None
         self.graphs = {
             "tokens": build_graph(
@@ -127,11 +143,16 @@ class ChatService:
                     mode = "updates"
                     put(("mode", {"mode": mode, "reason": scope.reason}))
                 deadline = self.config.request_timeout
-                async with asyncio.timeout(deadline if deadline and deadline > 0 else None):
+                async with (
+                    asyncio.timeout(deadline if deadline and deadline > 0 else None),
+                    self.conversations.turn(thread_id),
+                ):
                     if mode == "tokens":
                         await self._tokens(message, thread_id, put, scope)
                     else:
                         await self._updates(message, thread_id, put)
+            except UnknownThread:  # forgotten between the request's check and its turn
+                put(("error", {"type": "unknown_thread", "message": UNKNOWN_THREAD}))
             except Exception as exc:  # every failure reaches the client as `event: error`
                 log.info("chat failed: %s: %s", type(exc).__name__, exc)
                 put(("error", _error(exc, ledger)))
@@ -166,7 +187,7 @@ class ChatService:
         scope: GuardScope | None = None,
     ) -> None:
         """astream_events v2: tokens as they come; after a guard switch, node updates."""
-        inputs = {"messages": [HumanMessage(message)]}
+        inputs = await self.conversations.inputs(self.graphs["tokens"], thread_id, message)
         config = {"configurable": {"thread_id": thread_id}}
         async for ev in self.graphs["tokens"].astream_events(inputs, config, version="v2"):
             kind = ev["event"]
@@ -187,9 +208,9 @@ class ChatService:
                     put(("update", {"node": node, "messages": [message_json(m) for m in messages]}))
 
     async def _updates(self, message: str, thread_id: str, put: Callable[[Item], None]) -> None:
-        inputs = {"messages": [HumanMessage(message)]}
-        config = {"configurable": {"thread_id": thread_id}}
         graph = self.graphs["updates"]
+        inputs = await self.conversations.inputs(graph, thread_id, message)
+        config = {"configurable": {"thread_id": thread_id}}
         async for update in graph.astream(inputs, config, stream_mode="updates"):
             for node, delta in update.items():
                 messages = (delta or {}).get("messages", [])
@@ -279,7 +300,13 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
             given = parse_chat(request.get_data(cache=False))
         except BadInput as err:
             return _json_error(400, err.message, err.kind)
-        thread_id = given.thread_id or uuid.uuid4().hex
+        conversations = chat.conversations
+        if given.thread_id is None:
+            thread_id = conversations.new()
+        elif conversations.known(given.thread_id):
+            thread_id = given.thread_id
+        else:
+            return _json_error(404, UNKNOWN_THREAD, "unknown_thread")
         return Response(
             chat.stream(given.message, thread_id, ledger=chunkwatch.request_ledger()),
             mimetype="text/event-stream",
