@@ -8,7 +8,9 @@ Outcomes (also used as ``error.type`` on spans and as the ``outcome`` label):
 
 =====================  ==========================================================
 ``ok``                 the stream delivered data and ended as it should
-``empty``              2xx event-stream, zero data events (clean or dropped end)
+``empty``              2xx event-stream, zero data events (clean or dropped end), or
+                       data events none of which carries a completion (only Azure
+                       prompt-filter results or usage): the model produced nothing
 ``truncated``          data, then the end came without ``[DONE]`` / ``finish_reason``,
                        or the connection dropped after data
 ``stalled``            a first-chunk or idle deadline passed while the stream was open
@@ -17,7 +19,9 @@ Outcomes (also used as ``error.type`` on spans and as the ``outcome`` label):
 ``http_error``         HTTP status >= 400
 ``malformed``          bytes that do not parse: invalid JSON data, events without
                        blank lines, a gzip body without Content-Encoding
-``error_event``        an ``event: error`` or a JSON ``{"error": ...}`` event
+``error_event``        an ``event: error``, a JSON ``{"error": ...}`` event, or a JSON
+                       object that is not a chunk (``{"message": ...}``): an error
+                       delivered inside the stream
 ``disconnected``       the consumer (ultimately the client) went away before the end
 ``abandoned``          the stream was garbage-collected without being finished or closed
 ``lost``               a layer passed on fewer units than it received from below
@@ -39,7 +43,8 @@ The rules, applied in this order (the first that matches wins):
    its end (a stream whose terminal marker was already seen is not cut short).
 7. ``empty`` / ``truncated``: ``StreamEmptyError`` / ``StreamTruncatedError`` ended it.
 8. ``error``: any other exception ended it (not a timeout, drop or parse error).
-9. ``empty``: zero units, ended cleanly or dropped.
+9. ``empty``: zero units, or only units without a completion (``annotations``), ended
+   cleanly or dropped.
 10. ``truncated``: the connection dropped after data, or the layer knows a terminal
     marker (``[DONE]``, ``finish_reason``) and saw none.
 11. ``lost``: the layer knows how many units it received and passed on fewer.
@@ -53,6 +58,8 @@ The rules, applied in this order (the first that matches wins):
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -64,8 +71,11 @@ __all__ = [
     "End",
     "Evidence",
     "Outcome",
+    "Payload",
     "classify",
     "end_for_exception",
+    "payload_kind",
+    "upstream_text",
 ]
 
 
@@ -163,12 +173,77 @@ class Evidence:
     terminal_known: bool = False  # the layer can see a terminal marker
     terminal_seen: bool = False  # [DONE] or a finish_reason
     error_events: int = 0
+    annotations: int = 0  # units that carry no completion (prompt-filter results, usage)
     malformed: int = 0
     gzip_magic: bool = False
     pending_fields: int = 0
     stalled: str | None = None  # "first_chunk" or "idle" when the watchdog fired
     end: End | None = None
     exc_type: str | None = None  # class name of the exception that ended it
+
+
+class Payload(StrEnum):
+    """What one decoded ``data:`` payload of a chat-completions stream is."""
+
+    COMPLETION = "completion"  # a chunk with choices: the model speaking
+    ANNOTATION = "annotation"  # a chunk with ``choices: []``: prompt-filter results, usage
+    ERROR = "error"  # not a chunk: {"error": ...}, {"message": ...}, delivered in-band
+    OTHER = "other"  # not a JSON object, or a typed event of another API ("type", "object")
+
+
+def payload_kind(obj: object) -> Payload:
+    """The kind of one decoded ``data:`` payload (see :class:`Payload`)."""
+    if not isinstance(obj, dict):
+        return Payload.OTHER
+    if obj.get("error") is not None:
+        return Payload.ERROR
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        return Payload.COMPLETION if choices else Payload.ANNOTATION
+    if "choices" in obj or "type" in obj or "object" in obj:
+        return Payload.OTHER  # a Responses / Anthropic event, or an odd chunk: not ours to judge
+    return Payload.ANNOTATION if "usage" in obj else Payload.ERROR
+
+
+UPSTREAM_TEXT_MAX = 200  # characters of an in-band error's text kept for the verdict
+
+_SECRETS = (  # what looks like a credential, in text an upstream chose to send
+    re.compile(r"(?i)\b(bearer|basic)\s+[^\s,;\"']+"),
+    re.compile(
+        r"(?i)\b(authorization|api[-_ ]?key|subscription[-_ ]?key|access[-_ ]?token"
+        r"|secret|password|token)([\"']?\s*[:=]\s*[\"']?)[^\s,;\"'}]+"
+    ),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{6,}"),
+    re.compile(r"(?=[A-Za-z+/_=-]*[0-9])[A-Za-z0-9+/_=-]{32,}"),  # opaque tokens: keys, signatures
+)
+
+
+def _first(obj: dict[str, object], keys: tuple[str, ...], default: object) -> object:
+    return next((obj[k] for k in keys if obj.get(k)), default)
+
+
+def upstream_text(obj: object, limit: int = UPSTREAM_TEXT_MAX) -> str:
+    """The text of an in-band error, fit for a log line: ``error.message`` (or ``message``,
+    ``detail``, else the JSON itself), control characters dropped, anything that looks
+    like a key or an Authorization value replaced by ``[redacted]``, at most ``limit``
+    characters. Upstream text, never a prompt; bounded, so it can go on a span."""
+    text: object = obj
+    if isinstance(obj, dict):
+        error = obj.get("error")
+        if isinstance(error, dict):
+            text = _first(error, ("message", "detail", "msg", "code", "type"), error)
+        elif isinstance(error, str) and error:
+            text = error
+        else:
+            text = _first(obj, ("message", "detail", "msg"), obj)
+    if not isinstance(text, str):
+        text = json.dumps(text, separators=(",", ":"), default=str)
+    text = " ".join("".join(c if c.isprintable() else " " for c in text[: 8 * limit]).split())
+    text = _SECRETS[0].sub(r"\1 [redacted]", text)
+    text = _SECRETS[1].sub(r"\1\2[redacted]", text)
+    for pattern in _SECRETS[2:]:
+        text = pattern.sub("[redacted]", text)
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _media_type(content_type: str | None) -> str:
@@ -224,7 +299,7 @@ def classify(ev: Evidence) -> Outcome:
         return Outcome.TRUNCATED
     if ev.end is End.ERROR:  # an exception not classified above
         return Outcome.ERROR
-    if ev.units == 0:
+    if ev.units <= ev.annotations:  # no unit at all, or none with a completion
         return Outcome.EMPTY
     if cut_short and (ev.end is End.ABRUPT or ev.terminal_known):
         return Outcome.TRUNCATED

@@ -58,7 +58,7 @@ def judge(ledger: Ledger) -> Verdict:
     )
     for t in tallies:
         if t.outcome in FAULT_OUTCOMES:
-            return Verdict(t.outcome, t.layer, describe(t))
+            return Verdict(t.outcome, t.layer, describe(t, said=_said(tallies)))
     lost = _lost_between_layers(ledger)
     if lost is not None:
         return lost
@@ -68,6 +68,12 @@ def judge(ledger: Ledger) -> Verdict:
         t = (below_http or gone)[-1]
         return Verdict(t.outcome or Outcome.DISCONNECTED, t.layer, describe(t))
     return Verdict(Outcome.OK, sc.NO_LAYER, _ok_detail(ledger))
+
+
+def _said(tallies: list[Tally]) -> str | None:
+    """What the upstream said in-band, as the lowest layer that read it noted it (the
+    gateway reads it off its last read; an SDK that raised on it, off the exception)."""
+    return next((t.facts["upstream_said"] for t in tallies if "upstream_said" in t.facts), None)
 
 
 def _lost_between_layers(ledger: Ledger) -> Verdict | None:
@@ -113,6 +119,9 @@ _MEANING = {
     (sc.GATEWAY, Outcome.MALFORMED): "the bytes are not a valid event stream of JSON chunks",
     (sc.GATEWAY, Outcome.ERROR_EVENT): "the upstream reported an error inside the stream",
 }
+# empty, with data events that carry no completion (ended as a stream should, or cut)
+_NOTHING = "the upstream answered without a completion: the model produced nothing"
+_NOTHING_CUT = "the stream ended before the model's first token"
 _GENERIC = {
     Outcome.EMPTY: "no data reached this layer",
     Outcome.TRUNCATED: "the answer is incomplete",
@@ -152,8 +161,9 @@ def _ms(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def describe(t: Tally) -> str:
-    """``"<layer>: <evidence> — <meaning>"`` for one finished tally."""
+def describe(t: Tally, *, said: str | None = None) -> str:
+    """``"<layer>: <evidence> — <meaning>"`` for one finished tally. An ``error_event``
+    quotes what the upstream said (its own note, else ``said``: another layer's)."""
     outcome = t.outcome or Outcome.OK
     unit = t.facts.get("unit_name") or _UNIT.get(t.layer, "units")
     parts: list[str] = []
@@ -190,6 +200,11 @@ def describe(t: Tally) -> str:
             parts.append("data lines never separated by a blank line")
         elif t.facts.get("malformed_why"):
             parts.append(str(t.facts["malformed_why"]))
+    if outcome is Outcome.EMPTY and t.units:
+        parts.append(f"none with a completion ({t.annotations} prompt-filter or usage only)")
+    said = t.facts.get("upstream_said") or said
+    if outcome is Outcome.ERROR_EVENT and said:
+        parts.append(f'the upstream said "{said}"')
     if outcome is Outcome.TRUNCATED and t.terminal_known:
         parts.append("no [DONE]" if t.layer == sc.GATEWAY else "no finish_reason")
     if t.exc_type:
@@ -197,5 +212,9 @@ def describe(t: Tally) -> str:
     if silent_for is None:
         end = _ENDS.get(t.end, "") if t.end is not None else ""
         parts.append(f"{end} after {_ms(t.duration)}".strip())
-    meaning = _MEANING.get((t.layer, outcome)) or _GENERIC[outcome]
+    if outcome is Outcome.EMPTY and t.units:
+        cut = t.layer == sc.GATEWAY and not t.terminal_seen  # no [DONE]: it may have come
+        meaning = _NOTHING_CUT if cut else _NOTHING
+    else:
+        meaning = _MEANING.get((t.layer, outcome)) or _GENERIC[outcome]
     return f"{t.layer}: {', '.join(parts)} — {meaning}"
