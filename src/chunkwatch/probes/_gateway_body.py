@@ -87,16 +87,17 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
         async def __aiter__(self) -> AsyncIterator[bytes]:
             reader = self._reader
             tally = reader.tally
-            facts, count = tally.facts, reader.counter()
+            facts, count = tally.facts, reader.fast
             current_task, loop = _task_getter()
             abortable = "abort" in facts  # Deadlines(abort=True): know the waiting task
+            chunk = b""  # the last read, for the end: an in-band error is read off it
             try:
                 if abortable:
                     facts["task"] = current_task(loop)  # the task that waits for the next read
                 with self._errors():
                     async for chunk in self._source:
                         try:
-                            if count is not None and tally.bytes:  # Reader.feed, inlined
+                            if count is not None:  # Reader.feed, inlined
                                 tally.bytes += len(chunk)
                                 n = count(chunk)
                                 if n:  # Tally.unit, inlined: the call costs a third of it
@@ -108,8 +109,9 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
                                         tally.max_gap_ns = now - last
                                     tally.t_last = now
                                     tally.units += n
-                            else:
+                            else:  # the first reads, until the first completion chunk
                                 reader.feed(chunk)
+                                count = reader.fast
                         except Exception:
                             _bookkeeping_error("feed")
                         yield chunk
@@ -121,9 +123,9 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
                     raise
                 raise stalled from None
             except BaseException as exc:
-                reader.end(end_for_exception(exc), exc)
+                reader.end(end_for_exception(exc), exc, chunk)
                 raise
-            reader.end(End.CLEAN)
+            reader.end(End.CLEAN, last=chunk)
 
         async def _close_source(self) -> None:
             await self._source.aclose()
@@ -158,12 +160,13 @@ def sync_body(mod: Any) -> tuple[type | None, type | None, type]:
         def __iter__(self) -> Iterator[bytes]:
             reader = self._reader
             tally = reader.tally
-            count = reader.counter()
+            count = reader.fast
+            chunk = b""  # the last read, for the end: an in-band error is read off it
             try:
                 with self._errors():
                     for chunk in self._source:
                         try:
-                            if count is not None and tally.bytes:  # Reader.feed, inlined
+                            if count is not None:  # Reader.feed, inlined
                                 tally.bytes += len(chunk)
                                 n = count(chunk)
                                 if n:  # Tally.unit, inlined: the call costs a third of it
@@ -175,18 +178,19 @@ def sync_body(mod: Any) -> tuple[type | None, type | None, type]:
                                         tally.max_gap_ns = now - last
                                     tally.t_last = now
                                     tally.units += n
-                            else:
+                            else:  # the first reads, until the first completion chunk
                                 reader.feed(chunk)
+                                count = reader.fast
                         except Exception:
                             _bookkeeping_error("feed")
                         yield chunk
             except GeneratorExit:
-                reader.end(End.CLOSED)
+                reader.end(End.CLOSED, last=chunk)
                 raise
             except BaseException as exc:
-                reader.end(end_for_exception(exc), exc)
+                reader.end(end_for_exception(exc), exc, chunk)
                 raise
-            reader.end(End.CLEAN)
+            reader.end(End.CLEAN, last=chunk)
 
         def _close_source(self) -> None:
             self._source.close()
