@@ -6,6 +6,13 @@ subclass (:func:`_adoptive_classes`), whose ``__iter__``/``__aiter__`` return th
 counting generator in place of the SDK's own pass-through; a stream of any other type
 has the same generator put in front of its iterator (:func:`_watch_sync`,
 :func:`_watch_async`).
+
+A chunk without choices is never one of the model's tokens: ``choices: []`` (Azure's
+prompt-filter results, the usage chunk) is counted as an annotation, and a stream of
+nothing else is ``empty`` (:class:`chunkwatch.StreamEmptyError`); a payload with no
+``choices`` at all (``{"message": ...}``, which the SDK passes on as a chunk) is an error
+delivered in-band: ``error_event``, its text noted for the verdict, and a stream it cut
+short (no ``finish_reason``) raises :class:`chunkwatch.StreamTruncatedError`.
 """
 
 from __future__ import annotations
@@ -18,7 +25,14 @@ from typing import Any
 from chunkwatch import semconv as sc
 from chunkwatch.errors import StreamEmptyError, StreamTruncatedError
 from chunkwatch.ledger import Tally
-from chunkwatch.outcomes import End, Outcome, end_for_exception
+from chunkwatch.outcomes import (
+    End,
+    Outcome,
+    Payload,
+    end_for_exception,
+    payload_kind,
+    upstream_text,
+)
 from chunkwatch.runtime import Runtime, trace_id_of
 
 _now = time.perf_counter_ns
@@ -44,8 +58,10 @@ class _Chunks:
             tally.max_gap_ns = now - last
         tally.t_last = now
         tally.units += 1
-        choices = chunk.choices
-        if choices:
+        choices = chunk.choices  # None: the payload was not a chunk (the SDK fills no field)
+        if not choices:  # no completion: an annotation (prompt filter, usage), or an error
+            self._no_choice(chunk, choices)  # (this way round the model's chunks jump no more)
+        else:
             choice = choices[0]
             delta = choice.delta
             if delta is not None and (delta.content or delta.tool_calls):
@@ -62,6 +78,23 @@ class _Chunks:
         if tally.units == 1:
             tally.facts["response"] = (chunk.id, chunk.model)
 
+    def _no_choice(self, chunk: Any, choices: Any) -> None:
+        """A chunk without choices (never one of the model's tokens): ``choices: []``
+        (Azure's prompt-filter results, the usage chunk) is an annotation; an object with
+        no ``choices`` at all (``{"message": ...}``) is an error the upstream sent in-band."""
+        tally = self.tally
+        if choices is not None:  # choices: [] (the SDK raised already for an "error" key)
+            tally.annotations += 1
+            return
+        dump = getattr(chunk, "model_dump", None)
+        fields = dump(exclude_unset=True) if dump is not None else {}
+        kind = payload_kind(fields)
+        if kind is Payload.ANNOTATION:
+            tally.annotations += 1
+        elif kind is Payload.ERROR:
+            tally.error_events += 1
+            tally.facts.setdefault("upstream_said", upstream_text(fields))
+
     def end(self, end: End, exc: BaseException | None = None) -> None:
         tally = self.tally
         if tally.finished:
@@ -71,6 +104,10 @@ class _Chunks:
             status = getattr(exc, "status_code", None)  # openai.APIStatusError
             if isinstance(status, int):
                 tally.status = status
+            elif type(exc).__name__ == "APIError":  # the SDK's own: an error event in-band
+                body = getattr(exc, "body", None)
+                said = {"error": body} if isinstance(body, dict) else {"message": str(exc)}
+                tally.facts["upstream_said"] = upstream_text(said)
         _span_facts(self.rt, tally, "".join(self.text) if self.text is not None else None)
         tally.finish(end)
         _genai_metrics(self.rt, tally)
@@ -83,14 +120,22 @@ class _Chunks:
         return self.end_error()
 
     def end_error(self) -> ValueError | None:
-        """The error a cleanly ended stream raises: zero chunks, or cut before its end."""
+        """The error a cleanly ended stream raises: no completion (zero chunks, or chunks
+        without choices), or cut before its end (no finish_reason; an in-band error
+        without one too: the upstream's text is in the verdict)."""
         tally = self.tally
         if not self.rt.translate_errors or tally.exc_type or not tally.stream_requested:
             return None
         ledger = tally.ledger
-        if not tally.units:
+        outcome = tally.outcome
+        cut = outcome is Outcome.TRUNCATED or (
+            outcome is Outcome.ERROR_EVENT and not tally.terminal_seen
+        )
+        if outcome is Outcome.EMPTY or (
+            cut and outcome is Outcome.ERROR_EVENT and not tally.content_units
+        ):
             return StreamEmptyError(ledger.verdict() if ledger is not None else None)
-        if tally.outcome is Outcome.TRUNCATED:
+        if cut:
             return StreamTruncatedError(ledger.verdict() if ledger else None, tally.units)
         return None
 
@@ -105,7 +150,7 @@ def _span_facts(rt: Runtime, tally: Tally, completion: str | None) -> None:
     if tally.time_to_first is not None and tally.stream_requested:
         attrs[sc.GEN_AI_RESPONSE_TTFC] = tally.time_to_first
     response = tally.facts.get("response")
-    if response is not None:
+    if response is not None and response[0] is not None:  # None: the first was no chunk
         attrs[sc.GEN_AI_RESPONSE_ID], attrs[sc.GEN_AI_RESPONSE_MODEL] = response
     usage = tally.facts.get("usage")
     if usage is not None:
@@ -155,8 +200,11 @@ def _finish_response(rt: Runtime, tally: Tally, result: Any) -> None:
     chunks.end(End.CLEAN)
 
 
-async def _counted_async(inner: Any, chunks: _Chunks) -> AsyncIterator[Any]:
-    """``inner``'s chunks, counted as they pass; finishes the tally once."""
+async def _counted_async(inner: Any, chunks: _Chunks, owner: Any = None) -> AsyncIterator[Any]:
+    """``inner``'s chunks, counted as they pass; finishes the tally once. ``owner``, the
+    stream, lives as long as this generator: in ``for chunk in client...create(...)``
+    nothing else holds it, and when its ``__stream__`` ends it would be collected (and
+    finished as ``abandoned``) before this generator sees the end."""
     see = chunks.see
     try:
         async for chunk in inner:
@@ -176,7 +224,7 @@ async def _counted_async(inner: Any, chunks: _Chunks) -> AsyncIterator[Any]:
         raise error
 
 
-def _counted_sync(inner: Any, chunks: _Chunks) -> Iterator[Any]:
+def _counted_sync(inner: Any, chunks: _Chunks, owner: Any = None) -> Iterator[Any]:
     """The sync twin of :func:`_counted_async`."""
     see = chunks.see
     try:
@@ -256,7 +304,7 @@ def _adoptive_classes() -> tuple[type, type]:
             raise error
 
         def __aiter__(self) -> AsyncIterator[Any]:  # in place of the SDK's pass-through
-            return _counted_async(self._iterator, self._chunkwatch)
+            return _counted_async(self._iterator, self._chunkwatch, self)
 
         async def close(self) -> None:
             try:
@@ -287,7 +335,7 @@ def _adoptive_classes() -> tuple[type, type]:
             raise error
 
         def __iter__(self) -> Iterator[Any]:
-            return _counted_sync(self._iterator, self._chunkwatch)
+            return _counted_sync(self._iterator, self._chunkwatch, self)
 
         def close(self) -> None:
             try:
