@@ -72,6 +72,8 @@ EXPECTED: dict[str, tuple[dict[str, Any], str]] = {
     "no-blank-lines": ({}, "malformed@gateway"),
     "error-event": ({"events": 4}, "error_event@gateway"),
     "gzip-stripped": ({}, "malformed@gateway"),
+    "filter-only": ({}, "empty@gateway"),
+    "inband-error": ({"events": 4}, "error_event@gateway"),
 }
 
 

@@ -185,7 +185,7 @@ def test_fault_modes_constant_lists_every_mode() -> None:
         "pass", "zero", "zero-abrupt", "done-only", "json", "html", "buffer", "buffer-late",
         "truncate", "truncate-abrupt", "stall", "stall-headers", "keepalive-only", "trickle",
         "status", "reject-stream-options", "malformed", "no-blank-lines", "error-event",
-        "gzip-stripped",
+        "gzip-stripped", "filter-only", "inband-error",
     )  # fmt: skip
     assert set(FAULT_PARAMS) <= set(FAULT_MODES)
 

@@ -61,6 +61,8 @@ CASES: dict[str, Expect] = {
     "no-blank-lines": Expect(0, "none"),
     "error-event": Expect(3, "partial", openai.APIError),
     "gzip-stripped": Expect(0, "none", UnicodeDecodeError),
+    "filter-only": Expect(1, "none"),  # the prompt-filter chunk (choices: []), no error
+    "inband-error": Expect(4, "partial"),  # 3 events, then {"message": ...} as a chunk: no error
 }
 
 STATUS_CASES: dict[int, type[openai.APIStatusError]] = {

@@ -44,6 +44,10 @@ EXPECTED: dict[str, tuple[dict[str, Any], str, str]] = {
     "no-blank-lines": ({}, "malformed@gateway", "error"),
     "error-event": ({"events": 4}, "error_event@gateway", "error"),
     "gzip-stripped": ({}, "malformed@gateway", "error"),
+    # only Azure's prompt-filter results, then [DONE]: the model produced nothing
+    "filter-only": ({}, "empty@gateway", "error"),
+    # tokens, then {"message": ...} and a clean end: chunkwatch raises StreamTruncatedError
+    "inband-error": ({"events": 4}, "error_event@gateway", "error"),
 }
 
 

@@ -33,7 +33,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.doctor.progress import Progress
 from chunkwatch.doctor.target import Target
 from chunkwatch.ledger import Tally
-from chunkwatch.outcomes import End, end_for_exception
+from chunkwatch.outcomes import End, Payload, end_for_exception, payload_kind, upstream_text
 from chunkwatch.sse import Event, SSEParser
 
 __all__ = ["REQUEST_ID_HEADERS", "Wire", "measure", "new_client"]
@@ -194,6 +194,8 @@ class _Body:
         self.kept = bytearray()
         self.keep = _KEEP_CONTROL if not self.tally.stream_requested else _KEEP
         self.t_read: int | None = None
+        self.kinds = dict.fromkeys(Payload, 0)  # data payloads by kind
+        self.inband = 0  # objects that are no chunk and carry no "error" key
 
     def headers(self, response: httpx2.Response) -> None:
         tally, wire, h = self.tally, self.wire, response.headers
@@ -268,13 +270,23 @@ class _Body:
         error = obj.get("error")
         if error is not None and self.wire.api_error is None:
             self.wire.api_error = _message_of(error)
+        kind = payload_kind(obj)  # the same reading as the gateway probe's
+        self.kinds[kind] += 1
+        if kind is Payload.ERROR and error is None:  # {"message": ...}: in-band, not a chunk
+            self.inband += 1  # the parser counts "error" keys and `event: error` itself
+            if self.wire.api_error is None:
+                self.wire.api_error = upstream_text(obj)
 
     def close(self) -> None:
         tally, wire, parser = self.tally, self.wire, self.parser
         if parser is not None:
             parser.close()
             tally.terminal_seen = parser.done
-            tally.error_events = parser.error_events
+            tally.error_events = parser.error_events + self.inband
+            if not self.kinds[Payload.COMPLETION]:  # data, none of it the model's
+                tally.annotations = self.kinds[Payload.ANNOTATION]
+            if wire.api_error and tally.error_events:
+                tally.facts["upstream_said"] = upstream_text(wire.api_error)
             tally.malformed += parser.malformed
             tally.gzip_magic = parser.gzip_magic and not tally.content_encoding
             tally.pending_fields = parser.pending_fields

@@ -39,6 +39,8 @@ from chunkwatch.sse import Event, format_comment, format_event
 __all__ = [
     "FAULT_MODES",
     "FAULT_PARAMS",
+    "INBAND_MESSAGE",
+    "PROMPT_FILTER_EVENT",
     "Call",
     "FaultSetting",
     "Proxy",
@@ -55,7 +57,7 @@ FAULT_MODES: tuple[str, ...] = (
     "pass", "zero", "zero-abrupt", "done-only", "json", "html", "buffer", "buffer-late",
     "truncate", "truncate-abrupt", "stall", "stall-headers", "keepalive-only", "trickle",
     "status", "reject-stream-options", "malformed", "no-blank-lines", "error-event",
-    "gzip-stripped",
+    "gzip-stripped", "filter-only", "inband-error",
 )
 # fmt: on
 
@@ -64,6 +66,7 @@ FAULT_PARAMS: Mapping[str, Mapping[str, int | float]] = {
     "truncate": {"events": 3},
     "truncate-abrupt": {"events": 3},
     "error-event": {"events": 3},
+    "inband-error": {"events": 3},
     "stall": {"limit": 60.0},
     "stall-headers": {"limit": 60.0},
     "keepalive-only": {"interval": 1.0, "limit": 60.0},
@@ -75,6 +78,25 @@ _MAXIMUM = {"status": 599}
 
 _SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
 _HTML = [("Content-Type", "text/html; charset=utf-8")]
+# what inband-error sends after its events: an object that is not a chunk, and no [DONE]
+INBAND_MESSAGE = "policy failed: the response was blocked by the gateway's content policy"
+_SAFE = {"filtered": False, "severity": "safe"}
+# Azure's first stream event with content filtering on: the prompt's results, no choice
+PROMPT_FILTER_EVENT = {
+    "id": "",
+    "object": "",
+    "created": 0,
+    "model": "",
+    "choices": [],
+    "prompt_filter_results": [
+        {
+            "prompt_index": 0,
+            "content_filter_results": dict.fromkeys(
+                ("hate", "self_harm", "sexual", "violence"), _SAFE
+            ),
+        }
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -238,6 +260,12 @@ async def _error_event(c: Call, ex: Exchange) -> None:
     await c.resp.end()
 
 
+async def _inband_error(c: Call, ex: Exchange) -> None:
+    await _events(c, ex, _same, int(c.params["events"]))
+    await c.resp.write(format_event(json.dumps({"message": INBAND_MESSAGE})))
+    await c.resp.end()
+
+
 async def _malformed(c: Call, ex: Exchange) -> None:
     await _events(c, ex, _cut_short)
     await c.resp.end()
@@ -279,6 +307,12 @@ async def _zero_abrupt(c: Call) -> None:
 
 async def _done_only(c: Call) -> None:
     await c.resp.start(200, _SSE_HEADERS, body=format_event("[DONE]"))
+    await c.resp.end()
+
+
+async def _filter_only(c: Call) -> None:
+    body = format_event(json.dumps(PROMPT_FILTER_EVENT)) + format_event("[DONE]")
+    await c.resp.start(200, _SSE_HEADERS, body=body)
     await c.resp.end()
 
 
@@ -342,6 +376,7 @@ _TRANSFORMS: dict[str, Transform | None] = {
     "no-blank-lines": _no_blank_lines,
     "error-event": _error_event,
     "gzip-stripped": _gzip,
+    "inband-error": _inband_error,
 }
 _ANSWERS: dict[str, Answer] = {
     "zero": _zero,
@@ -353,5 +388,6 @@ _ANSWERS: dict[str, Answer] = {
     "keepalive-only": _keepalive_only,
     "status": _status,
     "reject-stream-options": _reject_stream_options,
+    "filter-only": _filter_only,
 }
 assert sorted([*_TRANSFORMS, *_ANSWERS]) == sorted(FAULT_MODES)

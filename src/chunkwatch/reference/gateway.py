@@ -270,7 +270,9 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"fault mode (default pass): {', '.join(FAULT_MODES)}",
     )
     p.add_argument(
-        "--events", type=int, help="truncate*, error-event: data events before the cut (3)"
+        "--events",
+        type=int,
+        help="truncate*, error-event, inband-error: data events before the cut (3)",
     )
     p.add_argument("--limit", type=float, help="stall*, keepalive-only: seconds held open (60)")
     p.add_argument("--interval", type=float, help="keepalive-only: seconds between comments (1)")
