@@ -27,6 +27,9 @@ stops gunicorn at start, not at the first request):
   per worker process).
 * ``CHUNKWATCH_HEARTBEAT``, ``CHUNKWATCH_REQUEST_TIMEOUT`` — seconds, as
   ``chunkwatch serve --heartbeat`` / ``--request-timeout``.
+* ``CHUNKWATCH_MAX_CONVERSATIONS``, ``CHUNKWATCH_CONVERSATION_TTL``,
+  ``CHUNKWATCH_HISTORY_MESSAGES``, ``CHUNKWATCH_HISTORY_CHARS`` — conversation memory
+  (per worker process; :mod:`chunkwatch.reference.conversations`, docs/service.md).
 * ``CHUNKWATCH_BODY_TIMEOUT`` — seconds a client has to send its request body
   (default 10, as ``chunkwatch serve --read-timeout``); past it: JSON 408 and the
   connection closed (:class:`~chunkwatch.reference._limits.BodyDeadline`).
