@@ -36,7 +36,7 @@ from chunkwatch.doctor.progress import Progress
 from chunkwatch.doctor.target import PROMPT, Target
 from chunkwatch.errors import NO_GENERATIONS
 from chunkwatch.ledger import Tally
-from chunkwatch.outcomes import End, end_for_exception
+from chunkwatch.outcomes import End, Payload, end_for_exception, payload_kind, upstream_text
 
 __all__ = ["AppView", "through_langgraph", "through_sdk"]
 
@@ -175,6 +175,15 @@ async def through_sdk(
 def _see_chunk(view: AppView, chunk: Any) -> None:
     tally = view.tally
     tally.unit()
+    if not chunk.choices:  # not the model's: as the sdk probe reads it (_sdk_stream)
+        dump = getattr(chunk, "model_dump", None)
+        fields = dump(exclude_unset=True) if dump is not None else None
+        kind = payload_kind(fields)
+        if chunk.choices is not None or kind is Payload.ANNOTATION:  # choices: [], usage
+            tally.annotations += 1
+        elif kind is Payload.ERROR:  # {"message": ...}: an error sent in-band
+            tally.error_events += 1
+            tally.facts.setdefault("upstream_said", upstream_text(fields))
     for choice in chunk.choices or []:
         delta = choice.delta
         if delta is not None and (delta.content or delta.tool_calls):
