@@ -14,6 +14,13 @@ __all__ = ["StreamEmptyError", "StreamStalledError", "StreamTruncatedError"]
 NO_GENERATIONS = "No generations found in stream."
 
 
+def _where(verdict: Verdict | None, *, public: bool = False) -> str:
+    """`` [outcome@layer: detail]`` (the client's detail with ``public``), or nothing."""
+    if verdict is None or verdict.ok:
+        return ""
+    return f" [{verdict}: {verdict.client_detail if public else verdict.detail}]"
+
+
 class StreamEmptyError(ValueError):
     """A token stream ended with zero chunks.
 
@@ -26,8 +33,8 @@ class StreamEmptyError(ValueError):
 
     def __init__(self, verdict: Verdict | None, message: str = NO_GENERATIONS) -> None:
         self.verdict = verdict
-        where = f" [{verdict}: {verdict.detail}]" if verdict is not None and not verdict.ok else ""
-        super().__init__(message + where)
+        self.public_message = message + _where(verdict, public=True)  # for a client
+        super().__init__(message + _where(verdict))
 
 
 class StreamTruncatedError(ValueError):
@@ -41,11 +48,12 @@ class StreamTruncatedError(ValueError):
 
     def __init__(self, verdict: Verdict | None, chunks: int) -> None:
         self.verdict = verdict
-        where = f" [{verdict}: {verdict.detail}]" if verdict is not None and not verdict.ok else ""
-        super().__init__(
+        message = (
             f"the model's stream ended after {chunks} chunks without a finish_reason: "
-            f"the answer is incomplete{where}"
+            "the answer is incomplete"
         )
+        self.public_message = message + _where(verdict, public=True)  # for a client
+        super().__init__(message + _where(verdict))
 
 
 class StreamStalledError(httpx2.ReadTimeout):

@@ -2,10 +2,11 @@
 
 The client gets what it can act on and nothing that is the service's business: the
 exception's type, a message chunkwatch words itself, the verdict (``layer``,
-``outcome``, ``detail``: counts, statuses and timings, never a body, a host or an
-address) and the request's ``trace_id`` to quote. The exception's own text — which
-may name internal hosts, ports, or repeat an upstream's error body — goes to the log
-(logger ``chunkwatch``, with the trace id) and to the trace, not to the client.
+``outcome``, ``detail``: counts, statuses and timings, never a body, a host, an
+address or what the upstream said in-band) and the request's ``trace_id`` to quote.
+The exception's own text — which may name internal hosts, ports, or repeat an
+upstream's error body — goes to the log (logger ``chunkwatch``, with the trace id) and
+to the trace, not to the client.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def public_message(exc: BaseException) -> str:
     """A message about ``exc`` fit for a client: chunkwatch's own errors as they are (they
     name a layer and counts), others by kind, never by their text."""
     if isinstance(exc, _OURS):
-        return str(exc)
+        return str(getattr(exc, "public_message", None) or exc)  # without upstream words
     if type(exc) is ValueError and str(exc).startswith(NO_GENERATIONS):
         return NO_GENERATIONS  # langchain-core's fixed words: the incident's own message
     if isinstance(exc, TimeoutError) and not str(exc):

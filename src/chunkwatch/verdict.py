@@ -38,17 +38,25 @@ _ORDER = {layer: i for i, layer in enumerate(sc.LAYERS)}
 class Verdict:
     outcome: Outcome
     layer: str  # a layer name, or "none" when ok
-    detail: str
+    detail: str  # for logs and spans: may quote what the upstream said in-band
+    public_detail: str | None = None  # for clients, when it differs: no upstream words
 
     @property
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
 
+    @property
+    def client_detail(self) -> str:
+        """The detail fit for a client: counts, statuses and timings, never the upstream's
+        own words (they may name its hosts or policies)."""
+        return self.detail if self.public_detail is None else self.public_detail
+
     def __str__(self) -> str:
         return "ok" if self.ok else f"{self.outcome}@{self.layer}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "outcome": str(self.outcome), "detail": self.detail}
+        """The verdict as a client may see it (``event: error``)."""
+        return {"layer": self.layer, "outcome": str(self.outcome), "detail": self.client_detail}
 
 
 def judge(ledger: Ledger) -> Verdict:
@@ -58,7 +66,9 @@ def judge(ledger: Ledger) -> Verdict:
     )
     for t in tallies:
         if t.outcome in FAULT_OUTCOMES:
-            return Verdict(t.outcome, t.layer, describe(t, said=_said(tallies)))
+            detail = describe(t, said=_said(tallies))
+            public = describe(t, quote=False)
+            return Verdict(t.outcome, t.layer, detail, public if public != detail else None)
     lost = _lost_between_layers(ledger)
     if lost is not None:
         return lost
@@ -161,7 +171,7 @@ def _ms(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def describe(t: Tally, *, said: str | None = None) -> str:
+def describe(t: Tally, *, said: str | None = None, quote: bool = True) -> str:
     """``"<layer>: <evidence> — <meaning>"`` for one finished tally. An ``error_event``
     quotes what the upstream said (its own note, else ``said``: another layer's)."""
     outcome = t.outcome or Outcome.OK
@@ -202,7 +212,7 @@ def describe(t: Tally, *, said: str | None = None) -> str:
             parts.append(str(t.facts["malformed_why"]))
     if outcome is Outcome.EMPTY and t.units:
         parts.append(f"none with a completion ({t.annotations} prompt-filter or usage only)")
-    said = t.facts.get("upstream_said") or said
+    said = (t.facts.get("upstream_said") or said) if quote else None
     if outcome is Outcome.ERROR_EVENT and said:
         parts.append(f'the upstream said "{said}"')
     if outcome is Outcome.TRUNCATED and t.terminal_known:
