@@ -22,7 +22,8 @@ def _where(verdict: Verdict | None, *, public: bool = False) -> str:
 
 
 class StreamEmptyError(ValueError):
-    """A token stream ended with zero chunks.
+    """A token stream ended with no completion: zero chunks, or only chunks that carry
+    none (Azure prompt-filter annotations, usage).
 
     Raised where langchain-core would raise ``ValueError("No generations found in
     stream.")`` (and chained to it), or where the openai SDK's stream ended with

@@ -14,7 +14,8 @@ Finalizes exactly once: iterator exhausted (``clean``), an exception (the same
 exception object propagates), ``close()`` (``closed``), or garbage-collected
 unfinished (``abandoned``).
 
-A stream that ends cleanly with zero chunks raises
+A stream that ends cleanly with no completion (zero chunks, or only chunks without
+choices: prompt-filter annotations, usage) raises
 :class:`chunkwatch.StreamEmptyError` (a ``ValueError``) carrying the verdict,
 where the bare SDK would end silently (``translate_errors=False`` turns this
 off). Every other SDK error passes through unchanged.
