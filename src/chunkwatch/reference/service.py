@@ -45,6 +45,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from werkzeug.exceptions import HTTPException
 
 import chunkwatch
+from chunkwatch.config import UNSET
 from chunkwatch.guard import BreakerConfig, Guard, GuardScope
 from chunkwatch.ledger import Ledger, bind
 from chunkwatch.naming import upstream_name
@@ -89,6 +90,9 @@ class ServiceConfig:
     # or a LangGraph checkpointer of yours (AsyncPostgresSaver ...), whose retention is yours.
     conversations: ConversationLimits = field(default_factory=ConversationLimits.from_env)
     checkpointer: BaseCheckpointSaver[Any] | None = None
+    # False: no /metrics on the app's port (served on a port of its own instead, which the
+    # clients' network does not reach: `chunkwatch serve --metrics-port`).
+    serve_metrics: bool = True
 
 
 def message_json(msg: BaseMessage) -> dict[str, Any]:
@@ -273,6 +277,7 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
             upstreams=config.upstreams,
             # AzureChatOpenAI has no HTTP timeouts: abort a stalled upstream stream.
             deadlines=config.deadlines or Deadlines.from_env(abort=True),
+            metrics_path=UNSET if config.serve_metrics else None,  # UNSET: the default
         )
 
     @app.errorhandler(HTTPException)

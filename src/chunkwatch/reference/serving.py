@@ -102,6 +102,15 @@ def add_serve_parser(subparsers: Any) -> None:
         default=os.environ.get("CHUNKWATCH_GUARD", "1") not in ("0", "false", ""),
         help="do not fall back to state streaming when token streaming breaks",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics on this port instead of the app's (default: the app's port)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of --metrics-port (127.0.0.1)"
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -118,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         request_timeout=args.request_timeout,
         instrument=args.instrument,
         guard=args.guard,
+        serve_metrics=args.metrics_port is None,
     )
 
 
@@ -153,6 +163,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # SIGTERM (docker stop, systemd, Kubernetes) stops it as SIGINT does: with the flush.
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"chunkwatch serve listening on http://{args.host}:{server.server_port}", flush=True)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        metrics, _ = start_http_server(args.metrics_port, addr=args.metrics_host)
+        print(
+            f"chunkwatch serve metrics on http://{args.metrics_host}:{metrics.server_port}/metrics",
+            flush=True,
+        )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -36,6 +36,10 @@ stops gunicorn at start, not at the first request):
 * ``CHUNKWATCH_FIRST_CHUNK_TIMEOUT``, ``CHUNKWATCH_IDLE_TIMEOUT`` — the stall
   deadlines (:meth:`chunkwatch.Deadlines.from_env`; stalled upstream streams
   are aborted, as in ``chunkwatch serve``).
+* ``CHUNKWATCH_METRICS_PORT`` (and ``CHUNKWATCH_METRICS_HOST``, default 127.0.0.1) —
+  serve ``/metrics`` on that port from the master (every worker summed; needs
+  ``PROMETHEUS_MULTIPROC_DIR``) instead of on the app's port, so the clients' network
+  never reaches it.
 * ``PROMETHEUS_MULTIPROC_DIR`` — with several workers: prometheus_client's
   multiprocess mode (must be set before gunicorn starts; an empty directory).
 * ``OTEL_*`` — traces, see :mod:`chunkwatch.telemetry`.
@@ -126,7 +130,19 @@ def config_from_env(environ: Mapping[str, str] = os.environ) -> ServiceConfig:
         ),
         instrument=instrument,
         guard=guard,
+        serve_metrics=metrics_port_from_env(environ) is None,
     )
+
+
+def metrics_port_from_env(environ: Mapping[str, str] = os.environ) -> int | None:
+    """``CHUNKWATCH_METRICS_PORT``: serve ``/metrics`` there (from the master, summing
+    every worker) instead of on the app's port. Raises ValueError."""
+    raw = environ.get("CHUNKWATCH_METRICS_PORT", "").strip()
+    if not raw:
+        return None
+    if not raw.isdecimal() or not 0 < int(raw) < 65536:
+        raise ValueError(f"CHUNKWATCH_METRICS_PORT={raw!r}: expected a port number")
+    return int(raw)
 
 
 def _flag(environ: Mapping[str, str], name: str, default: bool = True) -> bool:
@@ -231,8 +247,17 @@ limit_request_field_size = 8190
 
 
 def on_starting(server: Any) -> None:
-    """Master, before the workers: check ``PROMETHEUS_MULTIPROC_DIR``."""
+    """Master, before the workers: check ``PROMETHEUS_MULTIPROC_DIR`` and, with
+    ``CHUNKWATCH_METRICS_PORT``, serve the workers' summed metrics on that port."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    port = metrics_port_from_env()
+    if port is not None:
+        if not path:
+            raise RuntimeError(
+                "CHUNKWATCH_METRICS_PORT needs PROMETHEUS_MULTIPROC_DIR: the master serves "
+                "the metrics the workers write there"
+            )
+        _serve_metrics(server, port, os.environ.get("CHUNKWATCH_METRICS_HOST") or "127.0.0.1")
     if not path:
         return
     if not os.path.isdir(path):
@@ -245,6 +270,17 @@ def on_starting(server: Any) -> None:
             path,
             len(stale),
         )
+
+
+def _serve_metrics(server: Any, port: int, host: str) -> None:
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    httpd, _ = start_http_server(port, addr=host, registry=registry)
+    # The workers are forked from here: they must not keep the metrics socket open.
+    os.set_inheritable(httpd.socket.fileno(), False)
+    server.log.info("chunkwatch: metrics on http://%s:%d/metrics", host, httpd.server_port)
 
 
 def post_worker_init(worker: Any) -> None:
