@@ -35,9 +35,9 @@ from prometheus_client import CollectorRegistry
 import chunkwatch
 from chunkwatch.ledger import Ledger
 from chunkwatch.probes.queue import WatchedQueue
-from chunkwatch.reference.agent import LLMConfig
-from chunkwatch.reference.service import ChatService, ServiceConfig
 from chunkwatch.watchdog import Deadlines
+from chunkwatch_lab.agent import LLMConfig
+from chunkwatch_lab.service import ChatService, ServiceConfig
 
 
 class Bench:

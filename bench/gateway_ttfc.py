@@ -107,9 +107,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=50)
     args = parser.parse_args()
     up, up_url = spawn(
-        ["chunkwatch.reference.upstream", "--port", "0", "--tokens", "4", "--token-delay", "0"]
+        ["chunkwatch_lab.upstream", "--port", "0", "--tokens", "4", "--token-delay", "0"]
     )
-    gw, gw_url = spawn(["chunkwatch.reference.gateway", "--port", "0", "--upstream", up_url])
+    gw, gw_url = spawn(["chunkwatch_lab.fault_gateway", "--port", "0", "--upstream", up_url])
     try:
         result = asyncio.run(measure(up_url, gw_url, args.pairs, args.warmup))
     finally:

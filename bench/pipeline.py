@@ -4,7 +4,7 @@
 ``--tokens`` tokens, one every ``--token-delay`` seconds. The service runs as two
 processes side by side, ``chunkwatch serve --llm-url UPSTREAM`` and ``... --no-instrument``,
 both started with ``uv run``. This process is the client: ``--clients`` threads, each
-calling :func:`chunkwatch.reference.client.chat` (a full SSE read of ``POST /chat``)
+calling :func:`chunkwatch_lab.client.chat` (a full SSE read of ``POST /chat``)
 back to back until a block's ``--requests`` are done.
 
 A round: start both services (fresh processes), ``--warmup`` requests to each (not
@@ -61,7 +61,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from chunkwatch.reference.client import chat
+from chunkwatch_lab.client import chat
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGE = "Explain how a streaming answer travels from the model to the browser."

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 UPSTREAM_TOKENS = 12
 UPSTREAM_TOKEN_DELAY = 0.01

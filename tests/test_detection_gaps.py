@@ -32,11 +32,11 @@ from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.outcomes import End, Payload, payload_kind, upstream_text
 from chunkwatch.probes._wire import Reader
-from chunkwatch.reference.faults import INBAND_MESSAGE, PROMPT_FILTER_EVENT
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream, answer_tokens
 from chunkwatch.sse import SSEParser
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.faults import INBAND_MESSAGE, PROMPT_FILTER_EVENT
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream, answer_tokens
 
 from .helpers import API_KEY, System, instrumented_system
 

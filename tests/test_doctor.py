@@ -35,9 +35,9 @@ from chunkwatch.doctor.probe import Wire, measure, new_client
 from chunkwatch.doctor.report import safe_url
 from chunkwatch.ledger import Tally
 from chunkwatch.outcomes import End, Outcome
-from chunkwatch.reference.gateway import FAULT_MODES, Gateway
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.fault_gateway import FAULT_MODES, Gateway
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 from .test_instrumentation import EXPECTED as SERVICE_VERDICTS
 

@@ -18,9 +18,9 @@ from typing import Any
 import openai
 import pytest
 
-from chunkwatch.reference.gateway import FAULT_MODES, Gateway
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream, answer_tokens
+from chunkwatch_lab.fault_gateway import FAULT_MODES, Gateway
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream, answer_tokens
 
 PROMPT = "How do gateways break streams?"
 TOKENS = 12  # the session upstream (conftest.py)

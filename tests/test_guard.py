@@ -13,7 +13,7 @@ import pytest
 
 from chunkwatch import semconv as sc
 from chunkwatch.guard import BreakerConfig, BreakerState, Guard
-from chunkwatch.reference.upstream import answer_tokens
+from chunkwatch_lab.upstream import answer_tokens
 
 from .helpers import System, instrumented_system
 

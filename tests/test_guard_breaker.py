@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from chunkwatch.guard import BreakerConfig, BreakerState, Guard
-from chunkwatch.reference.upstream import answer_tokens
+from chunkwatch_lab.upstream import answer_tokens
 
 from .helpers import System, instrumented_system
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from chunkwatch import semconv as sc
-from chunkwatch.reference.gateway import FAULT_MODES
-from chunkwatch.reference.upstream import answer_tokens
+from chunkwatch_lab.fault_gateway import FAULT_MODES
+from chunkwatch_lab.upstream import answer_tokens
 
 from .helpers import API_KEY, System, instrumented_system, open_chat, read_until
 

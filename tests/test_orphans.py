@@ -2,7 +2,7 @@
 request's root span and verdict line are written, and what is counted.
 
 The disconnect storms against real services are in tests/compat/test_orphans.py (a
-service that leaks, one that cancels) and tests/test_disconnect_storm.py (the reference
+service that leaks, one that cancels) and tests/lab/test_disconnect_storm.py (the reference
 service under fifty departures).
 """
 

@@ -1,5 +1,5 @@
 """OTLP on the wire: the instrumented reference service exports its traces with the OTLP/HTTP
-exporter (BatchSpanProcessor, as chunkwatch.telemetry sets it up) to an in-test receiver
+exporter (BatchSpanProcessor, as chunkwatch_lab.telemetry sets it up) to an in-test receiver
 that decodes `ExportTraceServiceRequest` with opentelemetry-proto — what a collector or
 Jaeger receives. One healthy request and one through the `zero` gateway.
 """
@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from chunkwatch import semconv as sc
-from chunkwatch.reference.client import chat
+from chunkwatch_lab.client import chat
 
 from .helpers import instrumented_system
 from .otlp_receiver import OTLPReceiver, WireSpan

@@ -114,7 +114,7 @@ with httpx2.Client() as client:
 server.shutdown()
 print(json.dumps({
     "lab_installed": lab_installed,
-    "lab_imported": sorted(m for m in LAB_MODULES if m in sys.modules),
+    "lab_imported": sorted(m for m in (*LAB_MODULES, "chunkwatch_lab") if m in sys.modules),
     "events": len(events),
     "gateway_ok": registry.get_sample_value(
         "chunkwatch_streams_total", {"layer": "gateway", "outcome": "ok", "upstream": "local"}
@@ -267,8 +267,8 @@ def test_the_library_works_without_the_lab_extra(
 ) -> None:
     """In a venv without the lab extra, `import chunkwatch`, `chunkwatch.instrument()` with no
     app, and its OpenTelemetry entry point load; a streamed chat completion over httpx2 from
-    a loopback model is counted at the gateway layer as `ok`; no lab module gets imported
-    (in the bare venv none is even installed). An import error shows its traceback."""
+    a loopback model is counted at the gateway layer as `ok`; no lab module gets imported,
+    nor the `chunkwatch_lab` package (in the bare venv no lab dependency is even installed). An import error shows its traceback."""
     venv: Venv = request.getfixturevalue(which)
     script = tmp_path / "probe.py"
     script.write_text(_PROBE % {"lab": LAB_MODULES})

@@ -19,11 +19,11 @@ from chunkwatch import semconv as sc
 from chunkwatch.probes import _gateway_body as gateway_body
 from chunkwatch.probes import langgraph as langgraph_probe
 from chunkwatch.probes import sdk as sdk_probe
-from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream, answer_tokens
 from chunkwatch.runtime import Runtime
+from chunkwatch_lab.agent import LLMConfig, build_graph, make_model
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream, answer_tokens
 
 from .helpers import instrumented_system
 

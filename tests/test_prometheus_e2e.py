@@ -41,7 +41,7 @@ import yaml
 
 from chunkwatch import semconv as sc
 from chunkwatch.guard import BreakerConfig
-from chunkwatch.reference.client import chat
+from chunkwatch_lab.client import chat
 
 from .helpers import System, instrumented_system
 from .prom import DASHBOARDS, RULES, Prometheus, binary, compress_durations, dashboards, substitute

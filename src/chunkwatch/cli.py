@@ -2,7 +2,8 @@
 
 Each subcommand lives with the code it runs; this module only wires them up, and
 imports only the one that runs (the service pulls in LangGraph and langchain,
-seconds of start-up a ``doctor`` run in cron should not pay).
+seconds of start-up a ``doctor`` run in cron should not pay). ``demo``, ``serve``,
+``gateway`` and ``upstream`` are the lab's (:mod:`chunkwatch_lab`, the ``lab`` extra).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ __all__ = ["main"]
 # name -> (module, function adding its parser, one line of help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
-        "chunkwatch.demo",
+        "chunkwatch_lab.demo",
         "add_demo_parser",
         "reproduce the empty-stream incident on loopback",
     ),
     "doctor": ("chunkwatch.doctor", "add_doctor_parser", "probe an endpoint layer by layer"),
-    "serve": ("chunkwatch.reference.serving", "add_serve_parser", "run the reference service"),
-    "gateway": ("chunkwatch.reference.gateway", "add_gateway_parser", "run the fault gateway"),
-    "upstream": ("chunkwatch.reference.upstream", "add_upstream_parser", "run the local model"),
+    "serve": ("chunkwatch_lab.serving", "add_serve_parser", "run the reference service"),
+    "gateway": ("chunkwatch_lab.fault_gateway", "add_gateway_parser", "run the fault gateway"),
+    "upstream": ("chunkwatch_lab.upstream", "add_upstream_parser", "run the local model"),
 }
 
 
@@ -39,7 +40,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, function, help_) in COMMANDS.items():
         if command is None or name == command:
-            getattr(importlib.import_module(module), function)(sub)
+            try:
+                add_parser = getattr(importlib.import_module(module), function)
+            except ImportError as err:  # the lab's dependencies are an extra
+                if command is None:
+                    sub.add_parser(name, help=help_)
+                    continue
+                raise SystemExit(
+                    f"chunkwatch {name} needs {err.name or 'a module'} that is not installed: "
+                    "pip install 'chunkwatch[lab]'"
+                ) from None
+            add_parser(sub)
         else:
             sub.add_parser(name, help=help_)
     return parser

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from chunkwatch import semconv as sc
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.threaded import start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.threaded import start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 from ..otlp_receiver import OTLPReceiver
 from .harness import UPSTREAM_NAME, _chat, _get, _new_verdicts, _request_counts, service_process

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chunkwatch import semconv as sc
 from chunkwatch.orphans import ORPHANED_AFTER
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.threaded import start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.threaded import start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 from ..helpers import open_chat, read_until
 from ..otlp_receiver import OTLPReceiver

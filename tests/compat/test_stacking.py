@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 SCRIPT = Path(__file__).parent / "scripts" / "stacking.py"
 ORDERS = ("otel,chunkwatch", "chunkwatch,otel")

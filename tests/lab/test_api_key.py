@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkwatch.reference.agent import LOCAL_API_KEY, LLMConfig, api_key_from_env, make_model
+from chunkwatch_lab.agent import LOCAL_API_KEY, LLMConfig, api_key_from_env, make_model
 
 SECRET = "sk-azure-NEVER-IN-A-LOG"
 
@@ -38,7 +38,7 @@ def test_the_gunicorn_config_passes_the_key_to_the_model_and_never_shows_it(
     """config_from_env (the gunicorn entry point's) reaches AzureChatOpenAI with the key,
     and neither the config's repr nor the model's shows it."""
     monkeypatch.setenv("CHUNKWATCH_LLM_URL", "http://127.0.0.1:9")  # the module's own app
-    from chunkwatch.reference.wsgi import config_from_env  # builds nothing until first use
+    from chunkwatch_lab.wsgi import config_from_env  # builds nothing until first use
 
     config = config_from_env(
         {"CHUNKWATCH_LLM_URL": "http://127.0.0.1:9", "AZURE_OPENAI_API_KEY": SECRET}

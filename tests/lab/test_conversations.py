@@ -20,13 +20,13 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 
-from chunkwatch.reference.agent import LLMConfig
-from chunkwatch.reference.client import ChatResult, chat
-from chunkwatch.reference.conversations import ConversationLimits, messages_to_drop
-from chunkwatch.reference.service import ChatService, ServiceConfig, create_app
-from chunkwatch.reference.serving import ServiceThread
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream, answer_tokens
+from chunkwatch_lab.agent import LLMConfig
+from chunkwatch_lab.client import ChatResult, chat
+from chunkwatch_lab.conversations import ConversationLimits, messages_to_drop
+from chunkwatch_lab.service import ChatService, ServiceConfig, create_app
+from chunkwatch_lab.serving import ServiceThread
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream, answer_tokens
 
 T = TypeVar("T")
 

@@ -5,7 +5,7 @@ buffering gateway builds from ``chat.completion.chunk`` events.
 :func:`openai_error` is an OpenAI-style error body; :func:`status_body` the one a
 gateway answers with a given status; :func:`nginx_page` the HTML error page nginx
 answers a 502, 503 or 504 with (:data:`NGINX_TITLES`); :data:`BLOCK_PAGE` a
-corporate web filter's block page. :mod:`chunkwatch.reference.faults` sends them.
+corporate web filter's block page. :mod:`chunkwatch_lab.faults` sends them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-from chunkwatch.reference._answer import openai_error
 from chunkwatch.sse import Event
+from chunkwatch_lab._answer import openai_error
 
 __all__ = [
     "BLOCK_PAGE",

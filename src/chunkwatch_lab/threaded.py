@@ -2,8 +2,8 @@
 
 Usage::
 
-    from chunkwatch.reference.threaded import start_in_thread
-    from chunkwatch.reference.upstream import Upstream
+    from chunkwatch_lab.threaded import start_in_thread
+    from chunkwatch_lab.upstream import Upstream
 
     up = start_in_thread(Upstream())      # returns once the port is bound
     print(up.url)                         # http://127.0.0.1:PORT

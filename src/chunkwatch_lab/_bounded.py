@@ -13,7 +13,7 @@ for ever, and a few hundred of them exhaust the process. Here, as in nginx:
 * a complete request goes to a thread of its own, at most ``threads`` at once
   (an SSE stream holds its thread while it lasts; nothing times it out, the read
   timeout is over by then); past that, JSON 503 with ``Retry-After: 1``;
-* every error the server sends itself is JSON (:mod:`chunkwatch.reference._limits`),
+* every error the server sends itself is JSON (:mod:`chunkwatch_lab._limits`),
   and a refused request is drained for ``linger`` seconds before the close, so the
   client reads the answer rather than a connection reset.
 
@@ -34,7 +34,7 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
-from chunkwatch.reference._limits import (
+from chunkwatch_lab._limits import (
     BodyDeadline,
     Complete,
     Incomplete,

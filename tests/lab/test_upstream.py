@@ -21,8 +21,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import (
+from chunkwatch.sse import SSEParser
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import (
     TRACEPARENTS_KEPT,
     Upstream,
     add_upstream_parser,
@@ -30,7 +31,6 @@ from chunkwatch.reference.upstream import (
     tool_call_id,
     upstream_from_args,
 )
-from chunkwatch.sse import SSEParser
 
 USER: Any = [{"role": "user", "content": "What is the weather like?"}]
 UPSTREAM_TOKENS = 12  # the session upstream fixture (conftest.py)
@@ -163,8 +163,7 @@ def test_answer_tokens_is_deterministic_across_processes() -> None:
     assert answer_tokens("hello there", 5) == [*tokens[:4], tokens[4].rstrip() + "."]
     assert answer_tokens("something else", 20) != tokens
     code = (
-        "from chunkwatch.reference.upstream import answer_tokens; "
-        "print(answer_tokens('hello there', 20))"
+        "from chunkwatch_lab.upstream import answer_tokens; print(answer_tokens('hello there', 20))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
@@ -568,12 +567,12 @@ def test_keep_alive_serves_several_requests_on_one_connection(upstream: Running[
 
 @pytest.fixture
 def upstream_process() -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """`python -m chunkwatch.reference.upstream` in its own process (50 tokens, 20 ms apart)."""
+    """`python -m chunkwatch_lab.upstream` in its own process (50 tokens, 20 ms apart)."""
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "chunkwatch.reference.upstream",
+            "chunkwatch_lab.upstream",
             "--port",
             "0",
             "--tokens",

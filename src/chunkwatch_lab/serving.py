@@ -1,6 +1,6 @@
 """Serving the reference app: ``chunkwatch serve`` (Werkzeug) and :class:`ServiceThread`.
 
-Both run on :class:`~chunkwatch.reference._bounded.BoundedServer`, Werkzeug's
+Both run on :class:`~chunkwatch_lab._bounded.BoundedServer`, Werkzeug's
 server with bounds: requests are read without a thread and within a deadline,
 at most ``--threads`` are served at once, and every error the server sends
 itself is JSON. The options and their defaults (``chunkwatch serve --help``):
@@ -18,7 +18,7 @@ itself is JSON. The options and their defaults (``chunkwatch serve --help``):
   line and headers together, else ``431``), ``--max-header-fields`` (100, else
   ``431``); the body: 64 KiB (the app's ``413``).
 
-The gunicorn entry point is :mod:`chunkwatch.reference.wsgi`; docs/deployment.md
+The gunicorn entry point is :mod:`chunkwatch_lab.wsgi`; docs/deployment.md
 compares the two and shows the proxy to put in front of either.
 """
 
@@ -33,10 +33,10 @@ from typing import Any
 from flask import Flask
 
 import chunkwatch
-from chunkwatch.reference._bounded import BoundedServer, QuietHandler
-from chunkwatch.reference._limits import Limits
-from chunkwatch.reference.agent import LLMConfig, api_key_from_env
-from chunkwatch.reference.service import ServiceConfig, create_app
+from chunkwatch_lab._bounded import BoundedServer, QuietHandler
+from chunkwatch_lab._limits import Limits
+from chunkwatch_lab.agent import LLMConfig, api_key_from_env
+from chunkwatch_lab.service import ServiceConfig, create_app
 
 __all__ = [
     "Limits",
@@ -152,7 +152,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from chunkwatch import telemetry
+    from chunkwatch_lab import telemetry
 
     limits = limits_from_args(args)
     config = config_from_args(args)

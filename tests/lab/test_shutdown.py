@@ -1,7 +1,7 @@
 """Shutdown is bounded whatever the OTLP endpoint does.
 
 Real processes on loopback: ``chunkwatch serve`` and gunicorn (``-c
-python:chunkwatch.reference.wsgi``) run as children, with
+python:chunkwatch_lab.wsgi``) run as children, with
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at an endpoint that never answers (a
 TCP server in this process that accepts and then says nothing) or at a closed
 port. One chat leaves spans batched (a long ``OTEL_BSP_SCHEDULE_DELAY``), then
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from chunkwatch import telemetry
-from chunkwatch.reference.client import chat
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab import telemetry
+from chunkwatch_lab.client import chat
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 EXIT_WITHIN = 7.0  # seconds: the 5 s flush budget plus the rest of the way out
 # gunicorn adds its own: a gthread worker polls for the stop flag once a second, the arbiter
@@ -194,7 +194,7 @@ def test_gunicorn_worker_exits_promptly_on_sigterm_when_the_otlp_endpoint_never_
     log = tmp_path / "gunicorn.log"
     cmd = [
         sys.executable, "-m", "gunicorn",
-        "-c", "python:chunkwatch.reference.wsgi",
+        "-c", "python:chunkwatch_lab.wsgi",
         "-w", "1", "--threads", "2", "-b", "127.0.0.1:0",
         "--graceful-timeout", "30", "--no-control-socket",
         "--error-logfile", "-", "--log-level", "info",

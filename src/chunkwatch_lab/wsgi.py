@@ -4,11 +4,11 @@ Usage (this module is both the app and the gunicorn config; see ``docs/deploymen
 
     export CHUNKWATCH_LLM_URL=http://127.0.0.1:8081
     export PROMETHEUS_MULTIPROC_DIR=/run/chunkwatch/metrics   # empty, before start
-    gunicorn -c python:chunkwatch.reference.wsgi -w 4 -b 127.0.0.1:8000  # behind a proxy
+    gunicorn -c python:chunkwatch_lab.wsgi -w 4 -b 127.0.0.1:8000  # behind a proxy
 
-``-c python:chunkwatch.reference.wsgi`` loads the hooks below and the defaults
+``-c python:chunkwatch_lab.wsgi`` loads the hooks below and the defaults
 ``worker_class = "gthread"``, ``threads = 8`` and ``wsgi_app`` (this module's
-``app``). ``gunicorn chunkwatch.reference.wsgi:app`` alone serves the app but
+``app``). ``gunicorn chunkwatch_lab.wsgi:app`` alone serves the app but
 without the hooks: with several workers, use the config.
 
 Configuration (environment variables; read at import, so a missing or bad value
@@ -29,10 +29,10 @@ stops gunicorn at start, not at the first request):
   ``chunkwatch serve --heartbeat`` / ``--request-timeout``.
 * ``CHUNKWATCH_MAX_CONVERSATIONS``, ``CHUNKWATCH_CONVERSATION_TTL``,
   ``CHUNKWATCH_HISTORY_MESSAGES``, ``CHUNKWATCH_HISTORY_CHARS`` — conversation memory
-  (per worker process; :mod:`chunkwatch.reference.conversations`, docs/service.md).
+  (per worker process; :mod:`chunkwatch_lab.conversations`, docs/service.md).
 * ``CHUNKWATCH_BODY_TIMEOUT`` — seconds a client has to send its request body
   (default 10, as ``chunkwatch serve --read-timeout``); past it: JSON 408 and the
-  connection closed (:class:`~chunkwatch.reference._limits.BodyDeadline`).
+  connection closed (:class:`~chunkwatch_lab._limits.BodyDeadline`).
 * ``CHUNKWATCH_FIRST_CHUNK_TIMEOUT``, ``CHUNKWATCH_IDLE_TIMEOUT`` — the stall
   deadlines (:meth:`chunkwatch.Deadlines.from_env`; stalled upstream streams
   are aborted, as in ``chunkwatch serve``).
@@ -42,10 +42,10 @@ stops gunicorn at start, not at the first request):
   never reaches it.
 * ``PROMETHEUS_MULTIPROC_DIR`` — with several workers: prometheus_client's
   multiprocess mode (must be set before gunicorn starts; an empty directory).
-* ``OTEL_*`` — traces, see :mod:`chunkwatch.telemetry`.
+* ``OTEL_*`` — traces, see :mod:`chunkwatch_lab.telemetry`.
 
 Why the app is built lazily: the service runs every agent on one background
-event loop thread (:class:`~chunkwatch.reference.loop.AgentLoop`). A thread
+event loop thread (:class:`~chunkwatch_lab.loop.AgentLoop`). A thread
 started in gunicorn's master does not exist in the workers forked from it:
 tasks submitted to its loop never run and every ``/chat`` would send nothing
 but heartbeats. gunicorn imports this module in the master (``-c python:...``,
@@ -72,10 +72,10 @@ from dataclasses import replace
 from typing import Any
 
 import chunkwatch
-from chunkwatch import telemetry
-from chunkwatch.reference._limits import BodyDeadline, Limits
-from chunkwatch.reference.agent import LLMConfig, api_key_from_env
-from chunkwatch.reference.service import ServiceConfig, create_app
+from chunkwatch_lab import telemetry
+from chunkwatch_lab._limits import BodyDeadline, Limits
+from chunkwatch_lab.agent import LLMConfig, api_key_from_env
+from chunkwatch_lab.service import ServiceConfig, create_app
 
 __all__ = [
     "LazyApp",
@@ -192,7 +192,7 @@ class LazyApp:
                         f"chunkwatch: the app was built in process {self._pid} and this is "
                         f"process {os.getpid()}, forked from it: its agent loop thread does "
                         "not exist here. Build it in each worker (the post_worker_init hook "
-                        "of chunkwatch.reference.wsgi); see docs/deployment.md"
+                        "of chunkwatch_lab.wsgi); see docs/deployment.md"
                     )
                 flask_app: WSGIApp = self._flask
                 return flask_app
@@ -233,10 +233,10 @@ class LazyApp:
 app = LazyApp(config_from_env(), body_timeout_from_env())
 
 
-# -- gunicorn configuration (``gunicorn -c python:chunkwatch.reference.wsgi``) --------------------
+# -- gunicorn configuration (``gunicorn -c python:chunkwatch_lab.wsgi``) --------------------
 # Module-level names that are gunicorn settings are read as settings: keep the others distinct.
 
-wsgi_app = "chunkwatch.reference.wsgi:app"
+wsgi_app = "chunkwatch_lab.wsgi:app"
 worker_class = "gthread"  # a stream holds a thread; sync workers would be killed at --timeout
 threads = 8
 # What a request may hold (docs/deployment.md, "Limits"); gunicorn answers 400, 414 or 431

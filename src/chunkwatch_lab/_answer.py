@@ -7,7 +7,7 @@ or one call to the first tool when the last ``user`` message contains
 :data:`TOOL_MARKER` -- with its OpenAI ``chat.completion`` and
 ``chat.completion.chunk`` shapes and, when ``filtered``, Azure OpenAI's
 content-filter results. :func:`openai_error` is OpenAI's error body.
-:mod:`chunkwatch.reference.upstream` serves them.
+:mod:`chunkwatch_lab.upstream` serves them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Real processes on loopback: the local upstream, the fault gateway and a tiny
 OTLP/HTTP receiver run in this process's threads; gunicorn (a master and two
-``gthread`` workers, ``-c python:chunkwatch.reference.wsgi``) is a child
+``gthread`` workers, ``-c python:chunkwatch_lab.wsgi``) is a child
 process with ``PROMETHEUS_MULTIPROC_DIR`` set. Which worker served a request is
 read from gunicorn's own access log (``%(p)s`` is the worker's pid).
 """
@@ -35,10 +35,10 @@ from prometheus_client.samples import Sample
 
 from chunkwatch import semconv as sc
 from chunkwatch.metrics import upstream_name
-from chunkwatch.reference.client import ChatResult, chat
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.client import ChatResult, chat
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 SERVICE_NAME = "chunkwatch-multiprocess-test"
 BATCH = 12  # concurrent requests per batch: more than one worker's 8 threads
@@ -247,7 +247,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, otlp: OTLPReceiver) -> Ite
             )
             cmd = [
                 sys.executable, "-m", "gunicorn",
-                "-c", "python:chunkwatch.reference.wsgi",
+                "-c", "python:chunkwatch_lab.wsgi",
                 "-w", "2", "--worker-class", "gthread", "--threads", "8",
                 "-b", "127.0.0.1:0",
                 "--graceful-timeout", "5",
@@ -405,12 +405,12 @@ def test_a_dead_workers_counts_stay_and_its_live_gauges_go(cluster: Cluster) -> 
 
 
 def test_importing_the_entry_point_starts_no_thread_and_a_prefork_app_is_refused() -> None:
-    """gunicorn imports ``chunkwatch.reference.wsgi`` in the master (``-c python:...``,
+    """gunicorn imports ``chunkwatch_lab.wsgi`` in the master (``-c python:...``,
     ``--preload``): the import must start no thread. An app built before a fork has an
     agent loop thread that does not exist in the child: the child refuses to use it."""
     script = """
 import os, threading
-import chunkwatch.reference.wsgi as w
+import chunkwatch_lab.wsgi as w
 assert threading.active_count() == 1, [t.name for t in threading.enumerate()]
 w.app.load()
 pid = os.fork()

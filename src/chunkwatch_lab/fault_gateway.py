@@ -21,7 +21,7 @@ else passes through healthy, as in real incidents where only streaming breaks.
 Modes that transform the stream call the upstream and apply only to a
 ``200 text/event-stream`` answer (an upstream error passes through unchanged);
 the others answer without calling the upstream. The modes, their parameters and
-behaviours live in :mod:`chunkwatch.reference.faults` (re-exported here:
+behaviours live in :mod:`chunkwatch_lab.faults` (re-exported here:
 :data:`FAULT_MODES`, :data:`FAULT_PARAMS`, :class:`FaultSetting`,
 :func:`aggregate`) and are listed in ``docs/gateway.md``.
 
@@ -49,9 +49,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from chunkwatch.reference._client import Exchange, UpstreamPool
-from chunkwatch.reference._http import ClientGone, HTTPError, HTTPServer, Request, Responder
-from chunkwatch.reference.faults import (
+from chunkwatch_lab._http import ClientGone, HTTPError, HTTPServer, Request, Responder
+from chunkwatch_lab._upstream_pool import Exchange, UpstreamPool
+from chunkwatch_lab.faults import (
     FAULT_MODES,
     FAULT_PARAMS,
     Call,
@@ -61,7 +61,7 @@ from chunkwatch.reference.faults import (
     inject,
     openai_error,
 )
-from chunkwatch.reference.threaded import run_until_signal
+from chunkwatch_lab.threaded import run_until_signal
 
 __all__ = [
     "FAULT_MODES",
@@ -304,8 +304,8 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m chunkwatch.reference.gateway --upstream URL [...]``."""
-    parser = argparse.ArgumentParser(prog="python -m chunkwatch.reference.gateway")
+    """``python -m chunkwatch_lab.fault_gateway --upstream URL [...]``."""
+    parser = argparse.ArgumentParser(prog="python -m chunkwatch_lab.fault_gateway")
     add_gateway_parser(parser.add_subparsers(dest="command", required=True))
     return run_gateway(parser.parse_args(["gateway", *(sys.argv[1:] if argv is None else argv)]))
 

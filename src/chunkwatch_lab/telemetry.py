@@ -4,12 +4,12 @@ The library itself uses the OpenTelemetry API only (it takes a
 ``tracer_provider``, default the global one); this module is the one place that
 builds an SDK ``TracerProvider``, from the standard ``OTEL_*`` environment
 variables, so that ``chunkwatch serve`` and the gunicorn entry point
-(:mod:`chunkwatch.reference.wsgi`) export traces the way every other
+(:mod:`chunkwatch_lab.wsgi`) export traces the way every other
 OpenTelemetry-instrumented process does.
 
 Usage::
 
-    from chunkwatch import telemetry
+    from chunkwatch_lab import telemetry
 
     provider = telemetry.setup_tracing("my-service", set_global=True)  # None: tracing is off
     ...

@@ -17,14 +17,14 @@ from prometheus_client import CollectorRegistry
 
 from chunkwatch import semconv as sc
 from chunkwatch.orphans import ORPHANED_AFTER
-from chunkwatch.reference.agent import LLMConfig
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.service import ServiceConfig, create_app
-from chunkwatch.reference.serving import ServiceThread
-from chunkwatch.reference.threaded import start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.agent import LLMConfig
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.service import ServiceConfig, create_app
+from chunkwatch_lab.serving import ServiceThread
+from chunkwatch_lab.threaded import start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
-from .helpers import open_chat, read_until
+from ..helpers import open_chat, read_until
 
 CLIENTS = 50
 TOKENS, TOKEN_DELAY = 250, 0.02  # 5 s of answer per client, a token every 20 ms

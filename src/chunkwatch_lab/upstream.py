@@ -5,7 +5,7 @@ Usage::
     chunkwatch upstream --port 8400 --tokens 12 --token-delay 0.02
     chunkwatch upstream --first-token-delay 0.5 --azure-content-filter
     # or, in-process:
-    from chunkwatch.reference.threaded import start_in_thread
+    from chunkwatch_lab.threaded import start_in_thread
     with start_in_thread(Upstream(tokens=12, token_delay=0.02)) as up:
         client = openai.OpenAI(base_url=up.url + "/v1", api_key="any")
 
@@ -31,7 +31,7 @@ Malformed requests get OpenAI-style 400s. ``docs/upstream.md`` is the reference.
 
 This module is the server, its counters, settings and command line; what a
 request is answered (validation, chunk and completion shapes) is the I/O-free
-:mod:`chunkwatch.reference._answer`.
+:mod:`chunkwatch_lab._answer`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from chunkwatch.reference._answer import (
+from chunkwatch.sse import format_event
+from chunkwatch_lab._answer import (
     TOOL_MARKER,
     Answer,
     BadRequest,
@@ -54,9 +55,8 @@ from chunkwatch.reference._answer import (
     prompt_filtered,
     tool_call_id,
 )
-from chunkwatch.reference._http import HTTPServer, Request, Responder
-from chunkwatch.reference.threaded import run_until_signal
-from chunkwatch.sse import format_event
+from chunkwatch_lab._http import HTTPServer, Request, Responder
+from chunkwatch_lab.threaded import run_until_signal
 
 __all__ = [
     "TOOL_MARKER",
@@ -279,8 +279,8 @@ def run_upstream(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m chunkwatch.reference.upstream [--port N ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m chunkwatch.reference.upstream")
+    """``python -m chunkwatch_lab.upstream [--port N ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m chunkwatch_lab.upstream")
     add_upstream_parser(parser.add_subparsers(dest="command", required=True))
     return run_upstream(parser.parse_args(["upstream", *(sys.argv[1:] if argv is None else argv)]))
 

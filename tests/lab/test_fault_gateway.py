@@ -18,12 +18,12 @@ from typing import Any
 import httpx2
 import pytest
 
-from chunkwatch.reference import faults
-from chunkwatch.reference import gateway as gateway_module
-from chunkwatch.reference.gateway import FAULT_MODES, FAULT_PARAMS, Gateway, aggregate
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream, answer_tokens
 from chunkwatch.sse import Event, SSEParser
+from chunkwatch_lab import faults
+from chunkwatch_lab import fault_gateway as gateway_module
+from chunkwatch_lab.fault_gateway import FAULT_MODES, FAULT_PARAMS, Gateway, aggregate
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream, answer_tokens
 
 PROMPT = "Tell me about gateways."
 TOKENS = 12  # the session upstream (conftest.py): 12 tokens, 10 ms apart
@@ -191,8 +191,8 @@ def test_fault_modes_constant_lists_every_mode() -> None:
 
 
 def test_gateway_module_reexports_the_fault_api() -> None:
-    """The names tests, the demo and users import from chunkwatch.reference.gateway are the
-    very objects defined in chunkwatch.reference.faults, and both __all__ lists are curated."""
+    """The names tests, the demo and users import from chunkwatch_lab.fault_gateway are the
+    very objects defined in chunkwatch_lab.faults, and both __all__ lists are curated."""
     assert gateway_module.__all__ == [
         "FAULT_MODES",
         "FAULT_PARAMS",
@@ -771,9 +771,9 @@ def test_a_client_that_leaves_cancels_its_upstream_request_at_once() -> None:
 def test_gateway_command_runs_with_a_fault_and_exits_0_on_sigterm(
     upstream: Running[Upstream],
 ) -> None:
-    """`python -m chunkwatch.reference.gateway --fault truncate --events 2` prints its
+    """`python -m chunkwatch_lab.fault_gateway --fault truncate --events 2` prints its
     listening line, serves with that fault, and exits 0 on SIGTERM."""
-    cmd = [sys.executable, "-m", "chunkwatch.reference.gateway", "--upstream", upstream.url]
+    cmd = [sys.executable, "-m", "chunkwatch_lab.fault_gateway", "--upstream", upstream.url]
     proc = subprocess.Popen(
         [*cmd, "--port", "0", "--fault", "truncate", "--events", "2"],
         stdout=subprocess.PIPE,
@@ -805,6 +805,6 @@ def test_gateway_command_runs_with_a_fault_and_exits_0_on_sigterm(
 )
 def test_gateway_command_rejects_bad_flags(args: list[str], words: str) -> None:
     """A bad fault, a parameter the fault does not take, or a bad URL: exit 2 and say why."""
-    cmd = [sys.executable, "-m", "chunkwatch.reference.gateway", "--port", "0", *args]
+    cmd = [sys.executable, "-m", "chunkwatch_lab.fault_gateway", "--port", "0", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     assert proc.returncode == 2 and words in proc.stderr

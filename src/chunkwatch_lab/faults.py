@@ -8,7 +8,7 @@ answer (the gateway's :data:`Proxy` forwards, and owns every other outcome); the
 others answer without the upstream. :func:`aggregate` (the ``json`` mode's
 logic: the ``chat.completion`` a buffering gateway builds from chunk events) and
 :func:`openai_error` live, with the canned error pages and bodies, in the I/O-free
-:mod:`chunkwatch.reference._bodies` and are re-exported here.
+:mod:`chunkwatch_lab._bodies` and are re-exported here.
 ``docs/gateway.md`` has every mode on the wire and what the openai SDK makes of it.
 """
 
@@ -24,7 +24,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from chunkwatch.reference._bodies import (
+from chunkwatch.sse import Event, format_comment, format_event
+from chunkwatch_lab._bodies import (
     BLOCK_PAGE,
     NGINX_TITLES,
     aggregate,
@@ -32,9 +33,8 @@ from chunkwatch.reference._bodies import (
     openai_error,
     status_body,
 )
-from chunkwatch.reference._client import Exchange
-from chunkwatch.reference._http import Request, Responder
-from chunkwatch.sse import Event, format_comment, format_event
+from chunkwatch_lab._http import Request, Responder
+from chunkwatch_lab._upstream_pool import Exchange
 
 __all__ = [
     "FAULT_MODES",

@@ -1,7 +1,7 @@
 """Slow and oversized requests cannot take the reference service down; its errors are JSON.
 
 Real servers on loopback, driven with raw sockets: ``chunkwatch serve`` and gunicorn
-with the shipped config (``-c python:chunkwatch.reference.wsgi``, 2 workers x 8
+with the shipped config (``-c python:chunkwatch_lab.wsgi``, 2 workers x 8
 threads) run as children; the model endpoint (:class:`Upstream`) runs in this
 process. Slow clients are slowloris clients: they send part of a request, then
 nothing. The budgets are small here (8 threads, 24 pending connections, 2 s to
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from chunkwatch.reference.client import ChatResult, chat
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.client import ChatResult, chat
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 THREADS, PENDING, READ_TIMEOUT = 8, 24, 2.0
 BODY_TIMEOUT = 1.0  # gunicorn: CHUNKWATCH_BODY_TIMEOUT
@@ -103,7 +103,7 @@ def gunicorn(upstream: Running[Upstream], tmp_path_factory: pytest.TempPathFacto
     """gunicorn with the shipped config, 2 workers x 8 threads: its port."""
     log = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
     cmd = [
-        sys.executable, "-m", "gunicorn", "-c", "python:chunkwatch.reference.wsgi",
+        sys.executable, "-m", "gunicorn", "-c", "python:chunkwatch_lab.wsgi",
         "-w", "2", "--threads", "8", "-b", "127.0.0.1:0", "--no-control-socket",
         "--graceful-timeout", "1", "--error-logfile", "-", "--log-level", "info",
     ]  # fmt: skip
@@ -349,7 +349,7 @@ def test_gunicorn_refuses_a_body_over_the_limit_unread_and_frees_the_connection(
 
 # -- the nginx example of docs/deployment.md ---------------------------------------------------
 
-DOCS = Path(__file__).parent.parent / "docs" / "deployment.md"
+DOCS = Path(__file__).parents[2] / "docs" / "deployment.md"
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ I/O-free except :class:`BodyDeadline`:
 * :class:`BodyDeadline` — a WSGI middleware that reads the body before the app
   does, with a deadline for the whole body: a client that sends it too slowly gets
   a JSON 408 and its connection is closed. Used by ``chunkwatch serve`` and by
-  the gunicorn entry point (:mod:`chunkwatch.reference.wsgi`).
+  the gunicorn entry point (:mod:`chunkwatch_lab.wsgi`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from chunkwatch.reference.service import MAX_BODY
+from chunkwatch_lab.service import MAX_BODY
 
 __all__ = [
     "BodyDeadline",

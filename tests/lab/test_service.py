@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from chunkwatch.reference.agent import LLMConfig
-from chunkwatch.reference.client import chat
-from chunkwatch.reference.service import ServiceConfig, create_app
-from chunkwatch.reference.serving import ServiceThread
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream, answer_tokens
+from chunkwatch_lab.agent import LLMConfig
+from chunkwatch_lab.client import chat
+from chunkwatch_lab.service import ServiceConfig, create_app
+from chunkwatch_lab.serving import ServiceThread
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream, answer_tokens
 
-from .helpers import open_chat, read_until
+from ..helpers import open_chat, read_until
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 A Flask app streams a LangGraph agent's output to the browser over SSE. The
 agent runs as a task on one shared background event loop
-(:mod:`chunkwatch.reference.loop`); its events reach the WSGI generator through
+(:mod:`chunkwatch_lab.loop`); its events reach the WSGI generator through
 a thread-safe queue.
 
 ``POST /chat`` with JSON ``{"message": str, "thread_id": str?}`` answers
 ``text/event-stream``. Without ``thread_id`` a new conversation starts; ``event: done``
 carries the id the service issued for it, which continues it. Conversation memory is
-bounded (:mod:`chunkwatch.reference.conversations`). The event schema (see
+bounded (:mod:`chunkwatch_lab.conversations`). The event schema (see
 ``docs/service.md``):
 
 * ``: open`` comment, flushed at once so a proxy in front never waits for the
@@ -50,17 +50,17 @@ from chunkwatch.guard import BreakerConfig, Guard, GuardScope
 from chunkwatch.ledger import Ledger, bind
 from chunkwatch.naming import upstream_name
 from chunkwatch.probes.queue import WatchedQueue
-from chunkwatch.reference._input import BadInput, parse_chat
-from chunkwatch.reference.agent import LLMConfig, build_graph, make_model
-from chunkwatch.reference.conversations import (
+from chunkwatch.sse import format_comment, format_event
+from chunkwatch.watchdog import Deadlines
+from chunkwatch_lab._input import BadInput, parse_chat
+from chunkwatch_lab.agent import LLMConfig, build_graph, make_model
+from chunkwatch_lab.conversations import (
     UNKNOWN_THREAD,
     ConversationLimits,
     Conversations,
     UnknownThread,
 )
-from chunkwatch.reference.loop import AgentLoop
-from chunkwatch.sse import format_comment, format_event
-from chunkwatch.watchdog import Deadlines
+from chunkwatch_lab.loop import AgentLoop
 
 __all__ = ["ChatService", "ServiceConfig", "create_app"]
 
@@ -265,7 +265,7 @@ def _json_error(status: int, message: str, kind: str) -> Response:
 
 def create_app(config: ServiceConfig, service: ChatService | None = None) -> Flask:
     """The Flask app. ``app.extensions["chunkwatch.chat"]`` is the :class:`ChatService`."""
-    app = Flask("chunkwatch.reference")
+    app = Flask("chunkwatch_lab")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     chat = service or ChatService(config)
     app.extensions["chunkwatch.chat"] = chat

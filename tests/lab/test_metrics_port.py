@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from chunkwatch.reference.client import chat
-from chunkwatch.reference.threaded import Running, start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.client import chat
+from chunkwatch_lab.threaded import Running, start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_gunicorn_serves_the_summed_metrics_from_the_master_on_its_own_port(
         CHUNKWATCH_METRICS_PORT=str(metrics_port),
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
-    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:chunkwatch.reference.wsgi"]
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:chunkwatch_lab.wsgi"]
     cmd += ["-w", "2", "-b", "127.0.0.1:0", "--no-control-socket"]
     log = tmp_path / "gunicorn.log"
     with open(log, "w") as out:
@@ -148,7 +148,7 @@ def test_gunicorn_refuses_a_metrics_port_without_the_multiprocess_directory(
     """Without PROMETHEUS_MULTIPROC_DIR the master has no worker metrics to serve: gunicorn
     stops at start with a message that says what to set."""
     env = _env(CHUNKWATCH_LLM_URL=model.url, CHUNKWATCH_METRICS_PORT=str(_free_port()))
-    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:chunkwatch.reference.wsgi"]
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "python:chunkwatch_lab.wsgi"]
     done = subprocess.run(
         [*cmd, "-b", "127.0.0.1:0", "--no-control-socket"],
         env=env,

@@ -21,7 +21,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from chunkwatch.reference._http import (
+from chunkwatch.sse import Event, SSEParser
+from chunkwatch_lab._http import (
     Headers,
     HTTPError,
     Request,
@@ -30,7 +31,6 @@ from chunkwatch.reference._http import (
     parse_headers,
     read_head,
 )
-from chunkwatch.sse import Event, SSEParser
 
 __all__ = [
     "Exchange",

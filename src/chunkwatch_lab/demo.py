@@ -13,13 +13,13 @@ import argparse
 import textwrap
 from typing import Any
 
-from chunkwatch.reference.agent import LLMConfig
-from chunkwatch.reference.client import ChatResult, chat
-from chunkwatch.reference.gateway import Gateway
-from chunkwatch.reference.service import ServiceConfig, create_app
-from chunkwatch.reference.serving import ServiceThread
-from chunkwatch.reference.threaded import start_in_thread
-from chunkwatch.reference.upstream import Upstream
+from chunkwatch_lab.agent import LLMConfig
+from chunkwatch_lab.client import ChatResult, chat
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.service import ServiceConfig, create_app
+from chunkwatch_lab.serving import ServiceThread
+from chunkwatch_lab.threaded import start_in_thread
+from chunkwatch_lab.upstream import Upstream
 
 __all__ = ["add_demo_parser", "run_demo"]
 

@@ -11,7 +11,7 @@ abruptly (:meth:`Responder.abort`).
 
 The message-head helpers (:func:`read_head`, :func:`parse_headers`,
 :func:`parse_content_length`, :func:`find_header`) are shared with the client
-side, the gateway's way to its upstream: :mod:`chunkwatch.reference._client`.
+side, the gateway's way to its upstream: :mod:`chunkwatch_lab._upstream_pool`.
 
 Not a general-purpose server: no TLS termination, no pipelining, no HTTP/2.
 """
