@@ -282,3 +282,15 @@ def test_the_library_works_without_the_lab_extra(
     assert seen["lab_imported"] == []
     assert seen["events"] == 3
     assert seen["gateway_ok"] == 1.0
+
+
+def test_the_version_is_written_once() -> None:
+    """pyproject.toml takes the version from `chunkwatch.__version__` (hatch's dynamic
+    version), so the installed metadata and the module agree and there is one place to bump."""
+    import importlib.metadata
+
+    import chunkwatch
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in text and "\nversion =" not in text
+    assert importlib.metadata.version("chunkwatch") == chunkwatch.__version__
