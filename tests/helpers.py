@@ -1,4 +1,5 @@
-"""Test helpers: an instrumented reference system with its own registry and span exporter."""
+"""Test helpers: an instrumented reference system with its own registry and span exporter
+(a :func:`chunkwatch.testing.capture`)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from chunkwatch import semconv as sc
 from chunkwatch.guard import BreakerConfig
+from chunkwatch.testing import Capture, capture
 from chunkwatch.watchdog import Deadlines
 from chunkwatch_lab.agent import LLMConfig
 from chunkwatch_lab.client import ChatResult, chat
@@ -35,11 +36,18 @@ class System:
     upstream: Running[Upstream]
     gateway: Running[Gateway]
     service: ServiceThread
-    registry: CollectorRegistry
-    exporter: InMemorySpanExporter
+    capture: Capture  # the verdicts too: capture.wait_for_verdicts, capture.last_verdict
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.capture.registry
+
+    @property
+    def exporter(self) -> InMemorySpanExporter:
+        return self.capture.exporter
 
     def sample(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
+        return self.capture.sample(name, **labels)
 
     def ask(self, message: str, fault: str = "pass", **params: Any) -> ChatResult:
         self.gateway.server.set_fault(fault, **params)
@@ -85,18 +93,16 @@ def instrumented_system(
 ) -> Iterator[System]:
     """Upstream, gateway and the instrumented service. The guard is off unless asked for:
     most tests pin what chunkwatch *detects*, which the guard would heal."""
-    exporter = exporter or InMemorySpanExporter()
-    if tracer_provider is None:
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    registry = CollectorRegistry()
     with start_in_thread(Upstream(tokens=tokens, token_delay=token_delay)) as up:
-        with start_in_thread(Gateway(up.url)) as gw:
+        with (
+            start_in_thread(Gateway(up.url)) as gw,
+            capture(exporter=exporter, tracer_provider=tracer_provider) as cap,
+        ):
             config = ServiceConfig(
                 llm=LLMConfig(url=gw.url, api_key=API_KEY),
                 mode=mode,  # type: ignore[arg-type]
-                registry=registry,
-                tracer_provider=tracer_provider,
+                registry=cap.registry,  # create_app's instrument() reuses the capture's
+                tracer_provider=cap.tracer_provider,
                 deadlines=deadlines or Deadlines(first_chunk=1.0, idle=1.0, abort=True),
                 upstreams={f"127.0.0.1:{gw.port}": "test-gw"},
                 guard=guard,
@@ -104,7 +110,7 @@ def instrumented_system(
             )
             service = ServiceThread(create_app(config))
             try:
-                yield System(up, gw, service, registry, exporter)
+                yield System(up, gw, service, cap)
             finally:
                 service.stop()
 
