@@ -268,7 +268,8 @@ def test_the_library_works_without_the_lab_extra(
     """In a venv without the lab extra, `import chunkwatch`, `chunkwatch.instrument()` with no
     app, and its OpenTelemetry entry point load; a streamed chat completion over httpx2 from
     a loopback model is counted at the gateway layer as `ok`; no lab module gets imported,
-    nor the `chunkwatch_lab` package (in the bare venv no lab dependency is even installed). An import error shows its traceback."""
+    nor the `chunkwatch_lab` package (in the bare venv no lab dependency is even
+    installed). An import error shows its traceback."""
     venv: Venv = request.getfixturevalue(which)
     script = tmp_path / "probe.py"
     script.write_text(_PROBE % {"lab": LAB_MODULES})

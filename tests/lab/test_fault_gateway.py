@@ -19,8 +19,8 @@ import httpx2
 import pytest
 
 from chunkwatch.sse import Event, SSEParser
-from chunkwatch_lab import faults
 from chunkwatch_lab import fault_gateway as gateway_module
+from chunkwatch_lab import faults
 from chunkwatch_lab.fault_gateway import FAULT_MODES, FAULT_PARAMS, Gateway, aggregate
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream, answer_tokens
