@@ -62,13 +62,13 @@ from chunkwatch import semconv as sc
 from chunkwatch.errors import StreamEmptyError
 from chunkwatch.ledger import Ledger, bind, current_ledger
 from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
+from chunkwatch.probes import layer_order
 from chunkwatch.runtime import Runtime, active, span_attributes
 
 __all__ = ["BreakerConfig", "BreakerState", "Guard", "GuardScope"]
 
 log = logging.getLogger("chunkwatch")
 
-_ORDER = {layer: i for i, layer in enumerate(sc.LAYERS)}
 # HTTP statuses a request's shape explains: worth one try without streaming.
 STREAM_SHAPE_STATUSES = frozenset({400, 405, 406, 415, 422, 501})
 # Error codes (OpenAI / Azure OpenAI) that refuse the prompt itself: the same prompt
@@ -295,9 +295,10 @@ class Guard:
         sdk = [t for t in tallies if t.layer == sc.SDK]
         if any(t.content_units for t in sdk):
             return None  # content of this call was received: it may have reached the client
+        order = layer_order()
         faults = sorted(
             (t for t in tallies if t.outcome in FAULT_OUTCOMES),
-            key=lambda t: _ORDER.get(t.layer, len(_ORDER)),
+            key=lambda t: order.get(t.layer, len(order)),
         )
         if faults:
             t = faults[0]

@@ -36,6 +36,7 @@ instrumented with no arguments) applies the options it is given and logs which c
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -45,10 +46,9 @@ from typing import Any
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from chunkwatch import handoff
+from chunkwatch import handoff, probes
 from chunkwatch import semconv as sc
 from chunkwatch.config import UNSET, Settings
-from chunkwatch.probes import gateway, langgraph, sdk
 from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware
 from chunkwatch.runtime import Runtime, activate, active
@@ -97,12 +97,14 @@ def instrument(
                 settings=settings,
             )
             activate(rt)
-            for probe, layer in ((gateway, sc.GATEWAY), (sdk, sc.SDK), (langgraph, sc.LANGGRAPH)):
+            for row in probes.PROBES:
+                if row.module is None:
+                    continue  # app-level (http, sse, queue): instrument_app, WatchedQueue
                 try:
-                    probe.instrument(rt)
-                    rt.probed.add(layer)
+                    importlib.import_module(row.module).instrument(rt)
+                    rt.probed.add(row.layer)
                 except ImportError:  # the library it hooks is not installed: nothing to watch
-                    log.debug("chunkwatch: %s not instrumented", probe.__name__, exc_info=True)
+                    log.debug("chunkwatch: %s not instrumented", row.module, exc_info=True)
             handoff.instrument()
         elif any(v is not UNSET for v in (*given.values(), registry, tracer_provider)):
             changed = rt.configure(
@@ -168,8 +170,10 @@ def uninstrument(app: Any = None) -> None:
 
     Only chunkwatch's own wrappers are taken out: another tool's keeps working."""
     with _lock:
-        for probe in (gateway, sdk, langgraph, handoff):
-            probe.uninstrument()
+        for row in reversed(probes.PROBES):
+            if row.module is not None:
+                importlib.import_module(row.module).uninstrument()
+        handoff.uninstrument()
         unpatch(_FLASK_OWNER)
         rt = active()
         activate(None)

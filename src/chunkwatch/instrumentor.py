@@ -2,7 +2,8 @@
 
 Registered under the ``opentelemetry_instrumentor`` entry point, so
 ``opentelemetry-instrument python app.py`` (auto-instrumentation) installs the
-library probes (gateway, sdk, langgraph). The Flask app's http/sse probes need
+library probes (the rows of :data:`chunkwatch.probes.PROBES` with a module: gateway,
+sdk, langgraph). The Flask app's http/sse probes need
 the app object: call ``chunkwatch.instrument(app)`` in the app, or
 ``ChunkwatchInstrumentor().instrument(app=app)``.
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 
 from chunkwatch.outcomes import End, Evidence, Outcome, classify, end_for_exception
-from chunkwatch.semconv import LAYERS
+from chunkwatch.probes import layer_order
 
 if TYPE_CHECKING:
     from chunkwatch.orphans import Orphans
@@ -151,7 +151,7 @@ class Ledger:
 
     def funnel(self) -> dict[str, int]:
         """Units each layer passed on, bottom to top, for the layers that saw this request."""
-        out = {layer: 0 for layer in LAYERS}
+        out = dict.fromkeys(layer_order(), 0)
         for t in self.tallies:
             out[t.layer] = out.get(t.layer, 0) + t.units
         seen = {t.layer for t in self.tallies}

@@ -17,8 +17,10 @@ after the client left) until they stop, then writes
 * on the request's root span, ``chunkwatch.orphaned.*``, and the verdict's log line and
   detail, which wait for them (at most :data:`WAIT` seconds).
 
-One layer counts, so a model call is counted once: ``gateway`` (the bytes the upstream
-actually sent) when that probe is installed, else ``sdk``.
+The model streams are those of the ``model`` rows of :data:`chunkwatch.probes.PROBES`
+(``gateway``, ``sdk``). One layer counts, so a model call is counted once: the lowest of
+them whose probe is installed — ``gateway`` (the bytes the upstream actually sent), else
+``sdk``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ORPHANED_AFTER", "WAIT", "Orphans", "client_left"]
 
-MODEL_LAYERS = (sc.GATEWAY, sc.SDK)
 # A stream still receiving this long after its client left is *orphaned* (the detail says
 # so; the alert counts these): a cancelled stream stops within a token interval or two.
 ORPHANED_AFTER = 1.0

@@ -14,8 +14,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from chunkwatch import semconv as sc
-from chunkwatch.orphans import MODEL_LAYERS, WAIT, Orphans, client_left
+from chunkwatch.orphans import WAIT, Orphans, client_left
 from chunkwatch.outcomes import End
+from chunkwatch.probes import model_layers
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -99,10 +100,12 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
 def _follow_orphans(rt: Runtime, ledger: Ledger, span: Span | None) -> Orphans:
     """The model streams still open as the client leaves, and any the request's agent
     opens from now on, followed until they stop."""
-    layer = sc.GATEWAY if sc.GATEWAY in rt.probed else sc.SDK
+    models = model_layers()
+    # One layer counts, so a model call is counted once: the lowest one probed.
+    layer = next((m for m in models if m in rt.probed), models[-1])
     orphans = Orphans(rt, ledger, layer)
     for t in ledger.tallies:
-        if t.layer in MODEL_LAYERS and t.stream_requested and not t.finished:
+        if t.layer in models and t.stream_requested and not t.finished:
             orphans.adopt(t, t.units)
     ledger.orphans = orphans
     if orphans.following():

@@ -29,8 +29,8 @@ from chunkwatch.config import UNSET, Settings
 from chunkwatch.ledger import Ledger, Tally, current_ledger
 from chunkwatch.metrics import Metrics
 from chunkwatch.naming import Names
-from chunkwatch.orphans import MODEL_LAYERS
 from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
+from chunkwatch.probes import model_layers
 from chunkwatch.verdict import Verdict, describe
 from chunkwatch.watchdog import Deadlines, Watchdog
 
@@ -217,7 +217,7 @@ class Runtime:
         ledger = ledger or self.ledger(layer)
         tally = ledger.open(layer, upstream=upstream, on_finish=self._finish, **facts)
         tally.span = span
-        if ledger.orphans is not None and not ledger.closed and layer in MODEL_LAYERS:
+        if ledger.orphans is not None and not ledger.closed and layer in model_layers():
             ledger.orphans.adopt(tally)
         try:
             self.metrics.stream_opened(layer)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Final
 
 # -- layers, bottom (network) to top (browser) ------------------------------------------------
+# LAYERS is chunkwatch.probes.PROBES's layers, in its order (a test checks): a new layer is a
+# name here, its probe module, and a row there.
 GATEWAY: Final = "gateway"
 SDK: Final = "sdk"
 LANGGRAPH: Final = "langgraph"

@@ -1,7 +1,7 @@
 """The verdict: the lowest layer where data stopped or changed, in one sentence.
 
-:func:`judge` reads a :class:`~chunkwatch.ledger.Ledger` bottom-up (gateway, sdk,
-langgraph, queue, sse, http):
+:func:`judge` reads a :class:`~chunkwatch.ledger.Ledger` bottom-up, in the order of
+:data:`chunkwatch.probes.PROBES` (gateway, sdk, langgraph, queue, sse, http):
 
 1. the first stream, lowest layer first, whose outcome is a fault (anything but
    ``ok``, ``disconnected`` and ``abandoned``) is the verdict;
@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from chunkwatch import semconv as sc
 from chunkwatch.outcomes import FAULT_OUTCOMES, End, Outcome
+from chunkwatch.probes import layer_order, unit_words
 
 if TYPE_CHECKING:
     from chunkwatch.ledger import Ledger, Tally
 
 __all__ = ["Verdict", "describe", "judge"]
-
-_ORDER = {layer: i for i, layer in enumerate(sc.LAYERS)}
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,11 @@ class Verdict:
 
 
 def judge(ledger: Ledger) -> Verdict:
+    """The verdict over what ``ledger``'s finished streams saw (the module doc)."""
+    order = layer_order()
     tallies = sorted(
         (t for t in ledger.tallies if t.outcome is not None),
-        key=lambda t: (_ORDER.get(t.layer, len(_ORDER)), t.t_start),
+        key=lambda t: (order.get(t.layer, len(order)), t.t_start),
     )
     for t in tallies:
         if t.outcome in FAULT_OUTCOMES:
@@ -147,14 +148,6 @@ _GENERIC = {
     Outcome.ERROR: "an exception ended the stream",
     Outcome.OK: "healthy",
 }
-_UNIT = {
-    sc.GATEWAY: "data events",
-    sc.SDK: "chunks",
-    sc.LANGGRAPH: "token events",
-    sc.QUEUE: "items",
-    sc.SSE: "events",
-    sc.HTTP: "responses",
-}
 _ENDS = {
     End.CLEAN: "closed cleanly",
     End.ABRUPT: "the connection dropped",
@@ -175,7 +168,7 @@ def describe(t: Tally, *, said: str | None = None, quote: bool = True) -> str:
     """``"<layer>: <evidence> — <meaning>"`` for one finished tally. An ``error_event``
     quotes what the upstream said (its own note, else ``said``: another layer's)."""
     outcome = t.outcome or Outcome.OK
-    unit = t.facts.get("unit_name") or _UNIT.get(t.layer, "units")
+    unit = t.facts.get("unit_name") or unit_words(t.layer)
     parts: list[str] = []
     if t.status is not None:
         ct = (t.content_type or "no content-type").split(";")[0]

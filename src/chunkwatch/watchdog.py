@@ -6,7 +6,8 @@ daemon thread watches every open stream; the per-chunk path does nothing for it
 (it reads the tally's ``t_last``, which the probe updates anyway).
 
 Defaults (see ``docs/configuration.md``): 30 s to the first chunk and 30 s
-between chunks, for the ``gateway`` and ``sdk`` layers; the layers above see
+between chunks, for the ``gateway`` and ``sdk`` layers (the ``watched`` rows of
+:data:`chunkwatch.probes.PROBES`); the layers above see
 tool runs and are not watched unless configured. Only streams are watched: a
 non-streaming call's single response takes the whole generation time. With ``abort=True`` a stalled
 upstream request is aborted with :class:`chunkwatch.StreamStalledError` — the
@@ -24,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from chunkwatch import semconv as sc
+from chunkwatch.probes import watched_layers
 
 if TYPE_CHECKING:
     from chunkwatch.ledger import Tally
@@ -66,7 +67,8 @@ class Deadlines:
     """First-chunk and idle deadlines in seconds (``None``: not watched).
 
     ``layers`` maps a layer to ``(first_chunk, idle)`` and overrides the defaults
-    for that layer; ``watched`` names the layers the defaults apply to.
+    for that layer; ``watched`` names the layers the defaults apply to (by default the
+    ``watched`` rows of :data:`chunkwatch.probes.PROBES`: gateway and sdk).
     ``silent_at_end``: a stream below the response that is still open, and has been
     silent at least this long, when its request ends (the app gave up waiting, the
     client left) is judged ``stalled`` then, with the time it was silent.
@@ -75,7 +77,7 @@ class Deadlines:
     first_chunk: float | None = 30.0
     idle: float | None = 30.0
     abort: bool = False
-    watched: frozenset[str] = frozenset({sc.GATEWAY, sc.SDK})
+    watched: frozenset[str] = field(default_factory=watched_layers)
     silent_at_end: float | None = 2.0
     layers: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
