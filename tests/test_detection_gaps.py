@@ -33,6 +33,7 @@ from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.outcomes import End, Payload, payload_kind, upstream_text
 from chunkwatch.probes._wire import Reader
 from chunkwatch.sse import SSEParser
+from chunkwatch.verdict import judge
 from chunkwatch_lab.fault_gateway import Gateway
 from chunkwatch_lab.faults import INBAND_MESSAGE, PROMPT_FILTER_EVENT
 from chunkwatch_lab.threaded import Running, start_in_thread
@@ -170,7 +171,7 @@ def test_filter_only_is_empty_at_the_gateway_not_truncated(
     chunks, error = read(gateway, ledger)
     assert len(chunks) == 1 and chunks[0].choices == []
     assert isinstance(error, chunkwatch.StreamEmptyError), repr(error)
-    verdict = ledger.verdict()
+    verdict = judge(ledger)
     assert str(verdict) == "empty@gateway"
     assert error.verdict is not None and str(error.verdict) == "empty@gateway"
     assert "1 data events, none with a completion" in verdict.detail
@@ -190,7 +191,7 @@ def test_filter_chunk_then_a_cut_is_empty_not_truncated(
     finally:
         azure_gateway.server.set_fault("pass")
     assert len(chunks) == 1 and isinstance(error, chunkwatch.StreamEmptyError)
-    verdict = ledger.verdict()
+    verdict = judge(ledger)
     assert str(verdict) == "empty@gateway"
     assert verdict.detail.endswith("the stream ended before the model's first token")
 
@@ -209,7 +210,7 @@ def test_azure_stream_with_a_prompt_filter_chunk_first_stays_ok(
     answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert answer == "".join(answer_tokens(PROMPT, 12))
     assert len(chunks) == 16 and chunks[0].choices == []
-    assert str(ledger.verdict()) == "ok"
+    assert str(judge(ledger)) == "ok"
     assert _outcomes(ledger) == {"gateway": "ok", "sdk": "ok"}
     (gw,) = ledger.layer(sc.GATEWAY)
     assert (gw.units, gw.annotations) == (16, 0)  # counted as it came, past the first chunk
@@ -232,7 +233,7 @@ def test_inband_error_is_an_error_event_with_the_upstreams_words(
     chunks, error = read(gateway, ledger)
     assert len(chunks) == 4 and chunks[-1].choices is None  # the SDK passes it on as a chunk
     assert isinstance(error, chunkwatch.StreamTruncatedError), repr(error)
-    verdict = ledger.verdict()
+    verdict = judge(ledger)
     assert str(verdict) == "error_event@gateway"
     assert SAID in verdict.detail and SAID in str(error)
     assert _outcomes(ledger) == {"gateway": "error_event", "sdk": "error_event"}
@@ -247,7 +248,7 @@ def test_error_events_text_is_in_the_verdict_too(
     ledger = Ledger()
     _, error = _read(gateway, ledger)
     assert type(error) is openai.APIError
-    verdict = ledger.verdict()
+    verdict = judge(ledger)
     assert str(verdict) == "error_event@gateway"
     assert f'the upstream said "{error.message}"' in verdict.detail
 

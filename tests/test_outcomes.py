@@ -7,6 +7,7 @@ import pytest
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger
 from chunkwatch.outcomes import End, Evidence, Outcome, classify, end_for_exception
+from chunkwatch.verdict import judge
 
 MS = 1_000_000
 
@@ -252,7 +253,7 @@ def test_verdict_names_the_lowest_faulty_layer() -> None:
     finished(ledger, sc.LANGGRAPH, End.ERROR, exc_type="StreamEmptyError")
     finished(ledger, sc.SDK, terminal_known=True)
     finished(ledger, sc.GATEWAY, status=200, content_type="text/event-stream", terminal_known=True)
-    v = ledger.verdict()
+    v = judge(ledger)
     assert (str(v), v.layer, v.outcome) == ("empty@gateway", "gateway", Outcome.EMPTY)
     assert v.detail.startswith("gateway: HTTP 200 text/event-stream, 0 data events, closed cleanly")
 
@@ -270,7 +271,7 @@ def test_verdict_lost_between_layers() -> None:
         terminal_seen=True,
     )
     finished(ledger, sc.SDK, units=80, terminal_known=True, terminal_seen=True)
-    v = ledger.verdict()
+    v = judge(ledger)
     assert str(v) == "lost@sdk"
     assert "80 of the 120" in v.detail
 
@@ -290,7 +291,7 @@ def test_verdict_of_a_client_that_left_names_the_layer_that_noticed() -> None:
     finished(ledger, sc.SDK, End.CLOSED, units=3, terminal_known=True)
     finished(ledger, sc.SSE, End.CLOSED, units=3)
     finished(ledger, sc.HTTP, End.CLOSED, units=1)
-    assert str(ledger.verdict()) == "disconnected@sse"
+    assert str(judge(ledger)) == "disconnected@sse"
 
 
 def test_healthy_verdict_is_ok_with_the_funnel() -> None:
@@ -306,7 +307,7 @@ def test_healthy_verdict_is_ok_with_the_funnel() -> None:
         terminal_known=True,
         terminal_seen=True,
     )
-    v = ledger.verdict()
+    v = judge(ledger)
     assert (str(v), v.layer) == ("ok", "none")
     assert v.detail == "every layer passed its data on (gateway 15, sse 13)"
 

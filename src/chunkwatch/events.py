@@ -23,6 +23,7 @@ from chunkwatch.errors import (
     StreamTruncatedError,
 )
 from chunkwatch.ledger import Ledger, current_ledger
+from chunkwatch.verdict import judge
 
 __all__ = ["error_payload", "public_message"]
 
@@ -78,7 +79,7 @@ def error_payload(exc: BaseException, ledger: Ledger | None = None) -> dict[str,
     if ledger is None:
         return payload
     try:
-        verdict = ledger.verdict()
+        verdict = judge(ledger)
     except Exception:
         return payload
     if not verdict.ok:

@@ -59,7 +59,7 @@ from typing import Any
 from opentelemetry import trace
 
 from chunkwatch import semconv as sc
-from chunkwatch.errors import StreamEmptyError
+from chunkwatch.errors import NO_GENERATIONS, StreamEmptyError
 from chunkwatch.ledger import Ledger, bind, current_ledger
 from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
 from chunkwatch.probes import layer_order
@@ -318,7 +318,7 @@ class Guard:
             return f"{t.outcome}@{t.layer}" if eligible else None
         # Not instrumented (or no tally): only the unmistakable empty stream qualifies.
         if isinstance(exc, StreamEmptyError) or (
-            type(exc) is ValueError and "No generations found in stream" in str(exc)
+            type(exc) is ValueError and NO_GENERATIONS in str(exc)
         ):
             return "empty@sdk"
         return None

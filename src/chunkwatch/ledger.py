@@ -29,7 +29,6 @@ from chunkwatch.probes import layer_order
 
 if TYPE_CHECKING:
     from chunkwatch.orphans import Orphans
-    from chunkwatch.verdict import Verdict
 
 __all__ = ["Ledger", "Tally", "bind", "current_ledger"]
 
@@ -112,7 +111,7 @@ class Tally(Evidence):
 
 
 class Ledger:
-    """Everything one request's layers saw, and the verdict drawn from it."""
+    """Everything one request's layers saw (:func:`chunkwatch.verdict.judge` draws its verdict)."""
 
     def __init__(self, *, request_id: str | None = None) -> None:
         self.request_id = request_id
@@ -156,11 +155,6 @@ class Ledger:
             out[t.layer] = out.get(t.layer, 0) + t.units
         seen = {t.layer for t in self.tallies}
         return {layer: n for layer, n in out.items() if layer in seen}
-
-    def verdict(self) -> Verdict:
-        from chunkwatch.verdict import judge
-
-        return judge(self)
 
 
 _current: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar(

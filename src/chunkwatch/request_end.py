@@ -17,6 +17,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.orphans import WAIT, Orphans, client_left
 from chunkwatch.outcomes import End
 from chunkwatch.probes import model_layers
+from chunkwatch.verdict import judge
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -71,7 +72,7 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
         rt.bookkeeping_error(sc.HTTP, "orphans")
     ledger.closed = True
     try:
-        verdict = ledger.verdict()
+        verdict = judge(ledger)
     except Exception:
         rt.bookkeeping_error(sc.HTTP, "verdict")
         if span is not None:

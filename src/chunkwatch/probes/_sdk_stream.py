@@ -34,6 +34,7 @@ from chunkwatch.outcomes import (
     upstream_text,
 )
 from chunkwatch.runtime import Runtime, trace_id_of
+from chunkwatch.verdict import judge
 
 _now = time.perf_counter_ns
 
@@ -134,9 +135,9 @@ class _Chunks:
         if outcome is Outcome.EMPTY or (
             cut and outcome is Outcome.ERROR_EVENT and not tally.content_units
         ):
-            return StreamEmptyError(ledger.verdict() if ledger is not None else None)
+            return StreamEmptyError(judge(ledger) if ledger is not None else None)
         if cut:
-            return StreamTruncatedError(ledger.verdict() if ledger else None, tally.units)
+            return StreamTruncatedError(judge(ledger) if ledger else None, tally.units)
         return None
 
 

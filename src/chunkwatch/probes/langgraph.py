@@ -41,6 +41,7 @@ from chunkwatch.ledger import _current as _current_ledger_var
 from chunkwatch.outcomes import End, end_for_exception
 from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.runtime import Runtime, active
+from chunkwatch.verdict import judge
 
 __all__ = ["instrument", "translate", "uninstrument"]
 
@@ -59,7 +60,7 @@ def translate(exc: BaseException, tally: Tally | None = None) -> BaseException:
     """``StreamEmptyError`` for langchain-core's empty-stream ``ValueError``, else ``exc``."""
     if is_empty_stream_error(exc):
         ledger = tally.ledger if tally is not None else None
-        return StreamEmptyError(ledger.verdict() if ledger is not None else None)
+        return StreamEmptyError(judge(ledger) if ledger is not None else None)
     return exc
 
 
