@@ -195,7 +195,7 @@ def test_units_in_flight_when_the_client_left_are_not_lost(rt: Runtime) -> None:
     sdk = rt.open(sc.SDK, ledger=ledger, upstream="gw", watch=False, stream_requested=True)
     sdk.unit(4)
     graph = rt.open(sc.LANGGRAPH, ledger=ledger, upstream="gw", watch=False)
-    graph.facts["unit"] = "token"
+    graph.unit_kind = "token"
     graph.unit(3)
     sse = rt.open(sc.SSE, ledger=ledger, watch=False)
     sse.unit()

@@ -47,7 +47,6 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from chunkwatch import handoff, probes
-from chunkwatch import semconv as sc
 from chunkwatch.config import UNSET, Settings
 from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware
@@ -203,8 +202,7 @@ def _note_route() -> None:
     ledger = request.environ.get(ENVIRON_KEY)
     if ledger is None or request.url_rule is None:
         return
-    for tally in ledger.layer(sc.HTTP):
-        tally.facts["route"] = request.url_rule.rule
+    ledger.route = request.url_rule.rule
 
 
 def _metrics_view() -> Any:

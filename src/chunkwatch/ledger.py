@@ -39,7 +39,21 @@ _now = time.perf_counter_ns
 
 @dataclass(slots=True, eq=False)
 class Tally(Evidence):
-    """One stream at one layer: the evidence, plus what finalization needs."""
+    """One stream at one layer: the evidence, plus what finalization needs.
+
+    Whatever one module sets and another reads is a typed field here: the verdict's
+    words (``unit_name``, ``upstream_said``, ``malformed_why``, ``deadline``,
+    ``silent_for``), the watchdog's abort (``abort``, ``task``, ``aborted``), the
+    orphans that follow it, and how :meth:`Runtime._finish
+    <chunkwatch.runtime.Runtime._finish>` treats it (``keep_span``, ``stream_metrics``).
+
+    ``facts`` holds only what one probe notes for its own span attributes and reads
+    back itself: ``t_first_byte`` (gateway, sse), ``span_attributes`` (gateway),
+    ``usage`` and ``response`` (sdk), ``waits`` (doctor). Until the gateway body and the
+    doctor write the typed fields (issue 25), they also note ``task``, ``aborted``,
+    ``upstream_said``, ``malformed_why``, ``deadline`` and ``unit_name`` there, and the
+    verdict's words fall back to ``facts`` for them (``verdict._fact``).
+    """
 
     upstream: str = "none"
     t_headers: int | None = None
@@ -50,11 +64,27 @@ class Tally(Evidence):
     content_length: int | None = None
     content_encoding: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)  # layer-specific, for the span
+    facts: dict[str, Any] = field(default_factory=dict)  # one probe's own span facts
     outcome: Outcome | None = None
     on_finish: Callable[[Tally], None] | None = None
     ledger: Ledger | None = None
     span: Any = None
+    # -- read by the verdict's words -------------------------------------------------------
+    unit_kind: str | None = None  # langgraph: "token" (token events) or a stream mode
+    unit_name: str | None = None  # the units in words, where the layer's default is wrong
+    upstream_said: str | None = None  # what the upstream said in-band (an error event)
+    malformed_why: str | None = None  # why the bytes are not an event stream of chunks
+    deadline: float | None = None  # the deadline it stalled at, in seconds
+    silent_for: float | None = None  # open and silent that long when its request ended
+    genai: tuple[str, str] | None = None  # sdk: (provider, model), the GenAI metric labels
+    # -- stalls: the watchdog and the request's end abort it -------------------------------
+    abort: Callable[[], None] | None = None  # cancels the read waiting on it (abort=True)
+    task: Any = None  # the asyncio task waiting on its next read
+    aborted: tuple[str, float] | None = None  # (stall kind, after seconds) once aborted
+    orphans: Orphans | None = None  # its client left: followed until it stops
+    # -- how Runtime._finish treats it ------------------------------------------------------
+    keep_span: bool = False  # its span is ended by its owner (the request's, after the verdict)
+    stream_metrics: bool = True  # False: a span but no stream metrics (a plain http response)
 
     def unit(self, n: int = 1) -> None:
         """``n`` units passed on. The whole per-chunk cost of a probe.
@@ -71,6 +101,14 @@ class Tally(Evidence):
             self.max_gap_ns = now - last
         self.t_last = now
         self.units += n
+
+    def abort_stalled(self, kind: str, after: float) -> None:
+        """Abort the stream, stalled (``kind``) after ``after`` seconds: ``abort`` cancels
+        the read waiting on it, and its probe raises ``StreamStalledError``."""
+        self.aborted = (kind, after)
+        self.facts["aborted"] = self.aborted  # until the gateway body reads .aborted (issue 25)
+        if self.abort is not None:
+            self.abort()
 
     @property
     def finished(self) -> bool:
@@ -123,6 +161,7 @@ class Ledger:
         self.closed = False  # the request's verdict is drawn: new streams are not its own
         self.unlinked = False  # a stream's own ledger: no request could be found for it
         self.orphans: Orphans | None = None  # the client left: model streams still followed
+        self.route: str | None = None  # the matched route (Flask's url_rule), when known
 
     def open(
         self,
@@ -130,14 +169,14 @@ class Ledger:
         *,
         upstream: str | None = None,
         on_finish: Callable[[Tally], None] | None = None,
-        **facts: Any,
+        **fields: Any,
     ) -> Tally:
-        """Start a tally for one stream at ``layer``."""
+        """Start a tally for one stream at ``layer``, with the ``fields`` known now."""
         name = upstream or self.upstream or "none"
         if upstream and self.upstream is None:
             self.upstream = upstream
         tally = Tally(layer=layer, t_start=_now(), upstream=name, on_finish=on_finish, ledger=self)
-        for key, value in facts.items():
+        for key, value in fields.items():
             setattr(tally, key, value)
         self.tallies.append(tally)
         return tally

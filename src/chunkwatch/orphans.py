@@ -91,7 +91,7 @@ class Orphans:
         """Follow ``tally`` (open when the client left, or opened since) until it ends."""
         with self._lock:
             self._pending[id(tally)] = (tally.layer, units_at_leave)
-        tally.facts["orphans"] = self
+        tally.orphans = self
 
     def ledger_for_new_stream(self) -> Ledger:
         """The ledger of a model stream the request's agent opens after its client left:

@@ -44,15 +44,12 @@ def stalled_at_end(rt: Runtime, ledger: Ledger) -> None:
         silent = (now - (t.t_last if t.t_last is not None else t.t_start)) / 1e9
         if silent < limit:
             continue  # still flowing: an orphan, not a stall
-        t.facts["silent_for"] = silent
+        t.silent_for = silent
         if not t.stalled:
             t.stalled = "first_chunk" if t.t_last is None else "idle"
             rt.on_stall(t, t.stalled, silent)
-        else:
-            abort = t.facts.get("abort")
-            if rt.deadlines.abort and abort is not None and "aborted" not in t.facts:
-                t.facts["aborted"] = (t.stalled, silent)
-                abort()
+        elif rt.deadlines.abort and t.abort is not None and t.aborted is None:
+            t.abort_stalled(t.stalled, silent)
         t.finish(End.TIMEOUT)
 
 

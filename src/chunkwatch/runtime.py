@@ -212,11 +212,18 @@ class Runtime:
         upstream: str | None = None,
         span: Span | None = None,
         watch: bool = True,
-        **facts: Any,
+        keep_span: bool = False,
+        **fields: Any,
     ) -> Tally:
+        """A tally for one stream at ``layer``, finished through this runtime (its span's
+        attributes, its metrics). ``watch``: the layer's deadlines apply to it.
+        ``keep_span``: its span is not ended when it finishes — its owner ends it (the
+        http probe, after the request's verdict went on it). ``fields``: the tally's
+        evidence fields known at the start (``stream_requested``, ...)."""
         ledger = ledger or self.ledger(layer)
-        tally = ledger.open(layer, upstream=upstream, on_finish=self._finish, **facts)
+        tally = ledger.open(layer, upstream=upstream, on_finish=self._finish, **fields)
         tally.span = span
+        tally.keep_span = keep_span
         if ledger.orphans is not None and not ledger.closed and layer in model_layers():
             ledger.orphans.adopt(tally)
         try:
@@ -226,18 +233,18 @@ class Runtime:
         if watch:
             first, idle = self.deadlines.for_layer(layer)
             if first is not None or idle is not None:
-                tally.facts["deadlines"] = (first, idle)
                 self.watchdog.watch(tally, first, idle)
         return tally
 
     def _finish(self, t: Tally) -> None:
         self.watchdog.forget(t)
         # A finished stream must not keep its task (and the frames it holds) alive.
-        t.facts.pop("task", None)
+        t.task = t.abort = None
+        t.facts.pop("task", None)  # until the gateway body sets t.task (issue 25)
         t.facts.pop("abort", None)
         if t.upstream == "none" and t.ledger is not None and t.ledger.upstream:
             t.upstream = t.ledger.upstream  # opened before the request reached a model
-        orphans = t.facts.get("orphans")
+        orphans = t.orphans
         if orphans is not None:
             try:
                 orphans.stream_ended(t)
@@ -245,7 +252,7 @@ class Runtime:
                 self.bookkeeping_error(t.layer, "orphans")
         span = t.span
         try:
-            if t.facts.get("not_a_stream"):
+            if not t.stream_metrics:
                 self.metrics.open_gauge(t.layer).dec()
             else:
                 self.metrics.stream_finished(t, trace_id_of(span), counted=t.stalled is not None)
@@ -272,7 +279,7 @@ class Runtime:
             span.set_attributes(attrs)
             if outcome in FAULT_OUTCOMES:
                 span.set_status(Status(StatusCode.ERROR, str(outcome)))
-            if not t.facts.get("keep_span_open"):
+            if not t.keep_span:
                 span.end()
         except Exception:
             self.bookkeeping_error(t.layer, "span")
@@ -280,7 +287,7 @@ class Runtime:
     def on_stall(self, t: Tally, kind: str, after: float) -> None:
         """A stall of ``t``, found now (watchdog, request end): count it, note it on the
         span, log it, and abort the stream if ``Deadlines.abort``."""
-        t.facts["deadline"] = after
+        t.deadline = after
         self.metrics.stall(t, kind, trace_id_of(t.span))
         if t.span is not None:
             t.span.add_event(
@@ -295,10 +302,8 @@ class Runtime:
             t.upstream,
             t.units,
         )
-        abort = t.facts.get("abort")
-        if self.deadlines.abort and abort is not None:
-            t.facts["aborted"] = (kind, after)
-            abort()
+        if self.deadlines.abort and t.abort is not None:
+            t.abort_stalled(kind, after)
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -94,7 +94,8 @@ class _Chunks:
             tally.annotations += 1
         elif kind is Payload.ERROR:
             tally.error_events += 1
-            tally.facts.setdefault("upstream_said", upstream_text(fields))
+            if tally.upstream_said is None:
+                tally.upstream_said = upstream_text(fields)
 
     def end(self, end: End, exc: BaseException | None = None) -> None:
         tally = self.tally
@@ -108,7 +109,7 @@ class _Chunks:
             elif type(exc).__name__ == "APIError":  # the SDK's own: an error event in-band
                 body = getattr(exc, "body", None)
                 said = {"error": body} if isinstance(body, dict) else {"message": str(exc)}
-                tally.facts["upstream_said"] = upstream_text(said)
+                tally.upstream_said = upstream_text(said)
         _span_facts(self.rt, tally, "".join(self.text) if self.text is not None else None)
         tally.finish(end)
         _genai_metrics(self.rt, tally)
@@ -164,8 +165,10 @@ def _span_facts(rt: Runtime, tally: Tally, completion: str | None) -> None:
 
 
 def _genai_metrics(rt: Runtime, tally: Tally) -> None:
+    if tally.genai is None:  # not opened by the sdk probe's _open: no GenAI labels
+        return
     try:
-        provider, model = tally.facts["genai"]
+        provider, model = tally.genai
         error = "" if tally.outcome == "ok" else str(tally.outcome)
         ex = rt.metrics.exemplar(trace_id_of(tally.span))
         rt.metrics.genai_duration.labels("chat", provider, model, error).observe(

@@ -141,15 +141,20 @@ def _set_abort(tally: Tally) -> None:
     """Let the watchdog cancel the task now waiting on this stream; the probe turns that
     into StreamStalledError. The waiting task changes: langchain-openai reads each chunk
     in a task of its own (``asyncio.wait_for``), so the body records it at every read."""
-    tally.facts["task"] = asyncio.current_task()
+    tally.task = asyncio.current_task()
     loop = asyncio.get_running_loop()
 
     def cancel() -> None:
-        task = tally.facts.get("task")
+        # the body notes each read's task in facts["task"] until it sets tally.task (issue 25)
+        task = tally.facts.get("task", tally.task)
         if task is not None and not task.done():
             task.cancel()
 
-    tally.facts["abort"] = lambda: loop.call_soon_threadsafe(cancel)
+    def abort() -> None:
+        loop.call_soon_threadsafe(cancel)
+
+    tally.abort = abort
+    tally.facts["abort"] = tally.abort  # the body's cue to note the task (issue 25: .abort)
 
 
 def _make_async(mod: Any) -> Callable[[Any], Any]:

@@ -80,7 +80,7 @@ class ChunkwatchMiddleware:
         except Exception:
             rt.bookkeeping_error(sc.HTTP, "open")
             return self.app(environ, start_response)
-        request = _Request(rt, ledger, tally)
+        request = _Request(rt, ledger, tally, environ.get("REQUEST_METHOD", "GET"))
 
         def _start_response(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
             request.started(status, headers)
@@ -125,16 +125,16 @@ class ChunkwatchMiddleware:
         )
         if span is not None:
             ledger.parent_context = trace.set_span_in_context(span)
-        tally = rt.open(sc.HTTP, ledger=ledger, span=span, watch=False)
-        tally.facts["method"] = method
+        # The span ends after the verdict went on it (_Request.end), not with the tally.
+        tally = rt.open(sc.HTTP, ledger=ledger, span=span, watch=False, keep_span=True)
         return ledger, tally
 
 
 class _Request:
     """One request's http tally; ends it exactly once and draws the verdict."""
 
-    def __init__(self, rt: Runtime, ledger: Ledger, tally: Tally) -> None:
-        self.rt, self.ledger, self.tally = rt, ledger, tally
+    def __init__(self, rt: Runtime, ledger: Ledger, tally: Tally, method: str) -> None:
+        self.rt, self.ledger, self.tally, self.method = rt, ledger, tally, method
         self.status = 0
         self.streaming = False
         self.root_context = ledger.parent_context
@@ -171,15 +171,19 @@ class _Request:
             tally.exc_type = type(exc).__name__
         tally.unit()
         span = tally.span
-        route = tally.facts.get("route")
+        route = self.ledger.route
         if span is not None and route:
-            span.update_name(f"{tally.facts['method']} {route}")
+            span.update_name(f"{self.method} {route}")
             span.set_attribute(sc.HTTP_ROUTE, route)
         if not self.streaming:
-            tally.facts["not_a_stream"] = True  # a span, but no stream metrics
+            tally.stream_metrics = False  # a span, but no stream metrics
             tally.finish(end)
+            try:
+                if span is not None:
+                    span.end()
+            except Exception:
+                self.rt.bookkeeping_error(sc.HTTP, "span")
             return
-        tally.facts["keep_span_open"] = True  # the verdict goes on it first
         tally.finish(end)
         if span is not None:
             span.set_attribute(sc.A_CHUNKS, self.ledger.units(sc.SSE))

@@ -75,8 +75,8 @@ async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterato
     )
     own = ledger is not current_ledger()  # outside a request: this run's own ledger
     tally = rt.open(sc.LANGGRAPH, ledger=ledger, span=span)
-    tally.facts["unit"] = unit
-    tally.facts["unit_name"] = "token events" if unit == "token" else f"{unit} items"
+    tally.unit_kind = unit
+    tally.unit_name = "token events" if unit == "token" else f"{unit} items"
     tokens = unit == "token"
     inside = _inside.set(True)
     bound = _current_ledger_var.set(tally.ledger) if own else None

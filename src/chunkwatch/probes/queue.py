@@ -154,7 +154,6 @@ class WatchedQueue(queue.Queue[T]):
                 return
         try:
             tally.units_in = put
-            tally.facts["dropped"] = self._dropped
             ex = rt.metrics.exemplar(trace_id_of(tally.span))
             rt.metrics.queue_wait.observe(self._wait_max / 1e9, exemplar=ex)
             rt.metrics.queue_depth_max.observe(self._depth_max, exemplar=ex)

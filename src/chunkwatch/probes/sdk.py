@@ -87,7 +87,7 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
         terminal_known=stream,
         watch=stream,  # deadlines are for streams: a buffered answer takes the whole generation
     )
-    tally.facts["genai"] = (provider, model)
+    tally.genai = (provider, model)
     return tally
 
 
