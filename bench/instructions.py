@@ -62,7 +62,7 @@ def probes_of(state: str) -> set[str]:
 def launch(argv: list[str]) -> int:
     """``chunkwatch serve ARGS``; SIGUSR1 switches to the state named in ``$TOGGLE_FILE``
     (``measure`` turns callgrind's counting on), then marks the switch with getppid()."""
-    from serve_toggle import hold_app
+    from serve_toggle import app_probes, hold_app
 
     from chunkwatch import runtime
     from chunkwatch.cli import main
@@ -82,7 +82,7 @@ def launch(argv: list[str]) -> int:
             )  # fmt: skip
         else:
             on = probes_of(state)
-            app, rt = held["app"], held["rt"]
+            rt = held["rt"]
             for probe in library.values():
                 probe.uninstrument()
             runtime.activate(None)
@@ -90,7 +90,7 @@ def launch(argv: list[str]) -> int:
                 runtime.activate(rt)
                 for name in on & set(library):
                     library[name].instrument(rt)
-            app.wsgi_app = held["instrumented"] if "app" in on else held["bare"]
+            app_probes(held, "app" in on)
         os.getppid()  # callgrind dumps the block that ended here (--dump-before=getppid)
         with open(path, "w") as fh:
             fh.write(f"{state} done\n")

@@ -42,27 +42,27 @@ def median_interval(values: list[float], resamples: int = 2000) -> tuple[float, 
 
 
 def hold_app() -> dict[str, Any]:
-    """Patch werkzeug's ``make_server`` so that, once ``chunkwatch serve`` starts, the
-    returned dict holds its ``app``, the ``instrumented`` and ``bare`` WSGI apps and the
-    runtime ``rt``: what switching the probes in place needs."""
-    import werkzeug.serving
-
+    """Patch the server ``chunkwatch serve`` builds so that, once it starts, the returned
+    dict holds its ``app`` and the runtime ``rt``: what switching the probes in place
+    needs (:func:`app_probes` switches the app-side ones)."""
     from chunkwatch import runtime
+    from chunkwatch_lab import serving
 
     held: dict[str, Any] = {}
-    make_server = werkzeug.serving.make_server
+    server_class = serving.BoundedServer
 
-    def capture(host: str, port: int, app: Any, **kwargs: Any) -> Any:
-        held.update(
-            app=app,
-            instrumented=app.wsgi_app,
-            bare=app.extensions["chunkwatch.middleware"],
-            rt=runtime.active(),
-        )
-        return make_server(host, port, app, **kwargs)
+    def capture(host: str, port: int, app: Any, *args: Any, **kwargs: Any) -> Any:
+        held.update(app=app, rt=runtime.active())
+        return server_class(host, port, app, *args, **kwargs)
 
-    werkzeug.serving.make_server = capture  # type: ignore[assignment]
+    serving.BoundedServer = capture  # type: ignore[assignment,misc]
     return held
+
+
+def app_probes(held: dict[str, Any], on: bool) -> None:
+    """The http, sse and queue probes on the served Flask app, on or off, in place (the
+    middleware stays where instrument() put it, switched by its ``enabled`` flag)."""
+    held["app"].extensions["chunkwatch.middleware"].enabled = on
 
 
 def set_state(pid: int, flag: str, state: str) -> None:
@@ -90,7 +90,7 @@ def launch(argv: list[str]) -> int:
         path = os.environ["TOGGLE_FILE"]
         with open(path) as fh:
             state = fh.read().strip()
-        app, rt = held["app"], held["rt"]
+        rt = held["rt"]
         for probe in (gateway, sdk, langgraph):
             probe.uninstrument()
         runtime.activate(None)
@@ -98,7 +98,7 @@ def launch(argv: list[str]) -> int:
             runtime.activate(rt)
             for probe in (gateway, sdk, langgraph):
                 probe.instrument(rt)
-        app.wsgi_app = held["instrumented"] if state == "all" else held["bare"]
+        app_probes(held, state == "all")
         with open(path, "w") as fh:
             fh.write(f"{state} done\n")
 
