@@ -2,41 +2,26 @@
 
 The gateway probe's reading half: :func:`note_headers` records status and the
 headers that matter (never Authorization or api-key: only the names listed here
-are read), and :class:`Reader` feeds the body to the shared SSE parser in
-counting mode and finalizes the tally once.
-
-Two things the counting parser cannot tell are read off a few kept bytes, once per
-stream, never per event:
-
-* **no completion at all**: until the first chunk with choices (a byte search of each
-  read, on the reads before it only), the body is kept (up to ``_HEAD_MAX`` bytes).
-  A stream that ends before one is parsed whole at its end: data events that are all
-  ``choices: []`` (Azure's prompt-filter results, usage) are ``annotations``, and the
-  stream is ``empty``: the model produced nothing.
-* **an error delivered in-band**: a stream that ends without ``[DONE]`` or with an
-  error event has its last read parsed: a JSON object that is not a chunk
-  (``{"message": ...}``) is an error event, and the error's text (bounded, keys
-  redacted: :func:`chunkwatch.outcomes.upstream_text`) goes to the verdict.
+are read), and :class:`Reader` reads the body with the library's one body reader,
+:class:`chunkwatch.wire.WireReader` (Content-Encoding, SSE framing in counting mode,
+annotations and in-band errors once per stream: the rules are documented there and
+shared with the doctor), and finalizes the tally once.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally
-from chunkwatch.outcomes import End, Payload, payload_kind, upstream_text
+from chunkwatch.outcomes import End
 from chunkwatch.runtime import Runtime, active
-from chunkwatch.sse import Event, SSEParser
+from chunkwatch.sse import SSEParser
+from chunkwatch.wire import WireReader, record
 
 __all__ = ["Reader", "note_headers"]
-
-_HEAD_MAX = 8 * 1024  # body bytes kept while no completion chunk has come (then dropped)
-_COMPLETION = (b'"choices":[{', b'"choices": [{')  # a chunk with choices, as JSON writes it
 
 
 _NOTED = frozenset(
@@ -96,101 +81,54 @@ def note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
 
 
 class Reader:
-    """Feeds body bytes to the parser and the tally; finalizes the tally once.
+    """The probe's side of :class:`chunkwatch.wire.WireReader`: bytes and the first byte's
+    time into the tally, the evidence into it at the end, and the tally finished once.
 
-    ``fast`` is the parser's ``count`` once the body can be counted as it comes (an
-    event stream, not compressed, first byte and first completion chunk seen): the
-    bodies then inline :meth:`feed`. ``head`` holds the body until then."""
+    ``fast`` is the wire reader's counter once it offers one (an event stream, not
+    compressed, first completion chunk seen): the bodies then inline :meth:`feed`."""
 
-    __slots__ = ("_inflate", "fast", "head", "parser", "tally")
+    __slots__ = ("fast", "tally", "wire")
 
     def __init__(self, tally: Tally, parser: SSEParser | None) -> None:
         self.tally = tally
-        self.parser = parser
-        enc = (tally.content_encoding or "").lower()
-        self._inflate = (
-            zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in enc else zlib.MAX_WBITS)
-            if parser is not None and enc in ("gzip", "deflate", "x-gzip")
-            else None
-        )
+        self.wire = WireReader(tally.content_encoding, parser=parser)
         self.fast: Callable[[bytes], int] | None = None
-        self.head: bytes | None = b"" if parser is not None and self._inflate is None else None
+
+    @property
+    def head(self) -> bytes | None:
+        """The body kept while no completion chunk has come (None: counting as it comes)."""
+        return self.wire.head
 
     def feed(self, chunk: bytes) -> None:
         tally = self.tally
         if not tally.bytes:
             tally.facts["t_first_byte"] = time.perf_counter_ns()
         tally.bytes += len(chunk)
-        parser = self.parser
-        if parser is None:
-            return
-        if self._inflate is not None:
-            chunk = self._inflate.decompress(chunk)
-        new = parser.count(chunk)
+        wire = self.wire
+        new = wire.feed(chunk)
         if new:
             tally.unit(new)
-        head = self.head
-        if head is None:
-            return
-        if _COMPLETION[0] in chunk or _COMPLETION[1] in chunk or len(head) + len(chunk) > _HEAD_MAX:
-            self.head = None  # the model speaks (or too long to keep): count from now on
-            if tally.bytes:
-                self.fast = parser.count
-        else:
-            self.head = head + chunk
+        self.fast = wire.fast
 
     def end(self, end: End, exc: BaseException | None = None, last: bytes = b"") -> None:
         """Finish the tally (once); ``last`` is the last read of the body."""
         tally = self.tally
         if tally.finished:
             return
-        parser = self.parser
-        if parser is not None:
-            parser.close()
-            tally.terminal_seen = parser.done
-            tally.error_events = parser.error_events
-            tally.malformed = parser.malformed
-            tally.gzip_magic = parser.gzip_magic and not tally.content_encoding
-            tally.pending_fields = parser.pending_fields
-            tally.comments = parser.comments
-            if parser.first_error:
-                tally.facts["malformed_why"] = parser.first_error
-            if parser.data_events and self._inflate is None:
-                self._payloads(parser, last)
+        wire = self.wire
+        if wire.parser is not None:
+            try:
+                record(wire.close(last if self.fast is not None else None), tally)
+            except Exception:
+                rt = active()
+                if rt is not None:
+                    rt.bookkeeping_error(sc.GATEWAY, "payloads")
         elif tally.status is not None and tally.bytes:
             tally.unit()  # a whole non-stream response is one unit
         if exc is not None:
             tally.exc_type = type(exc).__name__
         self._span_facts()
         tally.finish(end)
-
-    def _payloads(self, parser: SSEParser, last: bytes) -> None:
-        """Once per stream: a stream with no completion chunk (its kept head), or one that
-        ended without ``[DONE]`` or with an error event (its last read), parsed for what the
-        counting parser cannot tell: annotations only, an error object, the error's text."""
-        tally = self.tally
-        try:
-            if self.head is not None:
-                events = _events(self.head)
-            elif not parser.done or parser.error_events:
-                events = _events(last)
-            else:
-                return
-            kinds = [(event, obj, payload_kind(obj)) for event, obj in events]
-            if self.head is not None and all(k is not Payload.COMPLETION for *_, k in kinds):
-                tally.annotations = sum(k is Payload.ANNOTATION for *_, k in kinds)
-            for event, obj, kind in kinds:
-                if kind is not Payload.ERROR and event.event != "error":
-                    continue
-                if not _counted(event):  # an error the counting parser let pass as a chunk
-                    tally.error_events += 1
-                if "upstream_said" not in tally.facts:
-                    said = upstream_text(obj if obj is not None else event.data)
-                    tally.facts["upstream_said"] = said
-        except Exception:
-            rt = active()
-            if rt is not None:
-                rt.bookkeeping_error(sc.GATEWAY, "payloads")
 
     def _span_facts(self) -> None:
         tally = self.tally
@@ -208,23 +146,3 @@ class Reader:
         if first_byte is not None:
             attrs["chunkwatch.time_to_first_byte"] = (first_byte - tally.t_start) / 1e9
         span.set_attributes(attrs)
-
-
-def _json(data: str) -> object:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
-
-
-def _events(body: bytes) -> list[tuple[Event, object]]:
-    """The whole events in ``body`` (a stream's head or its last read, which may start in
-    the middle of an event: a cut line is an unknown field, ignored), with their JSON."""
-    parser = SSEParser(collect=True, strict_json=False)
-    return [(event, _json(event.data)) for event in parser.feed(body) if event.data != "[DONE]"]
-
-
-def _counted(event: Event) -> bool:
-    """Whether the counting parser counted this event as an error event already."""
-    data = event.data.strip()
-    return event.event == "error" or data.startswith(('{"error":', '{ "error":'))
