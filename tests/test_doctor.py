@@ -25,16 +25,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import jsonschema
 import pytest
+from prometheus_client import CollectorRegistry
 
 from chunkwatch import cli
 from chunkwatch.doctor import EXIT_CODES, SCHEMA_VERSION, Progress, Step, Target, diagnose, schema
-from chunkwatch.doctor.app import AppView
-from chunkwatch.doctor.probe import Wire, measure, new_client
+from chunkwatch.doctor.agent_steps import AppView
 from chunkwatch.doctor.report import safe_url
+from chunkwatch.doctor.wire_step import Wire, WireBody, measure, new_client
 from chunkwatch.ledger import Tally
-from chunkwatch.outcomes import End, Outcome
+from chunkwatch.outcomes import End, Outcome, end_for_exception
+from chunkwatch.probes._wire import Reader, note_headers
+from chunkwatch.runtime import Runtime
+from chunkwatch.verdict import describe
 from chunkwatch_lab.fault_gateway import FAULT_MODES, Gateway
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
@@ -226,6 +231,109 @@ def test_healthy_gateway_with_slow_tokens_is_ok(capsys: pytest.CaptureFixture[st
     assert wire["gaps_s"]["max_event_gap"] >= 0.25
     assert wire["done"] and wire["finish_reasons"] == ["stop"]
     assert all(step["outcome"] == "ok" for step in report["steps"])
+
+
+# -- the doctor and the gateway probe read the same bytes the same way ----------------------
+
+REPLAYED = [mode for mode in FAULT_MODES if mode not in STALL]  # a stall is no bytes to replay
+_TIMED = {"buffer", "buffer-late"}  # buffered is a matter of timing: replayed, it streams
+
+
+def _recorded(gw: Running[Gateway], mode: str) -> tuple[httpx2.Response, list[bytes], Any]:
+    """The doctor's streaming request through the gateway in ``mode``: the response (head),
+    its body's reads as the transport yields them, and the exception that ended it."""
+    gw.server.set_fault(mode, **EXPECTED[mode][0])
+    target = Target(gw.url, deployment=DEPLOYMENT, api_key=API_KEY)
+    reads: list[bytes] = []
+    error: Exception | None = None
+    try:
+        with httpx2.Client(timeout=TIMEOUT) as client:
+            request = client.build_request(
+                "POST",
+                target.chat_url,
+                content=target.body(stream=True, stream_options=True),
+                headers=target.headers(),
+            )
+            response = client.send(request, stream=True)
+            try:
+                reads.extend(response.iter_raw())
+            except httpx2.HTTPError as exc:
+                error = exc
+            finally:
+                response.close()
+    finally:
+        gw.server.set_fault("pass")
+    return response, reads, error
+
+
+def _gateway_tally() -> Tally:
+    """A gateway tally of a stream request, opened as the probe and the doctor open it."""
+    return Tally(
+        layer="gateway",
+        t_start=time.perf_counter_ns(),
+        stream_requested=True,
+        terminal_known=True,
+        needs_status=True,
+    )
+
+
+def _through_probe(response: httpx2.Response, reads: list[bytes], error: Any) -> Tally:
+    """The reads through the gateway probe's reader, as its body loop reads them: fed
+    until the reader offers its counter, then counted inline, the last read at the end."""
+    tally = _gateway_tally()
+    reader = Reader(tally, note_headers(Runtime(registry=CollectorRegistry()), tally, response))
+    count = reader.fast
+    for piece in reads:
+        if count is not None:
+            tally.bytes += len(piece)
+            n = count(piece)
+            if n:
+                tally.unit(n)
+        else:
+            reader.feed(piece)
+            count = reader.fast
+    end = End.CLEAN if error is None else end_for_exception(error)
+    reader.end(end, error, reads[-1] if reads else b"")
+    return tally
+
+
+def _through_doctor(response: httpx2.Response, reads: list[bytes], error: Any) -> Tally:
+    """The same reads through the doctor's wire step, as :func:`measure` reads them."""
+    tally = _gateway_tally()
+    body = WireBody(Wire(tally, True, True))
+    body.headers(response)
+    for piece in reads:
+        body.feed(piece)
+    body.close()
+    if error is not None:
+        tally.exc_type = type(error).__name__
+    tally.finish(End.CLEAN if error is None else end_for_exception(error))
+    return tally
+
+
+def _untimed(detail: str) -> str:
+    return re.sub(r"\d+(\.\d+)? (ms|s)\b", "T", detail)
+
+
+@pytest.mark.parametrize("mode", REPLAYED)
+def test_doctor_and_gateway_probe_agree_on_the_same_bytes(
+    gateway: Running[Gateway], mode: str
+) -> None:
+    """Per fault mode, one recorded response (head and reads) through the gateway probe's
+    reader and through the doctor's wire step: the same outcome, the same evidence and
+    the same detail (timings aside); and the outcome is the mode's verdict, but for the
+    modes whose verdict is a matter of timing (``buffer``: replayed, it streams)."""
+    response, reads, error = _recorded(gateway, mode)
+    probe, doctor = _through_probe(response, reads, error), _through_doctor(response, reads, error)
+    assert probe.outcome is doctor.outcome, mode
+    evidence = ("units", "annotations", "error_events", "malformed", "gzip_magic", "terminal_seen")
+    assert [getattr(probe, k) for k in evidence] == [getattr(doctor, k) for k in evidence]
+    for fact in ("malformed_why", "upstream_said"):
+        assert getattr(probe, fact) == getattr(doctor, fact), (mode, fact)
+    assert _untimed(describe(probe)) == _untimed(describe(doctor)), mode
+    if mode not in _TIMED:
+        label = "ok" if probe.outcome is Outcome.OK else f"{probe.outcome}@gateway"
+        assert label == EXPECTED[mode][1].split(" (")[0], mode
 
 
 def _step(step_id: str, layer: str, end: End = End.CLEAN, **evidence: Any) -> Step:

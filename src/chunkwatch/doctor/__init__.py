@@ -11,7 +11,8 @@ gateway, it runs, each step timed and bounded by ``--timeout``:
 
 1. a non-streaming control request;
 2. the same request streaming, sent as ``AzureChatOpenAI`` sends it (with
-   ``stream_options``), read raw through the shared SSE parser;
+   ``stream_options``), read raw by the gateway probe's body reader
+   (:class:`chunkwatch.wire.WireReader`);
 3. on an HTTP error, a bisection (without ``stream_options``, then without
    ``stream``) naming the field that flips it;
 4. the streaming request through the openai SDK and through a one-node LangGraph

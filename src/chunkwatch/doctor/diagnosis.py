@@ -2,8 +2,8 @@
 
 Pure logic over :class:`Step` results; no I/O (the sentences and the action are
 worded by :mod:`chunkwatch.doctor.wording`). Each step carries a classified
-:class:`~chunkwatch.ledger.Tally` (see :mod:`chunkwatch.doctor.probe` and
-:mod:`chunkwatch.doctor.app`), so the outcomes here are the probes' outcomes.
+:class:`~chunkwatch.ledger.Tally` (see :mod:`chunkwatch.doctor.wire_step` and
+:mod:`chunkwatch.doctor.agent_steps`), so the outcomes here are the probes' outcomes.
 
 :func:`diagnose` reads the application's path bottom-up, as
 :func:`chunkwatch.verdict.judge` reads a ledger:
@@ -34,8 +34,8 @@ from chunkwatch.outcomes import Outcome
 from chunkwatch.verdict import describe
 
 if TYPE_CHECKING:
-    from chunkwatch.doctor.app import AppView
-    from chunkwatch.doctor.probe import Wire
+    from chunkwatch.doctor.agent_steps import AppView
+    from chunkwatch.doctor.wire_step import Wire
 
 __all__ = [
     "EXIT_CODES",

@@ -25,9 +25,9 @@ from chunkwatch.doctor.diagnosis import Diagnosis, Step
 from chunkwatch.doctor.wording import ms, summarize
 
 if TYPE_CHECKING:
-    from chunkwatch.doctor.app import AppView
-    from chunkwatch.doctor.probe import Wire
+    from chunkwatch.doctor.agent_steps import AppView
     from chunkwatch.doctor.steps import DoctorConfig
+    from chunkwatch.doctor.wire_step import Wire
 
 __all__ = ["SCHEMA_VERSION", "Report", "redact", "safe_url", "schema"]
 
@@ -222,7 +222,7 @@ def _wire_dict(w: Wire) -> dict[str, Any]:
         "usage": w.usage,
         "error_events": t.error_events,
         "malformed": t.malformed,
-        "malformed_why": t.facts.get("malformed_why"),
+        "malformed_why": t.malformed_why,
         "gzip_magic": t.gzip_magic,
         "pending_fields": t.pending_fields,
         "gaps_s": {

@@ -22,12 +22,12 @@ from datetime import UTC, datetime
 
 import httpx2
 
-from chunkwatch.doctor.app import through_langgraph, through_sdk
+from chunkwatch.doctor.agent_steps import through_langgraph, through_sdk
 from chunkwatch.doctor.diagnosis import Step, diagnose
-from chunkwatch.doctor.probe import measure, new_client
 from chunkwatch.doctor.progress import Progress
 from chunkwatch.doctor.report import Report
 from chunkwatch.doctor.target import Target
+from chunkwatch.doctor.wire_step import measure, new_client
 from chunkwatch.outcomes import Outcome
 
 __all__ = ["TOTAL_FACTOR", "DoctorConfig", "examine"]

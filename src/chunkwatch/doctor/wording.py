@@ -15,9 +15,9 @@ from chunkwatch.ledger import Tally
 from chunkwatch.outcomes import End, Outcome
 
 if TYPE_CHECKING:
-    from chunkwatch.doctor.app import AppView
+    from chunkwatch.doctor.agent_steps import AppView
     from chunkwatch.doctor.diagnosis import Step
-    from chunkwatch.doctor.probe import Wire
+    from chunkwatch.doctor.wire_step import Wire
 
 __all__ = ["OK_ACTION", "action", "ms", "summarize"]
 
@@ -100,7 +100,7 @@ def _wire_sentence(step: Step, wire: Wire) -> str:
         parts.append(_malformed_words(t))
     if t.stalled:
         which = "first" if t.stalled == "first_chunk" else "next"
-        parts.append(f"no {which} data event within {t.facts.get('deadline', 0):g} s")
+        parts.append(f"no {which} data event within {t.deadline or 0:g} s")
     if wire.total_limit:
         parts.append("still streaming at the doctor's total limit")
     gaps = wire.event_gaps_ns
@@ -116,7 +116,7 @@ def _malformed_words(t: Tally) -> str:
         return "a gzip-compressed body without Content-Encoding"
     if t.pending_fields and not t.units:
         return "data lines never followed by the blank line that ends an event"
-    why = t.facts.get("malformed_why")
+    why = t.malformed_why
     return f"{t.malformed} malformed payloads ({why})" if why else "malformed payloads"
 
 
@@ -137,7 +137,7 @@ def _app_sentence(view: AppView) -> str:
             sentence += " (still streaming at the doctor's total limit)"
         else:
             sentence += (
-                f" (the doctor gave up: nothing for {t.facts.get('deadline', 0):g} s; "
+                f" (the doctor gave up: nothing for {t.deadline or 0:g} s; "
                 f"{_WAITS.get(str(t.facts.get('waits')), _WAITS['AzureChatOpenAI'])})"
             )
     seen = _app_sees(view)

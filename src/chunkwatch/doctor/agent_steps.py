@@ -1,4 +1,4 @@
-"""Step 4 of the doctor: the same streaming request as the application makes it.
+"""Step 4 of the doctor, the agent steps: the streaming request as the application makes it.
 
 :func:`through_sdk` streams with the openai SDK (``AsyncAzureOpenAI`` /
 ``AsyncOpenAI``, ``stream_options`` included, no retries), counting chunks.
@@ -14,8 +14,9 @@ empty-stream ``ValueError`` is judged as the langgraph probe judges it) and an
 :class:`AppView`: what the application is handed — units, answer length, usage,
 and the exception, if any, as the application would see it.
 
-Deadlines as in :mod:`chunkwatch.doctor.probe`: the first unit within ``timeout``
-seconds, each next one within ``timeout`` of the previous, ``total`` at most.
+Deadlines as in :mod:`chunkwatch.doctor.wire_step` (the raw requests): the first unit
+within ``timeout`` seconds, each next one within ``timeout`` of the previous, ``total``
+at most.
 ``AzureChatOpenAI`` has no HTTP timeout by default, so where the doctor gives up
 the application may wait much longer; the view notes that.
 """
@@ -131,7 +132,8 @@ async def through_sdk(
     """Stream the doctor's request through the openai SDK and count the chunks."""
     client, setup_error = _built(_sdk_client, target, total)  # before the clock starts
     tally = Tally(layer=sc.SDK, t_start=_now(), stream_requested=True, terminal_known=True)
-    tally.facts.update(deadline=timeout, waits="the openai SDK's default read timeout")
+    tally.deadline = timeout
+    tally.facts["waits"] = "the openai SDK's default read timeout"
     view = AppView(tally, "chunks")
     clock = _Deadline(tally, timeout, total)
     stream: Any = None
@@ -183,7 +185,8 @@ def _see_chunk(view: AppView, chunk: Any) -> None:
             tally.annotations += 1
         elif kind is Payload.ERROR:  # {"message": ...}: an error sent in-band
             tally.error_events += 1
-            tally.facts.setdefault("upstream_said", upstream_text(fields))
+            if tally.upstream_said is None:
+                tally.upstream_said = upstream_text(fields)
     for choice in chunk.choices or []:
         delta = choice.delta
         if delta is not None and (delta.content or delta.tool_calls):
@@ -255,9 +258,8 @@ async def through_langgraph(
     http_client = httpx2.AsyncClient(timeout=httpx2.Timeout(total))
     graph, setup_error = _built(_graph_for, target, http_client)  # before the clock starts
     tally = Tally(layer=sc.LANGGRAPH, t_start=_now(), stream_requested=True)
-    tally.facts.update(
-        deadline=timeout, unit="token", unit_name="token events", waits="AzureChatOpenAI"
-    )
+    tally.deadline, tally.unit_kind, tally.unit_name = timeout, "token", "token events"
+    tally.facts["waits"] = "AzureChatOpenAI"
     view = AppView(tally, "token events")
     clock = _Deadline(tally, timeout, total)
     events: Any = None

@@ -1,13 +1,15 @@
-"""Step 1 and 2 of the doctor: one chat request, measured on the wire.
+"""Steps 1, 2, 3 and 5 of the doctor: one chat request, measured on the wire.
 
 :func:`measure` sends one request with ``httpx2`` (the HTTP stack under the openai
-SDK) and reads the raw body as it arrives, through the shared strict SSE parser
-(:class:`chunkwatch.sse.SSEParser`, collecting mode). What it sees becomes a
-:class:`~chunkwatch.ledger.Tally` of layer ``gateway`` — the same evidence the
-gateway probe records inside a service — and :meth:`Tally.finish` classifies it
-with :func:`chunkwatch.outcomes.classify`. :class:`Wire` keeps the facts a person
-debugging the endpoint wants beyond that: reason phrase, protocol, framing, request
-ids, time to connect / request sent / first byte, reads, gaps, usage, error text.
+SDK) and reads the raw body as it arrives with :class:`WireBody`, through the gateway
+probe's own body reader (:class:`chunkwatch.wire.WireReader`: Content-Encoding, SSE
+framing, payload kinds, in-band errors, malformed reasons, by one set of rules). What
+it sees becomes a :class:`~chunkwatch.ledger.Tally` of layer ``gateway`` — the
+evidence the gateway probe records inside a service, read the same way — and
+:meth:`Tally.finish` classifies it with :func:`chunkwatch.outcomes.classify`.
+:class:`Wire` keeps the facts a person debugging the endpoint wants beyond that:
+reason phrase, protocol, framing, request ids, time to connect / request sent / first
+byte, reads, gaps, finish reasons, usage, error text.
 
 Every wait is bounded: the first data event (for a non-stream answer: the headers)
 must come within ``timeout`` seconds of sending the request, each next one within
@@ -23,7 +25,6 @@ import contextlib
 import json
 import re
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +36,9 @@ from chunkwatch.doctor.target import Target
 from chunkwatch.ledger import Tally
 from chunkwatch.outcomes import End, Payload, end_for_exception, payload_kind, upstream_text
 from chunkwatch.sse import Event, SSEParser
+from chunkwatch.wire import WireReader, record
 
-__all__ = ["REQUEST_ID_HEADERS", "Wire", "measure", "new_client"]
+__all__ = ["REQUEST_ID_HEADERS", "Wire", "WireBody", "measure", "new_client"]
 
 _now = time.perf_counter_ns
 
@@ -69,7 +71,6 @@ class Wire:
     api_error: str | None = None  # the error message the endpoint sent (body or event)
     error: str | None = None  # the exception that ended the request, "Type: message"
     total_limit: bool = False  # the doctor's total limit ended a flowing stream
-    undecodable: bool = False
 
     @property
     def is_sse(self) -> bool:
@@ -107,9 +108,9 @@ async def measure(
         terminal_known=streaming,
         needs_status=True,
     )
-    tally.facts["deadline"] = timeout
+    tally.deadline = timeout
     wire = Wire(tally, stream, stream_options)
-    body = _Body(wire)
+    body = WireBody(wire)
 
     async def trace(name: str, info: Any) -> None:
         if name.endswith(
@@ -174,7 +175,7 @@ async def measure(
     body.close()
     tally.finish(end)
     if not streaming:  # describe() counts a whole answer, not data events
-        tally.facts["unit_name"] = "answer" if tally.units == 1 else "answers"
+        tally.unit_name = "answer" if tally.units == 1 else "answers"
     return wire
 
 
@@ -183,19 +184,18 @@ def _exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
-class _Body:
-    """Reads a response body into the tally and the wire facts."""
+class WireBody:
+    """Reads a response body into the tally and the wire facts: the evidence with the
+    library's one body reader (:class:`chunkwatch.wire.WireReader`, the gateway probe's),
+    the doctor's own facts (reads, gaps, finish reasons, usage, the endpoint's error
+    text, a whole answer) beside it."""
 
     def __init__(self, wire: Wire) -> None:
         self.wire = wire
         self.tally = wire.tally
-        self.parser: SSEParser | None = None
-        self.inflate: Any = None
-        self.kept = bytearray()
+        self.reader: WireReader | None = None
         self.keep = _KEEP_CONTROL if not self.tally.stream_requested else _KEEP
         self.t_read: int | None = None
-        self.kinds = dict.fromkeys(Payload, 0)  # data payloads by kind
-        self.inband = 0  # objects that are no chunk and carry no "error" key
 
     def headers(self, response: httpx2.Response) -> None:
         tally, wire, h = self.tally, self.wire, response.headers
@@ -211,14 +211,16 @@ class _Body:
         for name in REQUEST_ID_HEADERS:
             if name in h:
                 wire.request_ids[name] = h[name][:128]
-        enc = (tally.content_encoding or "").strip().lower()
-        if enc in ("gzip", "x-gzip", "deflate"):
-            self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in enc else 0)
-        if tally.stream_requested:
-            self.parser = SSEParser(collect=True)
+        streaming = tally.stream_requested
+        self.reader = WireReader(
+            tally.content_encoding,
+            parser=SSEParser() if streaming else None,
+            keep=self.keep,
+            on_event=self.see if streaming else None,
+        )
 
     def awaiting(self) -> str:
-        if self.parser is not None and self.wire.is_sse:
+        if self.reader is not None and self.reader.parser is not None and self.wire.is_sse:
             n = self.tally.units
             return "the first event" if n == 0 else f"the next event ({n} so far)"
         return "the response body"
@@ -233,24 +235,9 @@ class _Body:
         elif self.t_read is not None and now - self.t_read > wire.max_read_gap_ns:
             wire.max_read_gap_ns = now - self.t_read
         self.t_read = now
-        data = piece
-        if self.inflate is not None:
-            try:
-                data = self.inflate.decompress(piece)
-            except zlib.error as err:
-                self.inflate = None
-                tally.malformed += 1
-                tally.facts.setdefault("malformed_why", f"Content-Encoding does not decode: {err}")
-                return
-        if len(self.kept) < self.keep:
-            self.kept += data[: self.keep - len(self.kept)]
-        parser = self.parser
-        if parser is None:
-            return
-        before, last = parser.data_events, tally.t_last
-        for event in parser.feed(data):
-            self.see(event)
-        new = parser.data_events - before
+        assert self.reader is not None, "feed() before headers()"
+        last = tally.t_last
+        new = self.reader.feed(piece)
         if new:
             tally.unit(new)
             if last is not None:
@@ -258,6 +245,7 @@ class _Body:
             wire.event_gaps_ns.extend([0] * (new - 1))  # arrived in the same read
 
     def see(self, event: Event) -> None:
+        """One dispatched event, for the doctor's own facts (the evidence is the reader's)."""
         if event.data == "[DONE]":
             return
         try:
@@ -268,40 +256,28 @@ class _Body:
             return
         _note_choices(self.wire, obj, "delta")
         error = obj.get("error")
-        if error is not None and self.wire.api_error is None:
-            self.wire.api_error = _message_of(error)
-        kind = payload_kind(obj)  # the same reading as the gateway probe's
-        self.kinds[kind] += 1
-        if kind is Payload.ERROR and error is None:  # {"message": ...}: in-band, not a chunk
-            self.inband += 1  # the parser counts "error" keys and `event: error` itself
-            if self.wire.api_error is None:
+        if self.wire.api_error is None:
+            if error is not None:
+                self.wire.api_error = _message_of(error)
+            elif payload_kind(obj) is Payload.ERROR:  # {"message": ...}: in-band
                 self.wire.api_error = upstream_text(obj)
 
     def close(self) -> None:
-        tally, wire, parser = self.tally, self.wire, self.parser
-        if parser is not None:
-            parser.close()
-            tally.terminal_seen = parser.done
-            tally.error_events = parser.error_events + self.inband
-            if not self.kinds[Payload.COMPLETION]:  # data, none of it the model's
-                tally.annotations = self.kinds[Payload.ANNOTATION]
-            if wire.api_error and tally.error_events:
-                tally.facts["upstream_said"] = upstream_text(wire.api_error)
-            tally.malformed += parser.malformed
-            tally.gzip_magic = parser.gzip_magic and not tally.content_encoding
-            tally.pending_fields = parser.pending_fields
-            tally.comments = parser.comments
-            wire.events = parser.events
-            wire.undecodable = parser.undecodable
-            if parser.first_error:
-                tally.facts.setdefault("malformed_why", parser.first_error)
-        if tally.status is None or (parser is not None and wire.is_sse):
+        tally, wire, reader = self.tally, self.wire, self.reader
+        if reader is None:  # no response
+            return
+        evidence = reader.close()
+        if reader.parser is not None or evidence.malformed:  # malformed: does not decode
+            record(evidence, tally)
+        wire.events = evidence.events
+        if tally.status is None or (reader.parser is not None and wire.is_sse):
             return
         self.whole_body()
 
     def whole_body(self) -> None:
         """A non-event-stream body: the answer or the error it carries."""
-        tally, wire, kept = self.tally, self.wire, bytes(self.kept)
+        tally, wire = self.tally, self.wire
+        kept = self.reader.kept if self.reader is not None else b""
         status = tally.status or 0
         try:
             obj = json.loads(kept) if kept.strip() else None
@@ -316,9 +292,9 @@ class _Body:
             answered = _note_choices(wire, obj, "message")
             if not tally.stream_requested and answered:
                 tally.unit()
-        elif not tally.stream_requested:
+        elif not tally.stream_requested and not tally.malformed:
             tally.malformed += 1
-            tally.facts.setdefault("malformed_why", "the body is not a JSON object")
+            tally.malformed_why = "the body is not a JSON object"
         elif kept:
             wire.api_error = _error_text(None, kept)
 
