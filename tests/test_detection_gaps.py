@@ -387,7 +387,7 @@ def test_gateway_reader_on_plain_reads(
     error split across two reads is not read (the documented limit: truncated)."""
     tally, _ = _gateway_reads(*reads)
     assert (str(tally.outcome), tally.annotations) == (outcome, annotations)
-    assert tally.facts.get("upstream_said") == said
+    assert tally.upstream_said == said
 
 
 def test_gateway_reader_counts_inline_from_the_first_completion_on() -> None:
