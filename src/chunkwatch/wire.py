@@ -293,6 +293,3 @@ def record(ev: WireEvidence, tally: Tally) -> None:
         tally.malformed_why = ev.malformed_why
     if ev.upstream_said is not None:
         tally.upstream_said = ev.upstream_said
-        # also under the facts key that tests/test_detection_gaps.py still reads (issue 25):
-        # drop once it reads the field
-        tally.facts["upstream_said"] = ev.upstream_said
