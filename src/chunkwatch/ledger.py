@@ -49,10 +49,9 @@ class Tally(Evidence):
 
     ``facts`` holds only what one probe notes for its own span attributes and reads
     back itself: ``t_first_byte`` (gateway, sse), ``span_attributes`` (gateway),
-    ``usage`` and ``response`` (sdk), ``waits`` (doctor). Until the gateway body and the
-    doctor write the typed fields (issue 25), they also note ``task``, ``aborted``,
-    ``upstream_said``, ``malformed_why``, ``deadline`` and ``unit_name`` there, and the
-    verdict's words fall back to ``facts`` for them (``verdict._fact``).
+    ``usage`` and ``response`` (sdk), ``waits`` (doctor). Until the gateway body reads
+    ``abort`` and ``aborted`` and sets ``task`` (issue 25), those three are mirrored
+    under the same keys in ``facts``.
     """
 
     upstream: str = "none"

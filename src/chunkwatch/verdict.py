@@ -84,14 +84,7 @@ def judge(ledger: Ledger) -> Verdict:
 def _said(tallies: list[Tally]) -> str | None:
     """What the upstream said in-band, as the lowest layer that read it noted it (the
     gateway reads it off its last read; an SDK that raised on it, off the exception)."""
-    return next((s for t in tallies if (s := _fact(t, "upstream_said")) is not None), None)
-
-
-def _fact(t: Tally, name: str) -> Any:
-    """The typed field ``name`` of ``t``, else (until the gateway body's reader and the
-    doctor set the fields: issue 25) the same key in ``t.facts``."""
-    value = getattr(t, name)
-    return t.facts.get(name) if value is None else value
+    return next((t.upstream_said for t in tallies if t.upstream_said is not None), None)
 
 
 def _lost_between_layers(ledger: Ledger) -> Verdict | None:
@@ -175,7 +168,7 @@ def describe(t: Tally, *, said: str | None = None, quote: bool = True) -> str:
     """``"<layer>: <evidence> — <meaning>"`` for one finished tally. An ``error_event``
     quotes what the upstream said (its own note, else ``said``: another layer's)."""
     outcome = t.outcome or Outcome.OK
-    unit = _fact(t, "unit_name") or unit_words(t.layer)
+    unit = t.unit_name or unit_words(t.layer)
     parts: list[str] = []
     if t.status is not None:
         ct = (t.content_type or "no content-type").split(";")[0]
@@ -198,7 +191,7 @@ def describe(t: Tally, *, said: str | None = None, quote: bool = True) -> str:
     if outcome is Outcome.STALLED and silent_for is not None:
         parts.append(f"open and silent for {_ms(silent_for)} when the request ended")
     elif outcome is Outcome.STALLED and t.stalled:
-        deadline = _fact(t, "deadline")
+        deadline = t.deadline
         which = "first-chunk" if t.stalled == "first_chunk" else "idle"
         parts.append(
             f"no data within the {which} deadline" + (f" of {deadline:g} s" if deadline else "")
@@ -208,11 +201,11 @@ def describe(t: Tally, *, said: str | None = None, quote: bool = True) -> str:
             parts.append("a gzip body without Content-Encoding")
         elif t.pending_fields and not t.units:
             parts.append("data lines never separated by a blank line")
-        elif _fact(t, "malformed_why"):
-            parts.append(str(_fact(t, "malformed_why")))
+        elif t.malformed_why:
+            parts.append(t.malformed_why)
     if outcome is Outcome.EMPTY and t.units:
         parts.append(f"none with a completion ({t.annotations} prompt-filter or usage only)")
-    said = (_fact(t, "upstream_said") or said) if quote else None
+    said = (t.upstream_said or said) if quote else None
     if outcome is Outcome.ERROR_EVENT and said:
         parts.append(f'the upstream said "{said}"')
     if outcome is Outcome.TRUNCATED and t.terminal_known:
