@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 import chunkwatch
 from chunkwatch.ledger import Ledger
 from chunkwatch.probes.queue import WatchedQueue
+from chunkwatch.verdict import judge
 from chunkwatch.watchdog import Deadlines
 from chunkwatch_lab.agent import LLMConfig
 from chunkwatch_lab.service import ChatService, ServiceConfig
@@ -66,7 +67,7 @@ class Bench:
                 tokens += kind == "token"
             items.consumer_done(complete=True)
             if ledger is not None:
-                ledger.verdict()
+                judge(ledger)
             if kind != "done" or tokens != self.tokens:
                 self.bad.append(f"{kind}, {tokens} tokens")
 

@@ -662,7 +662,7 @@ def breakdown(loop: asyncio.AbstractEventLoop) -> None:
     ct_cost, get_cost = loop.run_until_complete(task_cost())
     rows.append(
         (
-            "gateway async: `facts['task'] = current_task()` per read "
+            "gateway async: `tally.task = current_task()` per read "
             f"(`asyncio.current_task` is Python code on {platform.python_version()})",
             ct_cost,
         )

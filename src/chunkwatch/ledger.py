@@ -49,9 +49,7 @@ class Tally(Evidence):
 
     ``facts`` holds only what one probe notes for its own span attributes and reads
     back itself: ``t_first_byte`` (gateway, sse), ``span_attributes`` (gateway),
-    ``usage`` and ``response`` (sdk), ``waits`` (doctor). Until the gateway body reads
-    ``abort`` and ``aborted`` and sets ``task`` (issue 25), those three are mirrored
-    under the same keys in ``facts``.
+    ``usage`` and ``response`` (sdk), ``waits`` (doctor).
     """
 
     upstream: str = "none"
@@ -105,7 +103,6 @@ class Tally(Evidence):
         """Abort the stream, stalled (``kind``) after ``after`` seconds: ``abort`` cancels
         the read waiting on it, and its probe raises ``StreamStalledError``."""
         self.aborted = (kind, after)
-        self.facts["aborted"] = self.aborted  # until the gateway body reads .aborted (issue 25)
         if self.abort is not None:
             self.abort()
 

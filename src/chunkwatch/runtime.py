@@ -240,8 +240,6 @@ class Runtime:
         self.watchdog.forget(t)
         # A finished stream must not keep its task (and the frames it holds) alive.
         t.task = t.abort = None
-        t.facts.pop("task", None)  # until the gateway body sets t.task (issue 25)
-        t.facts.pop("abort", None)
         if t.upstream == "none" and t.ledger is not None and t.ledger.upstream:
             t.upstream = t.ledger.upstream  # opened before the request reached a model
         orphans = t.orphans

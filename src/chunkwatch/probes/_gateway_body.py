@@ -30,7 +30,7 @@ _now = time.perf_counter_ns
 
 
 def _stalled(tally: Tally) -> StreamStalledError | None:
-    aborted = tally.facts.get("aborted")
+    aborted = tally.aborted
     if aborted is None:
         return None
     kind, after = aborted
@@ -87,13 +87,13 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
         async def __aiter__(self) -> AsyncIterator[bytes]:
             reader = self._reader
             tally = reader.tally
-            facts, count = tally.facts, reader.fast
+            count = reader.fast
             current_task, loop = _task_getter()
-            abortable = "abort" in facts  # Deadlines(abort=True): know the waiting task
+            abortable = tally.abort is not None  # Deadlines(abort=True): know the waiting task
             chunk = b""  # the last read, for the end: an in-band error is read off it
             try:
                 if abortable:
-                    facts["task"] = current_task(loop)  # the task that waits for the next read
+                    tally.task = current_task(loop)  # the task that waits for the next read
                 with self._errors():
                     async for chunk in self._source:
                         try:
@@ -116,7 +116,7 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
                             _bookkeeping_error("feed")
                         yield chunk
                         if abortable:
-                            facts["task"] = current_task(loop)
+                            tally.task = current_task(loop)
             except asyncio.CancelledError:
                 stalled = cancelled(reader)
                 if stalled is None:

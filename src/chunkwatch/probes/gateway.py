@@ -145,8 +145,7 @@ def _set_abort(tally: Tally) -> None:
     loop = asyncio.get_running_loop()
 
     def cancel() -> None:
-        # the body notes each read's task in facts["task"] until it sets tally.task (issue 25)
-        task = tally.facts.get("task", tally.task)
+        task = tally.task  # the body notes each read's task
         if task is not None and not task.done():
             task.cancel()
 
@@ -154,7 +153,6 @@ def _set_abort(tally: Tally) -> None:
         loop.call_soon_threadsafe(cancel)
 
     tally.abort = abort
-    tally.facts["abort"] = tally.abort  # the body's cue to note the task (issue 25: .abort)
 
 
 def _make_async(mod: Any) -> Callable[[Any], Any]:
