@@ -72,3 +72,24 @@ def test_a_writer_event_after_half_an_event_continues_it() -> None:
     ]
     body, out = written(chunks)
     assert body.tally.units == strict_events(out) == 2
+
+
+def test_used_alone_it_gives_the_ledger_back_its_parent_when_it_ends() -> None:
+    """While the body runs, new work of the request is parented to the `sse stream` span;
+    once it ends, to whatever was the parent before — never to the ended span (an SSEBody
+    used without the http probe left it there)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    rt = Runtime(registry=CollectorRegistry(), tracer_provider=TracerProvider())
+    try:
+        ledger = Ledger()
+        root = rt.tracer.start_span("request")
+        before = ledger.parent_context = trace.set_span_in_context(root)
+        body = SSEBody(iter([format_event("x")]), rt, ledger)
+        assert ledger.parent_context is not before  # the sse span's, while it runs
+        b"".join(body)
+        body.close()
+        assert ledger.parent_context is before
+    finally:
+        rt.close()

@@ -137,7 +137,6 @@ class _Request:
         self.rt, self.ledger, self.tally, self.method = rt, ledger, tally, method
         self.status = 0
         self.streaming = False
-        self.root_context = ledger.parent_context
 
     def started(self, status: str, headers: list[tuple[str, str]]) -> None:
         try:
@@ -158,7 +157,6 @@ class _Request:
         return _PlainBody(body, self)
 
     def _body_ended(self, end: End) -> None:
-        self.ledger.parent_context = self.root_context
         self.end(End.CLOSED if end is End.CLOSED else End.CLEAN)
 
     def end(self, end: End, exc: BaseException | None = None) -> None:

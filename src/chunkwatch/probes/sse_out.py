@@ -57,6 +57,7 @@ class SSEBody:
         self._ledger = ledger
         self._on_end = on_end
         self._parser = SSEParser()
+        self._outer_context = ledger.parent_context  # the request's, again once this ends
         span = rt.start_span(sc.SPAN_SSE, sc.SSE, context=ledger.parent_context)
         if span is not None:
             ledger.parent_context = trace.set_span_in_context(span)
@@ -142,6 +143,7 @@ class SSEBody:
         except Exception:
             rt.bookkeeping_error(sc.SSE, "finish")
         # The ledger's parent for new work is the request again, not a finished span.
+        self._ledger.parent_context = self._outer_context
         tally.finish(end)
         if end is End.CLOSED:
             try:
