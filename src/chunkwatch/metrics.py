@@ -249,9 +249,13 @@ class Metrics:
             self._streams_child(layer, str(t.outcome), upstream).inc(exemplar=ex)
         if t.units:
             chunks.inc(t.units)
-        if t.time_to_first is not None:
-            ttfc.observe(t.time_to_first, exemplar=ex)
-        duration.observe(t.duration, exemplar=ex)
+        start = t.t_start  # Tally.time_to_first and .duration, without two calls a stream
+        if t.t_first is not None:
+            ttfc.observe((t.t_first - start) / 1e9, exemplar=ex)
+        if t.t_end is not None:
+            duration.observe((t.t_end - start) / 1e9, exemplar=ex)
+        else:
+            duration.observe(t.duration, exemplar=ex)
         if t.units > 1:
             gap_max.observe(t.max_gap_ns / 1e9, exemplar=ex)
 

@@ -39,7 +39,7 @@ def stalled_at_end(rt: Runtime, ledger: Ledger) -> None:
         return
     now = time.perf_counter_ns()
     for t in list(ledger.tallies):
-        if t.finished or t.layer in (sc.SSE, sc.HTTP) or not t.stream_requested:
+        if t.outcome is not None or t.layer in (sc.SSE, sc.HTTP) or not t.stream_requested:
             continue
         silent = (now - (t.t_last if t.t_last is not None else t.t_start)) / 1e9
         if silent < limit:
@@ -103,7 +103,7 @@ def _follow_orphans(rt: Runtime, ledger: Ledger, span: Span | None) -> Orphans:
     layer = next((m for m in models if m in rt.probed), models[-1])
     orphans = Orphans(rt, ledger, layer)
     for t in ledger.tallies:
-        if t.layer in models and t.stream_requested and not t.finished:
+        if t.layer in models and t.stream_requested and t.outcome is None:
             orphans.adopt(t, t.units)
     ledger.orphans = orphans
     if orphans.following():

@@ -267,8 +267,8 @@ class Runtime:
             }
             if t.end is not None:
                 attrs[sc.A_END] = str(t.end)
-            if t.time_to_first is not None:
-                attrs[sc.A_TTFC] = t.time_to_first
+            if t.t_first is not None:
+                attrs[sc.A_TTFC] = (t.t_first - t.t_start) / 1e9
             if t.units > 1:
                 attrs[sc.A_GAP_MAX] = t.max_gap_ns / 1e9
             if outcome is not Outcome.OK:

@@ -88,19 +88,29 @@ def _said(tallies: list[Tally]) -> str | None:
 
 
 def _lost_between_layers(ledger: Ledger) -> Verdict | None:
-    streamed = [t for t in ledger.layer(sc.GATEWAY) if t.stream_requested]
-    sdk = [t for t in ledger.layer(sc.SDK) if t.stream_requested]
+    # One pass (it runs at every request's end): the units of the streams that count the
+    # same unit, and the layers with a stream still open.
+    gateway = sdk = tokens = 0
+    has_gateway = has_sdk = has_tokens = False
+    open_layers: set[str] = set()
+    for t in ledger.tallies:
+        layer = t.layer
+        if t.outcome is None:
+            open_layers.add(layer)
+        if layer == sc.GATEWAY and t.stream_requested:
+            gateway += t.units
+            has_gateway = True
+        elif layer == sc.SDK and t.stream_requested:
+            sdk += t.units
+            has_sdk = True
+        elif layer == sc.LANGGRAPH and t.unit_kind == "token":
+            tokens += t.units
+            has_tokens = True
     pairs: list[tuple[str, int, str, int]] = []
-    if streamed and sdk:
-        pairs.append(
-            (sc.GATEWAY, sum(t.units for t in streamed), sc.SDK, sum(t.units for t in sdk))
-        )
-    tokens = [t for t in ledger.layer(sc.LANGGRAPH) if t.unit_kind == "token"]
-    if sdk and tokens:
-        pairs.append(
-            (sc.SDK, sum(t.units for t in sdk), sc.LANGGRAPH, sum(t.units for t in tokens))
-        )
-    open_layers = {t.layer for t in ledger.tallies if not t.finished}
+    if has_gateway and has_sdk:
+        pairs.append((sc.GATEWAY, gateway, sc.SDK, sdk))
+    if has_sdk and has_tokens:
+        pairs.append((sc.SDK, sdk, sc.LANGGRAPH, tokens))
     for below, n_below, above, n_above in pairs:
         if below in open_layers or above in open_layers:
             continue  # still streaming when the request ended (the client left): in flight
