@@ -29,7 +29,7 @@ NO_GENERATIONS = "No generations found in stream"
 # mode -> (gateway params, what the user sees: "answer" | "partial" | error type, message part).
 # Error types are what langchain-openai raises: it wraps the SDK's APIConnectionError,
 # InternalServerError and BadRequestError in its own OpenAI* classes.
-# what the client is told (chunkwatch.events.public_message): never the exception's text
+# what the client is told (chunkwatch.client_errors.public_message): never the exception's text
 CONNECTION = "could not be reached or dropped the connection"
 EXPECTED: dict[str, tuple[dict[str, Any], str, str]] = {
     "pass": ({}, "answer", ""),

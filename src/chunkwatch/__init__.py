@@ -5,8 +5,8 @@ See the README for the two-minute tour and ``docs/`` for the reference.
 
 from __future__ import annotations
 
+from chunkwatch.client_errors import error_payload
 from chunkwatch.errors import StreamEmptyError, StreamStalledError, StreamTruncatedError
-from chunkwatch.events import error_payload
 from chunkwatch.guard import BreakerConfig, Guard
 from chunkwatch.instrumentation import instrument, uninstrument
 from chunkwatch.ledger import Ledger, Tally, bind, current_ledger

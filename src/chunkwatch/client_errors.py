@@ -1,4 +1,5 @@
-"""What a service tells its client when a stream fails: the ``event: error`` payload.
+"""What a service tells its client when a stream fails (the ``event: error`` payload):
+chunkwatch words it, so nothing internal reaches the client.
 
 The client gets what it can act on and nothing that is the service's business: the
 exception's type, a message chunkwatch words itself, the verdict (``layer``,
