@@ -7,6 +7,27 @@ stream of any other type. :func:`watch_body` notes the headers and puts one of t
 under the response; :func:`cancelled` turns the watchdog's cancellation of a read into
 :class:`chunkwatch.StreamStalledError`. The request half (which calls are model calls,
 the span and the tally) is :mod:`chunkwatch.probes.gateway`.
+
+Private internals of other libraries used here, each checked before use; when one is
+missing or not as checked, the plain path (a wrapper over public API) is taken and
+``chunkwatch_instrumentation_errors_total{layer="gateway",stage="private:..."}`` counts
+every stream that took it. Checked with httpx2 2.16.2 and httpx 0.28.1 (httpcore 1.0.9)
+on CPython 3.11.7; the savings are measured by ``bench/probe_instructions.py`` (figures
+in ``bench/RESULTS.md``):
+
+* ``{mod}._transports.default.ResponseStream`` / ``AsyncResponseStream`` (the
+  transport's response stream), its ``_httpcore_stream`` and ``map_httpcore_exceptions``
+  (:func:`_native`, :func:`watch_body`): a stream of that class is given a counting
+  subclass (``__class__``) whose loop reads ``_httpcore_stream`` under the mapper, in
+  place of the class's own loop, so no generator layer is added per read. Checked: the
+  class's own loop reads both names. Stages: ``private:ResponseStream`` /
+  ``private:AsyncResponseStream`` (class, mapper or loop not as checked),
+  ``private:_httpcore_stream`` (a stream without it, or that refuses the subclass).
+* ``asyncio.tasks._current_tasks`` (:func:`_task_getter`, with ``abort=True``): the
+  running task read once per event from the table behind ``asyncio.current_task()``.
+  Checked per stream: a dict that answers what ``current_task()`` answers. Else
+  ``asyncio.current_task`` is used, counted once a stream (stage
+  ``private:asyncio.tasks._current_tasks``).
 """
 
 from __future__ import annotations
@@ -37,15 +58,18 @@ def _stalled(tally: Tally) -> StreamStalledError | None:
     return StreamStalledError(kind, after, sc.GATEWAY)
 
 
-def _task_getter() -> tuple[Callable[[Any], asyncio.Task[Any] | None], Any]:
-    """``(get, loop)``: ``get(loop)`` is the task running now. On 3.11
-    ``asyncio.current_task()`` is Python code that looks the loop up on every call
-    (≈250 ns a read); the table behind it, with the loop bound once per stream, answers
-    in ≈40 ns."""
+def _task_getter(tally: Tally) -> tuple[Callable[[Any], asyncio.Task[Any] | None], Any]:
+    """``(get, loop)``: ``get(loop)`` is the task running now. ``asyncio.current_task()``
+    looks the loop up on every call; the table behind it (private), with the loop bound
+    once per stream, answers for less (``bench/probe_instructions.py``, "abort on").
+    Counted once a stream: at its first read loop (the SDK reads a body again, to drain
+    it, after its last event)."""
     current = getattr(asyncio.tasks, "_current_tasks", None)
     loop = asyncio.get_running_loop()
     if not isinstance(current, dict) or current.get(loop) is not asyncio.current_task():
-        return asyncio.current_task, loop  # a Python where the table is gone or not the truth
+        if not tally.bytes:  # gone, or not the truth
+            _bookkeeping_error("private:asyncio.tasks._current_tasks")
+        return asyncio.current_task, loop
     return current.get, loop
 
 
@@ -55,21 +79,38 @@ def _uncancel() -> None:
         task.uncancel()
 
 
-def _native(mod: Any, name: str) -> tuple[type | None, Callable[[], Any] | None]:
-    """The transport's own response-stream class and its exception mapper, when this
-    version of the module has them where we expect (else the body is wrapped instead)."""
+def _gap(mod: Any, name: str) -> str | None:
+    """What of the transport's private internals is not as checked (None: all is), as a
+    ``stage`` label: ``name``, the response-stream class, and ``map_httpcore_exceptions``
+    in ``mod._transports.default``; the class's own loop reads ``_httpcore_stream`` under
+    the mapper, and it has the close method the counting subclass calls."""
     default = getattr(getattr(mod, "_transports", None), "default", None)
     cls = getattr(default, name, None)
-    mapper = getattr(default, "map_httpcore_exceptions", None)
-    if isinstance(cls, type) and callable(mapper):
-        return cls, mapper
-    return None, None
+    if not isinstance(cls, type) or not callable(getattr(default, "map_httpcore_exceptions", 0)):
+        return f"private:{name}"
+    is_async = name.startswith("Async")
+    loop = cls.__dict__.get("__aiter__" if is_async else "__iter__")
+    names = getattr(getattr(loop, "__code__", None), "co_names", ())
+    close = getattr(cls, "aclose" if is_async else "close", None)
+    if not {"_httpcore_stream", "map_httpcore_exceptions"} <= set(names) or not callable(close):
+        return f"private:{name}"
+    return None
 
 
-def async_body(mod: Any) -> tuple[type | None, type | None, type]:
-    """``(native, adopted, wrapper)`` for ``mod``'s async transport: its own response
-    stream class, the counting subclass of it (None when the class is not where we
-    expect), and the counting body that wraps a stream of any other type."""
+def _native(mod: Any, name: str) -> tuple[type | None, Callable[[], Any] | None]:
+    """The transport's own response-stream class and its exception mapper, when this
+    version of the module has them as checked (:func:`_gap`; else the body is wrapped)."""
+    if _gap(mod, name) is not None:
+        return None, None
+    default = mod._transports.default
+    return getattr(default, name), default.map_httpcore_exceptions
+
+
+def async_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
+    """``(native, adopted, wrapper, gap)`` for ``mod``'s async transport: its own response
+    stream class, the counting subclass of it (None when the class is not as checked),
+    the counting body that wraps a stream of any other type, and what was not as checked
+    (the stage counted for every stream wrapped because of it)."""
     native, mapper = _native(mod, "AsyncResponseStream")
 
     class WatchedAsyncBody(mod.AsyncByteStream):  # type: ignore[misc]
@@ -88,8 +129,9 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
             reader = self._reader
             tally = reader.tally
             count = reader.fast
-            current_task, loop = _task_getter()
             abortable = tally.abort is not None  # Deadlines(abort=True): know the waiting task
+            if abortable:
+                current_task, loop = _task_getter(tally)
             chunk = b""  # the last read, for the end: an in-band error is read off it
             try:
                 if abortable:
@@ -100,7 +142,7 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
                             if count is not None:  # Reader.feed, inlined
                                 tally.bytes += len(chunk)
                                 n = count(chunk)
-                                if n:  # Tally.unit, inlined: the call costs a third of it
+                                if n:  # Tally.unit, inlined (bench/probe_instructions.py)
                                     now = _now()
                                     last = tally.t_last
                                     if last is None:
@@ -141,10 +183,11 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type]:
                 self._reader.end(End.ABANDONED)
 
     adopted = _adoptive(native, mapper, WatchedAsyncBody, "aclose")
-    return native, adopted, WatchedAsyncBody
+    gap = _gap(mod, "AsyncResponseStream") if adopted is None else None
+    return native, adopted, WatchedAsyncBody, gap
 
 
-def sync_body(mod: Any) -> tuple[type | None, type | None, type]:
+def sync_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
     """The sync twin of :func:`async_body`."""
     native, mapper = _native(mod, "ResponseStream")
 
@@ -169,7 +212,7 @@ def sync_body(mod: Any) -> tuple[type | None, type | None, type]:
                             if count is not None:  # Reader.feed, inlined
                                 tally.bytes += len(chunk)
                                 n = count(chunk)
-                                if n:  # Tally.unit, inlined: the call costs a third of it
+                                if n:  # Tally.unit, inlined (bench/probe_instructions.py)
                                     now = _now()
                                     last = tally.t_last
                                     if last is None:
@@ -206,7 +249,8 @@ def sync_body(mod: Any) -> tuple[type | None, type | None, type]:
                 self._reader.end(End.ABANDONED)
 
     adopted = _adoptive(native, mapper, WatchedSyncBody, "close")
-    return native, adopted, WatchedSyncBody
+    gap = _gap(mod, "ResponseStream") if adopted is None else None
+    return native, adopted, WatchedSyncBody, gap
 
 
 def _adoptive(
@@ -240,19 +284,34 @@ def watch_body(
     native: type | None,
     adopted: type | None,
     wrapper: Callable[..., Any],
+    gap: str | None = None,
 ) -> None:
     """Note the headers and count the body: the transport's own stream is given the
-    counting subclass (``adopted``); any other stream is wrapped."""
+    counting subclass (``adopted``); any other stream is wrapped. A stream wrapped
+    because a private internal is not as checked (``gap``, or a stream without
+    ``_httpcore_stream``) counts an instrumentation error, so the body is counted
+    either way."""
     try:
         reader = Reader(tally, note_headers(rt, tally, response))
-        stream: Any = response.stream
-        if adopted is not None and type(stream) is native:
-            setattr(stream, "_reader", reader)  # noqa: B010 (mypy narrows the type to object)
-            stream.__class__ = adopted
-        else:
-            response.stream = wrapper(stream, reader)
     except Exception:
         rt.bookkeeping_error(sc.GATEWAY, "headers")
+        return
+    stream: Any = response.stream
+    if adopted is not None and type(stream) is native:
+        try:
+            if "_httpcore_stream" in vars(stream):
+                setattr(stream, "_reader", reader)  # noqa: B010 (mypy narrows the type to object)
+                stream.__class__ = adopted
+                return
+        except Exception:  # a class that refuses the subclass: wrapped instead
+            pass
+        rt.bookkeeping_error(sc.GATEWAY, "private:_httpcore_stream")
+    elif gap is not None:
+        rt.bookkeeping_error(sc.GATEWAY, gap)
+    try:
+        response.stream = wrapper(stream, reader)
+    except Exception:
+        rt.bookkeeping_error(sc.GATEWAY, "wrap")
 
 
 def cancelled(reader: Reader) -> StreamStalledError | None:

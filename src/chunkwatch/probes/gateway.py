@@ -11,7 +11,11 @@ closed, or is abandoned. The body is read with the shared strict SSE parser in
 counting mode; the unit is a ``data:`` event (``[DONE]`` noted, not counted).
 The transport's own response stream is counted in its own loop (the stream is
 given a subclass of its class), so reading a watched body resumes no generator
-more than the bare one does; a stream of another type is wrapped.
+more than the bare one does; a stream of another type is wrapped. That subclass
+reads private internals of httpx2 / httpx, checked before use: where they are not
+as checked, every body is wrapped and counted in
+``chunkwatch_instrumentation_errors_total{layer="gateway",stage="private:..."}``
+(the list, and the versions checked: :mod:`chunkwatch.probes._gateway_body`).
 
 Facts noted once: status, content-type, content-length, transfer-encoding,
 content-encoding, gateway request ids, time to headers / first byte / first
@@ -156,7 +160,7 @@ def _set_abort(tally: Tally) -> None:
 
 
 def _make_async(mod: Any) -> Callable[[Any], Any]:
-    native, adopted, wrapper = async_body(mod)
+    native, adopted, wrapper, gap = async_body(mod)
 
     def make(original: Any) -> Any:
         async def handle_async_request(self: Any, request: Any) -> Any:
@@ -174,7 +178,7 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
             except BaseException as exc:
                 Reader(tally, None).end(end_for_exception(exc), exc)
                 raise
-            watch_body(rt, tally, response, native, adopted, wrapper)
+            watch_body(rt, tally, response, native, adopted, wrapper, gap)
             return response
 
         return handle_async_request
@@ -183,7 +187,7 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
 
 
 def _make_sync(mod: Any) -> Callable[[Any], Any]:
-    native, adopted, wrapper = sync_body(mod)
+    native, adopted, wrapper, gap = sync_body(mod)
 
     def make(original: Any) -> Any:
         def handle_request(self: Any, request: Any) -> Any:
@@ -196,7 +200,7 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
             except BaseException as exc:
                 Reader(tally, None).end(end_for_exception(exc), exc)
                 raise
-            watch_body(rt, tally, response, native, adopted, wrapper)
+            watch_body(rt, tally, response, native, adopted, wrapper, gap)
             return response
 
         return handle_request
