@@ -13,6 +13,14 @@ nothing else is ``empty`` (:class:`chunkwatch.StreamEmptyError`); a payload with
 ``choices`` at all (``{"message": ...}``, which the SDK passes on as a chunk) is an error
 delivered in-band: ``error_event``, its text noted for the verdict, and a stream it cut
 short (no ``finish_reason``) raises :class:`chunkwatch.StreamTruncatedError`.
+
+Private internals of the SDK (checked with openai 3.54.0, CPython 3.11.7): the counting
+subclass (given by ``__class__``) and the wrapper read and replace ``Stream._iterator``
+/ ``AsyncStream._iterator``, the generator ``__iter__``/``__next__`` pass on: no layer
+in front of it per chunk (the saving: ``bench/probe_instructions.py``, "sdk"). Checked
+first (``sdk.iterator_gap``: the SDK's methods read it; per stream: the stream has one);
+if not as checked, :func:`_watch_public` counts the stream over its class's public
+``__iter__``/``__aiter__``, and an instrumentation error ``private:...`` is counted.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ class _Chunks:
 
     def see(self, chunk: Any) -> None:
         tally = self.tally
-        now = _now()  # Tally.unit, inlined: the call costs a third of it
+        now = _now()  # Tally.unit, inlined (bench/probe_instructions.py)
         last = tally.t_last
         if last is None:
             tally.t_first = now
@@ -182,28 +190,6 @@ def _genai_metrics(rt: Runtime, tally: Tally) -> None:
         rt.bookkeeping_error(sc.SDK, "metrics")
 
 
-def _finish_response(rt: Runtime, tally: Tally, result: Any) -> None:
-    """A non-stream response: one unit, finish reasons and usage from the body."""
-    chunks = _Chunks(rt, tally)
-    try:
-        tally.unit()
-        for choice in getattr(result, "choices", None) or []:
-            if choice.finish_reason:
-                tally.finish_reasons.append(choice.finish_reason)
-            message = getattr(choice, "message", None)
-            if message is not None and (message.content or message.tool_calls):
-                tally.content_units += 1
-                if chunks.text is not None and message.content:
-                    chunks.text.append(message.content)
-        if getattr(result, "usage", None) is not None:
-            tally.facts["usage"] = result.usage
-        if hasattr(result, "id"):
-            tally.facts["response"] = (result.id, result.model)
-    except Exception:
-        rt.bookkeeping_error(sc.SDK, "response")
-    chunks.end(End.CLEAN)
-
-
 async def _counted_async(inner: Any, chunks: _Chunks, owner: Any = None) -> AsyncIterator[Any]:
     """``inner``'s chunks, counted as they pass; finishes the tally once. ``owner``, the
     stream, lives as long as this generator: in ``for chunk in client...create(...)``
@@ -249,8 +235,63 @@ def _counted_sync(inner: Any, chunks: _Chunks, owner: Any = None) -> Iterator[An
         raise error
 
 
+_PUBLIC: dict[type, type] = {}  # a stream class -> its publicly counted subclass
+
+
+def _watch_public(stream: Any, chunks: _Chunks, gap: str) -> None:
+    """Count ``stream`` with public API only (its private iterator is not as checked:
+    ``gap`` is counted): a subclass passes on a counting generator over its class's own
+    ``__iter__``/``__aiter__`` (one generator layer more), and ``close`` finishes."""
+    chunks.rt.bookkeeping_error(sc.SDK, gap)
+    cls = type(stream)
+    if hasattr(cls, "__anext__"):
+        counted: Any = _counted_async(cls.__aiter__(stream), chunks)
+    else:
+        counted = _counted_sync(cls.__iter__(stream), chunks)
+    made = _PUBLIC.get(cls) or _PUBLIC.setdefault(cls, _public_class(cls))
+    setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
+    setattr(stream, "_chunkwatch_iter", counted)  # noqa: B010
+    stream.__class__ = made
+    weakref.finalize(stream, _abandon, chunks)
+
+
+def _public_class(cls: type) -> type:
+    if hasattr(cls, "__anext__"):
+
+        async def anext_(self: Any) -> Any:
+            return await self._chunkwatch_iter.__anext__()
+
+        async def aclose(self: Any) -> None:
+            try:
+                await cls.close(self)  # type: ignore[attr-defined]
+            finally:
+                self._chunkwatch.end(End.CLOSED)
+
+        ns: dict[str, Any] = {"__anext__": anext_, "__aiter__": _own_iter, "close": aclose}
+    else:
+
+        def next_(self: Any) -> Any:
+            return self._chunkwatch_iter.__next__()
+
+        def close(self: Any) -> None:
+            try:
+                cls.close(self)  # type: ignore[attr-defined]
+            finally:
+                self._chunkwatch.end(End.CLOSED)
+
+        ns = {"__next__": next_, "__iter__": _own_iter, "close": close}
+    return type(f"Watched{cls.__name__}", (cls,), {**ns, "__module__": __name__})
+
+
+def _own_iter(self: Any) -> Any:
+    return self._chunkwatch_iter
+
+
 def _watch_async(stream: Any, chunks: _Chunks) -> None:
     """A stream of another type: a counting generator in front of its iterator."""
+    if "_iterator" not in vars(stream):
+        _watch_public(stream, chunks, "private:AsyncStream._iterator")
+        return
     stream._iterator = _counted_async(stream._iterator, chunks)
     original_close = stream.close
 
@@ -265,6 +306,9 @@ def _watch_async(stream: Any, chunks: _Chunks) -> None:
 
 
 def _watch_sync(stream: Any, chunks: _Chunks) -> None:
+    if "_iterator" not in vars(stream):
+        _watch_public(stream, chunks, "private:Stream._iterator")
+        return
     stream._iterator = _counted_sync(stream._iterator, chunks)
     original_close = stream.close
 
@@ -348,17 +392,6 @@ def _adoptive_classes() -> tuple[type, type]:
                 self._chunkwatch.end(End.CLOSED)
 
     return WatchedAsyncStream, WatchedStream
-
-
-def _adopt(stream: Any, chunks: _Chunks, base: type, adopted: type, wrap: Any) -> None:
-    """Count ``stream``: give it the counting subclass, or (a subclass of the SDK's own
-    class, or another type) wrap its iterator."""
-    if type(stream) is base:
-        setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
-        stream.__class__ = adopted
-        weakref.finalize(stream, _abandon, chunks)
-    else:
-        wrap(stream, chunks)
 
 
 def _abandon(chunks: _Chunks) -> None:

@@ -8,7 +8,11 @@ For ``stream=True`` the returned ``Stream`` / ``AsyncStream`` is watched: the
 unit is a chunk; content-bearing chunks, finish reasons and usage are noted. The
 SDK's own stream is given a counting subclass (its ``__iter__``/``__next__``,
 ``__aiter__``/``__anext__`` count as they pass chunks on: no generator layer is
-added); a stream of a subclass or another type has its iterator wrapped.
+added); a stream of a subclass or another type has its iterator wrapped. Both read
+the SDK's private ``_iterator``, checked first: where it is not as checked, the
+stream is counted through public API and an instrumentation error is counted
+(stage ``private:Stream._iterator``; details and versions:
+:mod:`chunkwatch.probes._sdk_stream`).
 
 Finalizes exactly once: iterator exhausted (``clean``), an exception (the same
 exception object propagates), ``close()`` (``closed``), or garbage-collected
@@ -26,6 +30,7 @@ Content: prompts and completions are recorded only with ``capture_content=True``
 
 from __future__ import annotations
 
+import weakref
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
@@ -34,14 +39,14 @@ from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally, bind, current_ledger
-from chunkwatch.outcomes import end_for_exception
+from chunkwatch.outcomes import End, end_for_exception
 from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.probes._sdk_stream import (
-    _adopt,
+    _abandon,
     _adoptive_classes,
     _Chunks,
-    _finish_response,
     _watch_async,
+    _watch_public,
     _watch_sync,
 )
 from chunkwatch.runtime import Runtime, active, extra_span_attributes
@@ -140,22 +145,78 @@ def _sending(tally: Tally) -> AbstractContextManager[Any]:
 
 
 def _received(
-    rt: Runtime, tally: Tally, result: Any, stream_cls: type, adopted: type, watch: Any
+    rt: Runtime,
+    tally: Tally,
+    result: Any,
+    stream_cls: type,
+    adopted: type,
+    watch: Any,
+    gap: str | None,
 ) -> None:
-    """Watch a returned stream; finish a returned response now."""
+    """Watch a returned stream (through public API only where the SDK's private iterator
+    is not as checked: ``gap``); finish a returned response now."""
     if isinstance(result, stream_cls):
         try:
-            _adopt(result, _Chunks(rt, tally), stream_cls, adopted, watch)
+            if gap is None:
+                _adopt(result, _Chunks(rt, tally), stream_cls, adopted, watch)
+            else:
+                _watch_public(result, _Chunks(rt, tally), gap)
         except Exception:
             rt.bookkeeping_error(sc.SDK, "wrap")
     else:
         _finish_response(rt, tally, result)
 
 
+def _finish_response(rt: Runtime, tally: Tally, result: Any) -> None:
+    """A non-stream response: one unit, finish reasons and usage from the body."""
+    chunks = _Chunks(rt, tally)
+    try:
+        tally.unit()
+        for choice in getattr(result, "choices", None) or []:
+            if choice.finish_reason:
+                tally.finish_reasons.append(choice.finish_reason)
+            message = getattr(choice, "message", None)
+            if message is not None and (message.content or message.tool_calls):
+                tally.content_units += 1
+                if chunks.text is not None and message.content:
+                    chunks.text.append(message.content)
+        if getattr(result, "usage", None) is not None:
+            tally.facts["usage"] = result.usage
+        if hasattr(result, "id"):
+            tally.facts["response"] = (result.id, result.model)
+    except Exception:
+        rt.bookkeeping_error(sc.SDK, "response")
+    chunks.end(End.CLEAN)
+
+
+def iterator_gap(cls: type) -> str | None:
+    """None when ``cls`` (the SDK's ``Stream`` or ``AsyncStream``) passes on its
+    ``_iterator`` in its own iteration methods, as checked; else the stage to count."""
+    for name in (
+        ("__anext__", "__aiter__") if hasattr(cls, "__anext__") else ("__next__", "__iter__")
+    ):
+        code = getattr(getattr(cls, name, None), "__code__", None)
+        if code is None or "_iterator" not in code.co_names:
+            return f"private:{cls.__name__}._iterator"
+    return None
+
+
+def _adopt(stream: Any, chunks: _Chunks, base: type, adopted: type, wrap: Any) -> None:
+    """Count ``stream``: give it the counting subclass, or (a subclass of the SDK's own
+    class, or another type) wrap its iterator."""
+    if type(stream) is base and "_iterator" in vars(stream):
+        setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
+        stream.__class__ = adopted
+        weakref.finalize(stream, _abandon, chunks)
+    else:
+        wrap(stream, chunks)
+
+
 def _make_async(original: Any) -> Any:
     import openai
 
     adopted = _adoptive_classes()[0]
+    gap = iterator_gap(openai.AsyncStream)
 
     async def create(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = active()
@@ -168,7 +229,7 @@ def _make_async(original: Any) -> Any:
         except BaseException as exc:
             _Chunks(rt, tally).end(end_for_exception(exc), exc)
             raise
-        _received(rt, tally, result, openai.AsyncStream, adopted, _watch_async)
+        _received(rt, tally, result, openai.AsyncStream, adopted, _watch_async, gap)
         return result
 
     return create
@@ -178,6 +239,7 @@ def _make_sync(original: Any) -> Any:
     import openai
 
     adopted = _adoptive_classes()[1]
+    gap = iterator_gap(openai.Stream)
 
     def create(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = active()
@@ -190,7 +252,7 @@ def _make_sync(original: Any) -> Any:
         except BaseException as exc:
             _Chunks(rt, tally).end(end_for_exception(exc), exc)
             raise
-        _received(rt, tally, result, openai.Stream, adopted, _watch_sync)
+        _received(rt, tally, result, openai.Stream, adopted, _watch_sync, gap)
         return result
 
     return create
