@@ -88,8 +88,9 @@ class Tally(Evidence):
 
         The per-chunk loops of the probes (gateway body, sdk ``see``, langgraph
         ``_watch``, the queue's ``_get``, the sse body) inline these lines, marked
-        "Tally.unit, inlined": a method call costs a third of the body on 3.11
-        (``bench/probe_instructions.py``). Change them together."""
+        "Tally.unit, inlined": the call itself would cost a large share of the body
+        (measured by ``bench/probe_instructions.py``; figures in ``bench/RESULTS.md``).
+        Change them together."""
         now = _now()
         last = self.t_last
         if last is None:

@@ -16,6 +16,16 @@ the counting generator does: the chain the service resumes per event is as deep 
 the bare one. A langchain-core without that pass-through gets the generator in
 front of ``Pregel.astream_events`` instead.
 
+That pass-through and ``_astream_events_implementation_v2`` (the v2 event stream it
+re-yields, in ``langchain_core.tracers.event_stream``) are private to langchain-core;
+checked with langchain-core 1.7.2 and langgraph 1.2.22 on CPython 3.11.7, and checked
+at ``instrument()`` (:func:`_pass_through_gap`: both exist, ``Pregel.astream_events``
+reaches ``Runnable.astream_events``, which calls the pass-through, and they take the
+arguments passed on). The saving is the
+generator layer per event (``bench/probe_instructions.py``, "langgraph"). Where they
+are not as checked, ``astream_events`` is wrapped, and every stream so watched counts
+``chunkwatch_instrumentation_errors_total{layer="langgraph",stage="private:..."}``.
+
 Error translation: langgraph and langchain-core raise
 ``ValueError("No generations found in stream.")`` when a node's model call was
 streamed and the provider yielded zero chunks; the probe raises
@@ -27,6 +37,7 @@ unchanged, as the same object.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -84,7 +95,7 @@ async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterato
     try:
         async for item in inner:
             if not tokens or item["event"] == _TOKEN_EVENT:
-                now = _now()  # Tally.unit, inlined: the call costs a third of it
+                now = _now()  # Tally.unit, inlined (bench/probe_instructions.py)
                 last = tally.t_last
                 if last is None:
                     tally.t_first = now
@@ -125,16 +136,46 @@ def _restore(token: Any, span: Any) -> None:
     otel_context.detach(token)
 
 
-def _v2_event_stream() -> Callable[..., Any] | None:
-    """langchain-core's v2 event stream, when its ``Runnable`` passes it through
-    ``_astream_events_v1_v2`` (langchain-core 1.x): what the counting generator reads."""
+def _pass_through_gap() -> str | None:
+    """What of langchain-core's private v1/v2 pass-through is not as checked (None: all
+    is), as a ``stage`` label."""
     try:
         from langchain_core.runnables.base import Runnable
         from langchain_core.tracers.event_stream import _astream_events_implementation_v2
     except ImportError:
+        return "private:_astream_events_implementation_v2"
+    from langgraph.pregel import Pregel
+
+    through = getattr(Runnable, "_astream_events_v1_v2", None)
+    if not callable(through) or not _calls(Runnable, "_astream_events_v1_v2"):
+        return "private:Runnable._astream_events_v1_v2"
+    own = Pregel.astream_events is not Runnable.astream_events  # langgraph's: then super()'s
+    if own and not _calls(Pregel, "astream_events"):
+        return "private:Runnable._astream_events_v1_v2"
+    try:
+        passed = inspect.signature(through).parameters
+        read = inspect.signature(_astream_events_implementation_v2).parameters
+    except (TypeError, ValueError):
+        return "private:Runnable._astream_events_v1_v2"
+    if not {"input", "config", "version"} <= passed.keys() or "config" not in read:
+        return "private:Runnable._astream_events_v1_v2"
+    return None
+
+
+def _calls(cls: type, name: str) -> bool:
+    """``cls.astream_events``'s code names ``name`` (a call of it, as read at 1.x)."""
+    code = getattr(getattr(cls, "astream_events", None), "__code__", None)
+    return name in getattr(code, "co_names", ())
+
+
+def _v2_event_stream() -> Callable[..., Any] | None:
+    """langchain-core's v2 event stream, when its ``Runnable`` passes it through
+    ``_astream_events_v1_v2`` as checked (:func:`_pass_through_gap`): what the counting
+    generator reads."""
+    if _pass_through_gap() is not None:
         return None
-    if not callable(getattr(Runnable, "_astream_events_v1_v2", None)):
-        return None
+    from langchain_core.tracers.event_stream import _astream_events_implementation_v2
+
     return _astream_events_implementation_v2
 
 
@@ -157,17 +198,25 @@ def _make_pass_through(events_v2: Callable[..., Any]) -> Callable[[Any], Any]:
     return make
 
 
-def _make_astream_events(original: Any) -> Any:
-    def astream_events(
-        self: Any, input: Any, config: Any = None, *, version: str = "v2", **kwargs: Any
-    ) -> Any:
-        inner = original(self, input, config, version=version, **kwargs)
-        rt = active()
-        if rt is None or version not in ("v1", "v2") or _inside.get():
-            return inner
-        return _watch(inner, rt, self, "token")
+def _make_astream_events(gap: str | None) -> Callable[[Any], Any]:
+    """``astream_events`` wrapped; ``gap``: the pass-through it stands in for is not as
+    checked, counted per stream watched (None: there is none to take the place of)."""
 
-    return astream_events
+    def make(original: Any) -> Any:
+        def astream_events(
+            self: Any, input: Any, config: Any = None, *, version: str = "v2", **kwargs: Any
+        ) -> Any:
+            inner = original(self, input, config, version=version, **kwargs)
+            rt = active()
+            if rt is None or version not in ("v1", "v2") or _inside.get():
+                return inner
+            if gap is not None:
+                rt.bookkeeping_error(sc.LANGGRAPH, gap)
+            return _watch(inner, rt, self, "token")
+
+        return astream_events
+
+    return make
 
 
 def _make_astream(original: Any) -> Any:
@@ -194,7 +243,7 @@ def instrument(runtime: Runtime | None = None) -> None:
             _OWNER, Pregel, "_astream_events_v1_v2", _make_pass_through(events_v2), inherited=True
         )
     else:
-        patch(_OWNER, Pregel, "astream_events", _make_astream_events)
+        patch(_OWNER, Pregel, "astream_events", _make_astream_events(_pass_through_gap()))
     patch(_OWNER, Pregel, "astream", _make_astream)
 
 
