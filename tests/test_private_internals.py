@@ -1,0 +1,341 @@
+"""The private internals of other libraries that the probes use, each gone or changed:
+the probe falls back to its plain wrapper over public API, the host gets every chunk
+unchanged and no exception, the tally still counts exactly, and
+``chunkwatch_instrumentation_errors_total`` names what was not as checked.
+
+Each internal is taken away with ``monkeypatch`` before ``instrument()`` (which checks
+them), and a real stream is run: the real openai SDK over a loopback gateway and
+upstream, and a real LangGraph graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from opentelemetry.trace import NoOpTracerProvider
+from prometheus_client import CollectorRegistry
+
+import chunkwatch
+from chunkwatch import Deadlines
+from chunkwatch_lab.agent import LLMConfig, build_graph, make_model
+from chunkwatch_lab.fault_gateway import Gateway
+from chunkwatch_lab.threaded import Running
+from chunkwatch_lab.upstream import answer_tokens
+
+from .conftest import UPSTREAM_TOKENS
+
+PROMPT = "hi"
+ANSWER = "".join(answer_tokens(PROMPT, UPSTREAM_TOKENS))
+CHUNKS = UPSTREAM_TOKENS + 2  # role + tokens + finish
+DEFAULT = httpx2._transports.default
+
+
+class Watched:
+    """The probes on (after the monkeypatches), a fresh registry; read its samples."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.registry = CollectorRegistry()
+        chunkwatch.instrument(
+            registry=self.registry, tracer_provider=NoOpTracerProvider(), **kwargs
+        )
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for metric in self.registry.collect()
+            for s in metric.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def errors(self, layer: str, stage: str | None = None) -> float:
+        labels = {"layer": layer} if stage is None else {"layer": layer, "stage": stage}
+        return self.value("chunkwatch_instrumentation_errors_total", **labels)
+
+    def chunks(self, layer: str) -> float:
+        return self.value("chunkwatch_chunks_total", layer=layer)
+
+    def ok(self, layer: str) -> float:
+        return self.value("chunkwatch_streams_total", layer=layer, outcome="ok")
+
+
+@pytest.fixture
+def probes_off() -> Iterator[None]:
+    """Whatever a test instruments is undone before its monkeypatches are."""
+    yield
+    chunkwatch.uninstrument()
+
+
+def _client(gw: Running[Gateway], cls: Any) -> Any:
+    return cls(
+        azure_endpoint=gw.url, api_key="k", api_version="2024-10-21", max_retries=0, timeout=5
+    )
+
+
+def _args() -> dict[str, Any]:
+    return {"model": "d", "messages": [{"role": "user", "content": PROMPT}], "stream": True}
+
+
+def read_sync(gw: Running[Gateway]) -> list[Any]:
+    with _client(gw, openai.AzureOpenAI).chat.completions.create(**_args()) as stream:
+        return list(stream)
+
+
+def read_async(gw: Running[Gateway]) -> list[Any]:
+    async def run() -> list[Any]:
+        client = _client(gw, openai.AsyncAzureOpenAI)
+        stream = await client.chat.completions.create(**_args())
+        chunks = [chunk async for chunk in stream]
+        await stream.close()
+        await client.close()
+        return chunks
+
+    return asyncio.run(run())
+
+
+def assert_whole(chunks: list[Any]) -> None:
+    """Every chunk of the answer reached the application, unchanged."""
+    assert len(chunks) == CHUNKS
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ANSWER
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def assert_counted(w: Watched, *layers: str) -> None:
+    """Each layer counted one ok stream of exactly the answer's chunks."""
+    for layer in layers:
+        assert w.ok(layer) == 1, layer
+        assert w.chunks(layer) == CHUNKS, layer
+
+
+# -- httpx2: the transport's response stream -------------------------------------------
+
+
+def test_with_every_internal_as_checked_no_error_is_counted(
+    gateway: Running[Gateway], probes_off: None
+) -> None:
+    """With every internal as checked, nothing is counted as an instrumentation error."""
+    w = Watched()
+    assert_whole(read_sync(gateway))
+    assert_whole(read_async(gateway))
+    assert w.errors("gateway") == 0 and w.errors("sdk") == 0
+
+
+def test_gateway_without_the_transports_response_stream_class(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx2 without ``_transports.default.ResponseStream`` where the probe looks (at
+    ``instrument()``; put back for httpx2's own use after): every body is wrapped, and
+    counted."""
+    original = DEFAULT.ResponseStream
+    monkeypatch.delattr(DEFAULT, "ResponseStream")
+    w = Watched()
+    monkeypatch.setattr(DEFAULT, "ResponseStream", original, raising=False)
+    assert_whole(read_sync(gateway))
+    assert_counted(w, "gateway", "sdk")
+    assert w.errors("gateway", "private:ResponseStream") == 1
+
+
+def test_gateway_with_a_changed_async_response_stream(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An httpx2 whose ``AsyncResponseStream`` no longer reads ``_httpcore_stream`` under
+    ``map_httpcore_exceptions``: the counting subclass would skip its loop, so every
+    body is wrapped instead, and counted."""
+
+    class AsyncResponseStream(httpx2.AsyncByteStream):  # a later version's, say
+        def __init__(self, httpcore_stream: Any) -> None:
+            self._core = httpcore_stream
+
+        async def __aiter__(self) -> Any:
+            async for part in self._core:
+                yield part
+
+        async def aclose(self) -> None:
+            await self._core.aclose()
+
+    monkeypatch.setattr(DEFAULT, "AsyncResponseStream", AsyncResponseStream)
+    w = Watched()
+    assert_whole(read_async(gateway))
+    assert_counted(w, "gateway", "sdk")
+    assert w.errors("gateway", "private:AsyncResponseStream") == 1
+
+
+def test_gateway_stream_without_its_httpcore_stream_attribute(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response stream that holds the httpcore stream under another name (the class's
+    loop still reads ``_httpcore_stream``, here a property): not given the subclass;
+    wrapped, counted."""
+
+    def init(self: Any, httpcore_stream: Any) -> None:
+        self._core = httpcore_stream
+
+    monkeypatch.setattr(DEFAULT.ResponseStream, "__init__", init)
+    monkeypatch.setattr(
+        DEFAULT.ResponseStream, "_httpcore_stream", property(lambda s: s._core), raising=False
+    )
+    w = Watched()
+    assert_whole(read_sync(gateway))
+    assert_counted(w, "gateway", "sdk")
+    assert w.errors("gateway", "private:_httpcore_stream") == 1
+
+
+class _TaskTable(Mapping[Any, Any]):
+    """``asyncio.tasks._current_tasks`` as a later Python might keep it: not a dict."""
+
+    def __init__(self, table: dict[Any, Any]) -> None:
+        self.table = table
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.table[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+def test_gateway_abort_with_a_changed_asyncio_task_table(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python whose ``asyncio.tasks._current_tasks`` is not the dict the body reads
+    (``asyncio.current_task()`` itself still reads it, so it cannot just be deleted):
+    with ``abort=True`` the body asks ``asyncio.current_task()`` for the waiting task
+    instead, and counts it."""
+    table = _TaskTable(asyncio.tasks._current_tasks)  # type: ignore[attr-defined]
+    monkeypatch.setattr(asyncio.tasks, "_current_tasks", table)
+    w = Watched(deadlines=Deadlines(first_chunk=5.0, idle=5.0, abort=True))
+    assert_whole(read_async(gateway))
+    assert_counted(w, "gateway", "sdk")
+    assert w.errors("gateway", "private:asyncio.tasks._current_tasks") == 1
+
+
+# -- openai: Stream._iterator / AsyncStream._iterator ---------------------------------
+
+
+def test_sdk_stream_without_its_iterator_attribute(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SDK ``Stream`` that keeps its iterator under another name: neither the counting
+    subclass nor the iterator wrapper applies; the stream is counted over its public
+    ``__iter__``, and that is counted."""
+    monkeypatch.setattr(
+        openai.Stream,
+        "_iterator",
+        property(lambda s: s._events, lambda s, v: setattr(s, "_events", v)),
+        raising=False,
+    )
+    w = Watched()
+    assert_whole(read_sync(gateway))
+    assert_counted(w, "gateway", "sdk")
+    assert w.errors("sdk", "private:Stream._iterator") == 1
+
+
+def test_sdk_stream_counted_over_public_api_finishes_once_when_closed_early(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The public-API path finalizes as the others do: closed after two chunks, the
+    stream is counted once, as closed early, not ok."""
+    monkeypatch.setattr(
+        openai.Stream,
+        "_iterator",
+        property(lambda s: s._events, lambda s, v: setattr(s, "_events", v)),
+        raising=False,
+    )
+    w = Watched()
+    stream = _client(gateway, openai.AzureOpenAI).chat.completions.create(**_args())
+    first = [next(stream), next(stream)]
+    stream.close()
+    assert first[1].choices[0].delta.content == answer_tokens(PROMPT, UPSTREAM_TOKENS)[0]
+    assert w.value("chunkwatch_streams_total", layer="sdk", outcome="disconnected") == 1
+    assert w.value("chunkwatch_streams_total", layer="sdk") == 1
+    assert w.chunks("sdk") == 2
+    assert w.errors("sdk", "private:Stream._iterator") == 1
+
+
+def test_sdk_async_stream_that_no_longer_reads_its_iterator(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SDK whose ``AsyncStream.__anext__``/``__aiter__`` read something else than
+    ``_iterator``: counted over the class's public ``__aiter__``, and that is counted."""
+    original_init = openai.AsyncStream.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self._events = self.__dict__.pop("_iterator")
+
+    async def anext_(self: Any) -> Any:
+        return await self._events.__anext__()
+
+    async def aiter_(self: Any) -> Any:
+        async for item in self._events:
+            yield item
+
+    monkeypatch.setattr(openai.AsyncStream, "__init__", init)
+    monkeypatch.setattr(openai.AsyncStream, "__anext__", anext_)
+    monkeypatch.setattr(openai.AsyncStream, "__aiter__", aiter_)
+    w = Watched()
+    assert_whole(read_async(gateway))
+    assert_counted(w, "gateway", "sdk")
+    assert w.errors("sdk", "private:AsyncStream._iterator") == 1
+
+
+# -- langchain-core: Runnable._astream_events_v1_v2 -----------------------------------
+
+
+def _token_events(gw: Running[Gateway]) -> list[Any]:
+    graph = build_graph(make_model(LLMConfig(url=gw.url), streaming=True))
+    args = ({"messages": [("user", PROMPT)]}, {"configurable": {"thread_id": "t"}})
+
+    async def run() -> list[Any]:
+        return [ev async for ev in graph.astream_events(*args, version="v2")]
+
+    return [ev for ev in asyncio.run(run()) if ev["event"] == "on_chat_model_stream"]
+
+
+def _check_graph(w: Watched, events: list[Any], stage: str) -> None:
+    content = "".join(ev["data"]["chunk"].content for ev in events)
+    assert content == ANSWER
+    assert w.value("chunkwatch_streams_total", layer="langgraph", outcome="ok") == 1
+    assert w.chunks("langgraph") == len(events) >= UPSTREAM_TOKENS
+    assert w.errors("langgraph", stage) == 1
+
+
+def test_langgraph_when_astream_events_no_longer_calls_the_pass_through(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A langchain-core whose ``astream_events`` calls a renamed pass-through: patching
+    ours would count nothing, so ``Pregel.astream_events`` is wrapped, and counted."""
+    from langchain_core.runnables.base import Runnable
+
+    through = Runnable._astream_events_v1_v2
+
+    def astream_events(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        return self._events_v1_v2_renamed(input, config, **kwargs)
+
+    monkeypatch.setattr(Runnable, "_events_v1_v2_renamed", through, raising=False)
+    monkeypatch.delattr(Runnable, "_astream_events_v1_v2")
+    monkeypatch.setattr(Runnable, "astream_events", astream_events)
+    from langgraph.pregel import Pregel
+
+    monkeypatch.setattr(Pregel, "astream_events", astream_events)
+    w = Watched()
+    _check_graph(w, _token_events(gateway), "private:Runnable._astream_events_v1_v2")
+
+
+def test_langgraph_without_the_v2_event_stream(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A langchain-core without ``tracers.event_stream._astream_events_implementation_v2``
+    (what the counting generator would read in the pass-through's place):
+    ``astream_events`` is wrapped, and counted."""
+    from langchain_core.tracers import event_stream
+
+    monkeypatch.delattr(event_stream, "_astream_events_implementation_v2")
+    w = Watched()
+    _check_graph(w, _token_events(gateway), "private:_astream_events_implementation_v2")
