@@ -103,9 +103,9 @@ class SSEParser:
         """Counting mode: feed ``chunk``; return how many data events (``[DONE]`` aside)
         it completed. The common read, exactly one ``data: {"...}`` event (with an
         ``event:`` line before it, or not), is recognised with a few C-speed byte
-        operations; the line rules would cost two to three times more. (On 3.11 a call
-        of ``bytes.startswith`` costs about 1 000 instructions in argument parsing alone,
-        a slice or an index a few hundred: the checks use those where they can.)"""
+        operations, cheaper than the line rules and than method calls such as
+        ``bytes.startswith`` (slices and indexes where they can; the measured figures are
+        ``bench/probe_instructions.py``'s, in ``bench/RESULTS.md``)."""
         if self.idle:
             if chunk[:8] == b'data: {"':  # the model's events: two memchr scans
                 line, _, rest = chunk.partition(b"\n")
@@ -191,7 +191,8 @@ class SSEParser:
         """Counting mode, LF line endings, no event half-parsed: split into lines (a
         single-byte split, at memchr speed) and take the common event, one
         ``data: {"...}`` line and a blank line, with two byte comparisons; anything else
-        goes through the line rules. Same counts as :meth:`_lines`, a third of the cost."""
+        goes through the line rules. Same counts as :meth:`_lines`, at a fraction of the
+        cost (``bench/probe_instructions.py``)."""
         lines = buf.split(b"\n")
         stop = len(lines) - 2  # an event at i is complete when lines[i + 1] ends too
         i = fast = 0

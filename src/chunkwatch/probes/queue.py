@@ -108,7 +108,7 @@ class WatchedQueue(queue.Queue[T]):
         t_put, item = self.queue.popleft()
         try:
             tally: Tally = self._tally  # type: ignore[assignment]
-            now = _now()  # Tally.unit, inlined: the call costs a third of it
+            now = _now()  # Tally.unit, inlined (bench/probe_instructions.py: the call costs)
             last = tally.t_last
             if last is None:
                 tally.t_first = now
