@@ -7,7 +7,6 @@ by the master, summing every worker's multiprocess files). Real processes on loo
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -24,6 +23,8 @@ import pytest
 from chunkwatch_lab.client import chat
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
+
+from .processes import clean_env, stop_group
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +48,11 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OTEL_", "CHUNKWATCH_", "PROMETHEUS_", "prometheus_"))
-    }
-    return {**env, "CHUNKWATCH_GUARD": "0", **extra}
+    return clean_env(CHUNKWATCH_GUARD="0", **extra)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    stop_group(proc, signal.SIGTERM)
 
 
 def _counted_on(metrics_url: str) -> str:

@@ -40,6 +40,8 @@ from chunkwatch_lab.fault_gateway import Gateway
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
 
+from .processes import clean_env, stop_group
+
 SERVICE_NAME = "chunkwatch-multiprocess-test"
 BATCH = 12  # concurrent requests per batch: more than one worker's 8 threads
 MAX_BATCHES = 6
@@ -192,26 +194,10 @@ def total(text: str, name: str, **labels: str) -> float:
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM gunicorn's process group (master and workers); SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
+    stop_group(proc, signal.SIGTERM)
 
 
-def gunicorn_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OTEL_", "CHUNKWATCH_", "PROMETHEUS_", "prometheus_"))
-    }
-    env.update(extra)
-    return env
+gunicorn_env = clean_env
 
 
 @pytest.fixture(scope="module")

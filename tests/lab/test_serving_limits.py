@@ -11,17 +11,15 @@ send a request; 1 s for a body under gunicorn) so that tests exceed them quickly
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,8 @@ import pytest
 from chunkwatch_lab.client import ChatResult, chat
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
+
+from .processes import child, clean_env
 
 THREADS, PENDING, READ_TIMEOUT = 8, 24, 2.0
 BODY_TIMEOUT = 1.0  # gunicorn: CHUNKWATCH_BODY_TIMEOUT
@@ -40,34 +40,6 @@ def upstream() -> Iterator[Running[Upstream]]:
     running = start_in_thread(Upstream(tokens=STREAM_TOKENS, token_delay=TOKEN_DELAY))
     yield running
     running.stop()
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OTEL_", "CHUNKWATCH_", "PROMETHEUS_", "prometheus_"))
-    }
-    env.update(extra)
-    return env
-
-
-@contextmanager
-def child(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
 
 
 def wait_for_text(log: Path, pattern: str, proc: subprocess.Popen[bytes], count: int = 1) -> str:
@@ -93,7 +65,7 @@ def serve(
         "--no-guard", "--threads", str(THREADS), "--max-pending", str(PENDING),
         "--read-timeout", str(READ_TIMEOUT),
     ]  # fmt: skip
-    with child(cmd, child_env(), log) as proc:
+    with child(cmd, clean_env(), log) as proc:
         url = wait_for_text(log, r"listening on (http://\S+)", proc)
         yield int(url.rsplit(":", 1)[1]), proc
 
@@ -107,7 +79,7 @@ def gunicorn(upstream: Running[Upstream], tmp_path_factory: pytest.TempPathFacto
         "-w", "2", "--threads", "8", "-b", "127.0.0.1:0", "--no-control-socket",
         "--graceful-timeout", "1", "--error-logfile", "-", "--log-level", "info",
     ]  # fmt: skip
-    env = child_env(
+    env = clean_env(
         CHUNKWATCH_LLM_URL=upstream.url,
         CHUNKWATCH_GUARD="0",
         CHUNKWATCH_BODY_TIMEOUT=str(BODY_TIMEOUT),
@@ -379,7 +351,7 @@ def nginx(gunicorn: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[i
         f"proxy_temp_path {tmp}/proxy; include {tmp}/site.conf; }}\n"
     )
     cmd = [binary, "-c", str(tmp / "nginx.conf"), "-p", str(tmp), "-e", str(tmp / "error.log")]
-    with child(cmd, child_env(), tmp / "nginx.log") as proc:
+    with child(cmd, clean_env(), tmp / "nginx.log") as proc:
         deadline = time.monotonic() + 10
         while True:
             try:

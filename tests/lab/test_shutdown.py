@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,9 @@ from chunkwatch_lab import telemetry
 from chunkwatch_lab.client import chat
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
+
+from .processes import child
+from .processes import clean_env
 
 EXIT_WITHIN = 7.0  # seconds: the 5 s flush budget plus the rest of the way out
 # gunicorn adds its own: a gthread worker polls for the stop flag once a second, the arbiter
@@ -87,13 +89,7 @@ def endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OTEL_", "CHUNKWATCH_", "PROMETHEUS_", "prometheus_"))
-    }
-    env.update(OTEL_BSP_SCHEDULE_DELAY="60000", **extra)  # the chat's spans stay batched
-    return env
+    return clean_env(OTEL_BSP_SCHEDULE_DELAY="60000", **extra)  # the chat's spans stay batched
 
 
 def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -121,21 +117,6 @@ def time_to_exit(proc: subprocess.Popen[bytes], sig: int, group: bool = False) -
     except subprocess.TimeoutExpired:
         pass
     return time.monotonic() - start
-
-
-@contextmanager
-def child(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` in its own process group, output to ``log``; SIGKILL whatever is left."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 def test_shutdown_gives_up_at_its_deadline_and_says_spans_were_lost(
@@ -174,7 +155,8 @@ def test_serve_exits_promptly_on_sigint_when_the_otlp_endpoint_never_answers(
         sys.executable, "-m", "chunkwatch", "serve",
         "--llm-url", upstream.url, "--port", "0", "--no-guard",
     ]  # fmt: skip
-    with child(cmd, child_env(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint), log) as proc:
+    env = child_env(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
+    with child(cmd, env, log, stop=signal.SIGKILL) as proc:
         url = wait_for_line(log, r"listening on (http://\S+)", proc, 20)
         chat(url, "spans, please", timeout=10)
         took = time_to_exit(proc, sig)
@@ -203,7 +185,7 @@ def test_gunicorn_worker_exits_promptly_on_sigterm_when_the_otlp_endpoint_never_
         OTEL_EXPORTER_OTLP_ENDPOINT=hole.url, CHUNKWATCH_LLM_URL=upstream.url, CHUNKWATCH_GUARD="0"
     )
     try:
-        with child(cmd, env, log) as proc:
+        with child(cmd, env, log, stop=signal.SIGKILL) as proc:
             url = wait_for_line(log, r"Listening at: (http://127\.0\.0\.1:\d+)", proc, 20)
             wait_for_line(log, r"(app ready in worker)", proc, 20)
             chat(url, "spans, please", timeout=10)
