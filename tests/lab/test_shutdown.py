@@ -30,8 +30,7 @@ from chunkwatch_lab.client import chat
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
 
-from .processes import child
-from .processes import clean_env
+from .processes import child, clean_env
 
 EXIT_WITHIN = 7.0  # seconds: the 5 s flush budget plus the rest of the way out
 # gunicorn adds its own: a gthread worker polls for the stop flag once a second, the arbiter
