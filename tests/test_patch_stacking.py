@@ -10,7 +10,7 @@ import pytest
 import wrapt
 from opentelemetry.instrumentation.utils import unwrap
 
-from chunkwatch.probes._patch import is_patched, patch, unpatch
+from chunkwatch.patching import is_patched, patch, unpatch
 
 OWNER = "test.stacking"
 

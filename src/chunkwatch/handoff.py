@@ -33,7 +33,7 @@ from threading import Thread
 from typing import Any
 
 from chunkwatch.ledger import Ledger, bind, current_ledger
-from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.patching import patch, unpatch
 from chunkwatch.runtime import active
 
 __all__ = ["instrument", "uninstrument"]

@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry
 
 from chunkwatch import handoff, probes
 from chunkwatch.config import UNSET, Settings
-from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware
 from chunkwatch.runtime import Runtime, activate, active
 from chunkwatch.watchdog import Deadlines

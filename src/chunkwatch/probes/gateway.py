@@ -47,8 +47,8 @@ from opentelemetry.trace import SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally
 from chunkwatch.outcomes import end_for_exception
+from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._gateway_body import async_body, cancelled, sync_body, watch_body
-from chunkwatch.probes._patch import patch, unpatch
 from chunkwatch.probes._wire import Reader
 from chunkwatch.runtime import Runtime, active
 

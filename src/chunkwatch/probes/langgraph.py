@@ -50,7 +50,7 @@ from chunkwatch.errors import NO_GENERATIONS, StreamEmptyError
 from chunkwatch.ledger import Tally, current_ledger
 from chunkwatch.ledger import _current as _current_ledger_var
 from chunkwatch.outcomes import End, end_for_exception
-from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.patching import patch, unpatch
 from chunkwatch.runtime import Runtime, active
 from chunkwatch.verdict import judge
 

@@ -40,7 +40,7 @@ from opentelemetry.trace import SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally, bind, current_ledger
 from chunkwatch.outcomes import End, end_for_exception
-from chunkwatch.probes._patch import patch, unpatch
+from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._sdk_stream import (
     _abandon,
     _adoptive_classes,
