@@ -218,18 +218,23 @@ def test_gateway_abort_with_a_changed_asyncio_task_table(
 # -- openai: Stream._iterator / AsyncStream._iterator ---------------------------------
 
 
-def test_sdk_stream_without_its_iterator_attribute(
-    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An SDK ``Stream`` that keeps its iterator under another name: neither the counting
-    subclass nor the iterator wrapper applies; the stream is counted over its public
-    ``__iter__``, and that is counted."""
+def _rename_stream_iterator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SDK ``Stream`` that keeps its iterator as ``_events``; ``_iterator`` is a property."""
     monkeypatch.setattr(
         openai.Stream,
         "_iterator",
         property(lambda s: s._events, lambda s, v: setattr(s, "_events", v)),
         raising=False,
     )
+
+
+def test_sdk_stream_without_its_iterator_attribute(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SDK ``Stream`` that keeps its iterator under another name: neither the counting
+    subclass nor the iterator wrapper applies; the stream is counted over its public
+    ``__iter__``, and that is counted."""
+    _rename_stream_iterator(monkeypatch)
     w = Watched()
     assert_whole(read_sync(gateway))
     assert_counted(w, "gateway", "sdk")
@@ -241,12 +246,7 @@ def test_sdk_stream_counted_over_public_api_finishes_once_when_closed_early(
 ) -> None:
     """The public-API path finalizes as the others do: closed after two chunks, the
     stream is counted once, as closed early, not ok."""
-    monkeypatch.setattr(
-        openai.Stream,
-        "_iterator",
-        property(lambda s: s._events, lambda s, v: setattr(s, "_events", v)),
-        raising=False,
-    )
+    _rename_stream_iterator(monkeypatch)
     w = Watched()
     stream = _client(gateway, openai.AzureOpenAI).chat.completions.create(**_args())
     first = [next(stream), next(stream)]

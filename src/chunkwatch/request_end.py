@@ -64,7 +64,7 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
     orphans = None
     try:
         if client_left(ledger):
-            orphans = _follow_orphans(rt, ledger, span)
+            orphans = _follow_orphans(rt, ledger)
     except Exception:
         rt.bookkeeping_error(sc.HTTP, "orphans")
     ledger.closed = True
@@ -95,7 +95,7 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
     return verdict
 
 
-def _follow_orphans(rt: Runtime, ledger: Ledger, span: Span | None) -> Orphans:
+def _follow_orphans(rt: Runtime, ledger: Ledger) -> Orphans:
     """The model streams still open as the client leaves, and any the request's agent
     opens from now on, followed until they stop."""
     models = model_layers()
