@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from chunkwatch import instrumentation
 from chunkwatch.cli import main
+from chunkwatch.integrations import flask as flask_integration
 from chunkwatch.probes import gateway, langgraph, sdk
 
 
@@ -29,7 +29,7 @@ def leave_out(layers: set[str]) -> None:
         if name in layers:
             module.instrument = _off  # type: ignore[assignment]
     if "app" in layers:
-        instrumentation.instrument_app = _off  # type: ignore[assignment]
+        flask_integration.instrument_app = _off  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -3,9 +3,8 @@
 Registered under the ``opentelemetry_instrumentor`` entry point, so
 ``opentelemetry-instrument python app.py`` (auto-instrumentation) installs the
 library probes (the rows of :data:`chunkwatch.probes.PROBES` with a module: gateway,
-sdk, langgraph). The Flask app's http/sse probes need
-the app object: call ``chunkwatch.instrument(app)`` in the app, or
-``ChunkwatchInstrumentor().instrument(app=app)``.
+sdk, langgraph). The Flask app's http/sse probes need the app object: call
+``chunkwatch.instrument(app)`` in the app, or ``ChunkwatchInstrumentor().instrument(app=app)``.
 
 Keyword arguments are those of :func:`chunkwatch.instrument` (others, which
 ``opentelemetry-instrument`` may pass to every instrumentor, are ignored); with
