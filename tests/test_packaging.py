@@ -1,11 +1,12 @@
-"""chunkwatch installs into a user's environment without moving it, and the library runs
-without the ``lab`` extra.
+"""chunkwatch installs into a user's environment without moving it, the library runs
+without the ``lab`` extra, and each integration has its own extra.
 
 A service that adds chunkwatch already has its own OpenTelemetry set, often newer than
 our lock. Installing chunkwatch must keep every version it finds (no downgrade), leave
 ``pip check`` clean, and the library (``import chunkwatch; chunkwatch.instrument()``)
 must work with only its own dependencies: no Flask, LangGraph, openai, OTel SDK or
-exporter (those are the ``lab`` extra's: the ``chunkwatch`` commands).
+exporter (those come with the integration extras ``flask``, ``openai``, ``langgraph``,
+``otel``, and all of them with ``lab``: the ``chunkwatch`` commands).
 
 Real installs: fresh venvs made by ``uv`` (its cache keeps this to seconds), packages
 from the index, chunkwatch built from this repository's working tree, and a model
@@ -36,6 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 USER_OTEL = {
     "opentelemetry-sdk": "1.45.2",
     "opentelemetry-instrumentation-httpx": "0.66b2",
+}
+# The extra of each integration and the distributions it brings (the built metadata's).
+INTEGRATION_EXTRAS = {
+    "flask": {"flask"},
+    "openai": {"openai"},
+    "langgraph": {"langgraph", "langchain-core"},
+    "otel": {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"},
 }
 # What the lab extra brings and the library must not need (import names).
 LAB_MODULES = (
@@ -200,11 +208,15 @@ def _locked() -> dict[str, str]:
     return {_canonical(p["name"]): p["version"] for p in lock["package"] if "version" in p}
 
 
-def test_dependencies_and_lab_extra_pin_nothing() -> None:
-    """pyproject's `dependencies` (and the `lab` extra users install beside their app) give
-    ranges, never an exact `==` / `===` pin: exact versions live only in uv.lock."""
+def test_dependencies_and_user_extras_pin_nothing() -> None:
+    """pyproject's `dependencies` (and the extras users install beside their app: each
+    integration's and `lab`) give ranges, never an exact `==` / `===` pin: exact versions
+    live only in uv.lock."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [*project["dependencies"], *project["optional-dependencies"]["lab"]]
+    extras = project["optional-dependencies"]
+    requirements = [*project["dependencies"]]
+    for name in (*INTEGRATION_EXTRAS, "lab"):
+        requirements += extras[name]
     assert requirements
     pinned = [
         r
@@ -212,6 +224,53 @@ def test_dependencies_and_lab_extra_pin_nothing() -> None:
         if any(s.operator in ("==", "===") for s in Requirement(r).specifier)
     ]
     assert pinned == []
+
+
+def _requirements(python: Path, cwd: Path) -> tuple[set[str], list[Requirement]]:
+    """The installed chunkwatch's `Provides-Extra` and `Requires-Dist`, as built from this
+    repository (what an index would serve), read by the venv's interpreter."""
+    code = (
+        "import importlib.metadata as m, json; d = m.metadata('chunkwatch'); "
+        "print(json.dumps([d.get_all('Provides-Extra'), d.get_all('Requires-Dist')]))"
+    )
+    extras, requires = json.loads(_run(python, "-c", code, cwd=cwd).stdout)
+    return set(extras), [Requirement(r) for r in requires]
+
+
+def _brought(requires: list[Requirement], extra: str) -> set[str]:
+    """The distributions `chunkwatch[extra]` adds to the core, chunkwatch's own extras
+    (`chunkwatch[flask,...]`) followed."""
+    names: set[str] = set()
+    for r in requires:
+        if r.marker is None or not r.marker.evaluate({"extra": extra}):
+            continue
+        if r.marker.evaluate({"extra": ""}):
+            continue  # not an extra's: the core
+        if _canonical(r.name) == "chunkwatch":
+            for inner in r.extras:
+                names |= _brought(requires, inner)
+        else:
+            names.add(_canonical(r.name))
+    return names
+
+
+def test_each_integration_has_an_extra_and_the_core_none_of_them(bare_venv: Venv) -> None:
+    """The built metadata offers `flask`, `openai`, `langgraph` and `otel`, each bringing
+    the library it integrates (`otel`: the SDK and OTLP exporter) with a lower bound;
+    `lab` brings them all; the core dependencies include none of them."""
+    extras, requires = _requirements(bare_venv.python, bare_venv.python.parent)
+    assert {*INTEGRATION_EXTRAS, "lab", "test"} <= extras
+    integrated = set().union(*INTEGRATION_EXTRAS.values())
+    for extra, expected in INTEGRATION_EXTRAS.items():
+        assert _brought(requires, extra) == expected, extra
+        for r in requires:
+            if _canonical(r.name) in expected and r.marker and r.marker.evaluate({"extra": extra}):
+                assert any(s.operator == ">=" for s in r.specifier), str(r)
+    assert integrated <= _brought(requires, "lab")
+    core = {
+        _canonical(r.name) for r in requires if r.marker is None or r.marker.evaluate({"extra": ""})
+    }
+    assert core and core & integrated == set()
 
 
 def test_the_user_set_is_newer_than_our_lock(user_venv: Venv) -> None:
@@ -254,7 +313,7 @@ def test_pip_check_is_clean_after_installing_chunkwatch(user_venv: Venv) -> None
 
 def test_the_library_alone_leaves_the_lab_out(bare_venv: Venv) -> None:
     """`pip install chunkwatch` brings no Flask, LangGraph, langchain, openai, OTel SDK or
-    exporter: they are the `lab` extra's."""
+    exporter: they come with the integration extras and `lab`."""
     lab = {"flask", "langgraph", "langchain-core", "langchain-openai", "openai"}
     lab |= {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"}
     assert "chunkwatch" in bare_venv.after
