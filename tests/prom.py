@@ -196,12 +196,11 @@ def emitted_series() -> dict[str, frozenset[str]]:
     from prometheus_client.metrics import MetricWrapperBase
 
     from chunkwatch.metrics import Metrics
+    from chunkwatch.stream_series import FAMILIES
 
     out: dict[str, frozenset[str]] = {}
-    for metric in vars(Metrics(CollectorRegistry())).values():
-        if not isinstance(metric, MetricWrapperBase):
-            continue
-        name, labels, kind = metric._name, frozenset(metric._labelnames), metric._type
+
+    def add(name: str, kind: str, labels: frozenset[str]) -> None:
         if kind == "counter":
             out[f"{name}_total"] = labels
         elif kind == "histogram":
@@ -209,6 +208,12 @@ def emitted_series() -> dict[str, frozenset[str]]:
             out[f"{name}_sum"] = out[f"{name}_count"] = labels
         else:
             out[name] = labels
+
+    for metric in vars(Metrics(CollectorRegistry())).values():
+        if isinstance(metric, MetricWrapperBase):
+            add(metric._name, metric._type, frozenset(metric._labelnames))
+    for name, (kind, names) in FAMILIES.items():  # the per-stream families' own collector
+        add(name, kind, frozenset(names))
     return out
 
 

@@ -20,6 +20,7 @@ from chunkwatch.probes import _gateway_body as gateway_body
 from chunkwatch.probes import langgraph as langgraph_probe
 from chunkwatch.probes import sdk as sdk_probe
 from chunkwatch.runtime import Runtime
+from chunkwatch.stream_series import StreamSeries
 from chunkwatch_lab.agent import LLMConfig, build_graph, make_model
 from chunkwatch_lab.fault_gateway import Gateway
 from chunkwatch_lab.threaded import Running, start_in_thread
@@ -432,6 +433,13 @@ class BrokenFamily:
         raise RuntimeError("registry broken")
 
 
+class BrokenSeries(StreamSeries):
+    """Per-stream metrics whose every write raises."""
+
+    def __getattribute__(self, name: str) -> Any:
+        raise RuntimeError("registry broken")
+
+
 def test_telemetry_failures_do_not_change_what_the_client_receives() -> None:
     """An exporter that raises and broken metrics: the client still gets the whole answer,
     and chunkwatch counts its own errors."""
@@ -442,7 +450,7 @@ def test_telemetry_failures_do_not_change_what_the_client_receives() -> None:
         assert metrics is not None
         rt = chunkwatch.runtime.active()
         assert rt is not None
-        rt.metrics.streams = BrokenFamily()  # type: ignore[assignment]
+        rt.metrics.series = BrokenSeries()
         rt.metrics.requests = BrokenFamily()  # type: ignore[assignment]
         r = system.ask("still answered?")
         assert r.done and r.text == "".join(answer_tokens("still answered?", 12))

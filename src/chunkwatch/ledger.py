@@ -159,6 +159,8 @@ class Ledger:
         self.unlinked = False  # a stream's own ledger: no request could be found for it
         self.orphans: Orphans | None = None  # the client left: model streams still followed
         self.route: str | None = None  # the matched route (Flask's url_rule), when known
+        self.trace_id: str | None = None  # its sampled trace id, for exemplars ...
+        self.trace_known = False  # ... once a span of it was asked (Runtime.trace_id)
 
     def open(
         self,

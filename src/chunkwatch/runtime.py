@@ -227,7 +227,7 @@ class Runtime:
         if ledger.orphans is not None and not ledger.closed and layer in model_layers():
             ledger.orphans.adopt(tally)
         try:
-            self.metrics.stream_opened(layer)
+            self.metrics.series.opened(layer)
         except Exception:
             self.bookkeeping_error(layer, "open")
         if watch:
@@ -235,6 +235,16 @@ class Runtime:
             if first is not None or idle is not None:
                 self.watchdog.watch(tally, first, idle)
         return tally
+
+    def trace_id(self, t: Tally) -> str | None:
+        """The sampled trace id of ``t``'s span, for exemplars: its request's, found once
+        per request (every span of a request is in the request's trace)."""
+        ledger = t.ledger
+        if ledger is None or ledger.unlinked or t.span is None:
+            return trace_id_of(t.span)
+        if not ledger.trace_known:
+            ledger.trace_id, ledger.trace_known = trace_id_of(t.span), True
+        return ledger.trace_id
 
     def _finish(self, t: Tally) -> None:
         self.watchdog.forget(t)
@@ -250,10 +260,10 @@ class Runtime:
                 self.bookkeeping_error(t.layer, "orphans")
         span = t.span
         try:
-            if not t.stream_metrics:
-                self.metrics.open_gauge(t.layer).dec()
+            if t.stream_metrics:
+                self.metrics.series.finished(t, self.trace_id(t), t.stalled is not None)
             else:
-                self.metrics.stream_finished(t, trace_id_of(span), counted=t.stalled is not None)
+                self.metrics.series.closed(t.layer)
         except Exception:
             self.bookkeeping_error(t.layer, "metrics")
         if span is None or not span.is_recording():  # unsampled, or the API's no-op tracer
@@ -286,7 +296,7 @@ class Runtime:
         """A stall of ``t``, found now (watchdog, request end): count it, note it on the
         span, log it, and abort the stream if ``Deadlines.abort``."""
         t.deadline = after
-        self.metrics.stall(t, kind, trace_id_of(t.span))
+        self.metrics.stall(t, kind, self.trace_id(t))
         if t.span is not None:
             t.span.add_event(
                 sc.EVENT_STALL,

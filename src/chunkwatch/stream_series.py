@@ -1,0 +1,321 @@
+"""The per-stream metric families, written once per stream under one lock.
+
+Every stream that finishes writes six series: ``chunkwatch_streams_total{layer,outcome,
+upstream}``, ``chunkwatch_chunks_total``, the time-to-first-chunk, duration and longest-gap
+histograms (``{layer,upstream}``) and ``chunkwatch_streams_open{layer}``. A request
+finishes half a dozen streams, so these writes are most of the per-request metrics work.
+
+Two writers with one interface (``opened``, ``closed``, ``finished``, ``counted``):
+
+* :class:`InProcessSeries` (one process, the default): plain integers and bucket lists
+  behind one lock taken once per stream, exposed by a custom collector at scrape time.
+  prometheus_client's own metric objects take a lock and validate the value for every
+  ``inc``/``observe`` (about eight a stream); this costs one. No ``*_created`` series:
+  nothing reads them, and each would be one more series per label set.
+* :class:`ClientSeries` (``PROMETHEUS_MULTIPROC_DIR`` set): prometheus_client's metric
+  objects, whose values its multiprocess mode aggregates across worker processes (a
+  custom collector lives in one process only). That mode drops exemplars anyway.
+
+Both expose the same names, labels, buckets and ``trace_id`` exemplars
+(``docs/metrics.md``); ``tests/test_stream_series.py`` checks that they agree.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.samples import Exemplar, Sample
+from prometheus_client.utils import floatToGoString as _go_float
+
+from chunkwatch import semconv as sc
+
+if TYPE_CHECKING:
+    from chunkwatch.ledger import Tally
+
+__all__ = ["FAMILIES", "ClientSeries", "InProcessSeries", "StreamSeries"]
+
+# 10 ms .. 60 s: first tokens of LLMs arrive in 100 ms .. 10 s; stalls run to minutes.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+_HELP = {
+    sc.STREAMS: "Streams by layer and outcome, counted once each at its end (a stall when "
+    "detected).",
+    sc.CHUNKS: "Units each layer passed on.",
+    sc.TIME_TO_FIRST_CHUNK: "Time from the start of a stream to its first unit, per layer.",
+    sc.STREAM_DURATION: "Stream duration per layer, start to end.",
+    sc.CHUNK_GAP_MAX: "Each stream's longest gap between two units, per layer.",
+    sc.STREAMS_OPEN: "Streams open now, per layer.",
+}
+_LU = (sc.L_LAYER, sc.L_UPSTREAM)
+_LOU = (sc.L_LAYER, sc.L_OUTCOME, sc.L_UPSTREAM)
+_HISTOGRAMS: tuple[tuple[str, tuple[float, ...]], ...] = (
+    (sc.TIME_TO_FIRST_CHUNK, LATENCY_BUCKETS),
+    (sc.STREAM_DURATION, DURATION_BUCKETS),
+    (sc.CHUNK_GAP_MAX, GAP_BUCKETS),
+)
+
+# name -> (type, label names): what tests and docs read (the exposition's own names)
+FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    sc.STREAMS: ("counter", _LOU),
+    sc.CHUNKS: ("counter", _LU),
+    **{name: ("histogram", _LU) for name, _ in _HISTOGRAMS},
+    sc.STREAMS_OPEN: ("gauge", (sc.L_LAYER,)),
+}
+
+# Each bound as prometheus_client writes ``le`` (its own formatting, so the two writers agree).
+_to_le = cast(Callable[[float], str], _go_float)
+_LE: dict[tuple[float, ...], tuple[str, ...]] = {
+    bounds: tuple(map(_to_le, (*bounds, float("inf")))) for _, bounds in _HISTOGRAMS
+}
+
+_Example = tuple[str, float, float]  # (trace id, value, unix time): an exemplar, unbuilt
+
+
+class StreamSeries:
+    """What :class:`~chunkwatch.runtime.Runtime` writes per stream (see the module doc)."""
+
+    def opened(self, layer: str) -> None:
+        raise NotImplementedError
+
+    def closed(self, layer: str) -> None:
+        """A stream that writes no stream metrics ended (a plain http response)."""
+        raise NotImplementedError
+
+    def finished(self, t: Tally, trace_id: str | None, counted: bool) -> None:
+        """``t`` ended; ``counted``: its outcome was counted already (a stall)."""
+        raise NotImplementedError
+
+    def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
+        """One stream's outcome, counted before its end (a stall, when detected)."""
+        raise NotImplementedError
+
+
+class _Histogram:
+    """One histogram series: counts per bucket (not cumulative), the sum, an exemplar
+    per bucket."""
+
+    __slots__ = ("bounds", "counts", "examples", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.examples: list[_Example | None] = [None] * (len(bounds) + 1)
+        self.sum = 0.0
+
+
+class _Layer:
+    __slots__ = ("chunks", "duration", "gap", "ttfc")
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.ttfc = _Histogram(LATENCY_BUCKETS)
+        self.duration = _Histogram(DURATION_BUCKETS)
+        self.gap = _Histogram(GAP_BUCKETS)
+
+
+class InProcessSeries(StreamSeries):
+    """The per-stream families of one process, collected at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._streams: dict[tuple[str, str, str], list[Any]] = {}  # -> [count, example]
+        self._layers: dict[tuple[str, str], _Layer] = {}
+        registry.register(self)
+
+    def opened(self, layer: str) -> None:
+        with self._lock:
+            self._open[layer] = self._open.get(layer, 0) + 1
+
+    def closed(self, layer: str) -> None:
+        with self._lock:
+            self._open[layer] = self._open.get(layer, 0) - 1
+
+    def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
+        example = None if trace_id is None else (trace_id, 1.0, time.time())
+        with self._lock:
+            self._count((layer, outcome, upstream), example)
+
+    def _count(self, key: tuple[str, str, str], example: _Example | None) -> None:
+        series = self._streams.get(key)
+        if series is None:
+            series = self._streams[key] = [0, None]
+        series[0] += 1
+        if example is not None:
+            series[1] = example
+
+    def finished(self, t: Tally, trace_id: str | None, counted: bool) -> None:
+        layer, upstream, units = t.layer, t.upstream, t.units
+        start, first = t.t_start, t.t_first
+        end = t.t_end if t.t_end is not None else time.perf_counter_ns()
+        now = None if trace_id is None else time.time()
+        with self._lock:
+            self._open[layer] = self._open.get(layer, 0) - 1
+            if not counted:
+                example = None if now is None else (trace_id, 1.0, now)
+                self._count((layer, str(t.outcome), upstream), example)  # type: ignore[arg-type]
+            series = self._layers.get((layer, upstream))
+            if series is None:
+                series = self._layers[(layer, upstream)] = _Layer()
+            series.chunks += units
+            _observe(series.duration, (end - start) / 1e9, trace_id, now)
+            if first is not None:
+                _observe(series.ttfc, (first - start) / 1e9, trace_id, now)
+            if units > 1:
+                _observe(series.gap, t.max_gap_ns / 1e9, trace_id, now)
+
+    # -- exposition ----------------------------------------------------------------------------
+
+    def describe(self) -> Iterator[Metric]:
+        """The names only: the registry checks them against its others without a collect."""
+        yield CounterMetricFamily(sc.STREAMS, _HELP[sc.STREAMS], labels=_LOU)
+        yield CounterMetricFamily(sc.CHUNKS, _HELP[sc.CHUNKS], labels=_LU)
+        for name, _ in _HISTOGRAMS:
+            yield HistogramMetricFamily(name, _HELP[name], labels=_LU)
+        yield GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=(sc.L_LAYER,))
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:  # a consistent snapshot; the families are built outside the lock
+            open_now = list(self._open.items())
+            streams = [(key, s[0], s[1]) for key, s in self._streams.items()]
+            layers = [
+                (key, s.chunks, [_copy(h) for h in (s.ttfc, s.duration, s.gap)])
+                for key, s in self._layers.items()
+            ]
+        family = CounterMetricFamily(sc.STREAMS, _HELP[sc.STREAMS], labels=_LOU)
+        for outcome_key, count, example in streams:
+            labels = dict(zip(_LOU, outcome_key, strict=True))
+            family.samples.append(
+                Sample(sc.STREAMS + "_total", labels, count, None, _exemplar(example))
+            )
+        yield family
+        chunks = CounterMetricFamily(sc.CHUNKS, _HELP[sc.CHUNKS], labels=_LU)
+        for key, n, _ in layers:
+            chunks.add_metric(key, n)
+        yield chunks
+        for index, (name, bounds) in enumerate(_HISTOGRAMS):
+            hist = HistogramMetricFamily(name, _HELP[name], labels=_LU)
+            for key, _, copies in layers:
+                counts, total, examples = copies[index]
+                hist.add_metric(key, _buckets(bounds, counts, examples), total)
+            yield hist
+        gauge = GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=(sc.L_LAYER,))
+        for layer, n in open_now:
+            gauge.add_metric((layer,), n)
+        yield gauge
+
+
+def _observe(h: _Histogram, value: float, trace_id: str | None, now: float | None) -> None:
+    i = bisect_left(h.bounds, value)  # le: the first bound >= value, else +Inf
+    h.counts[i] += 1
+    h.sum += value
+    if now is not None:
+        h.examples[i] = (trace_id, value, now)  # type: ignore[assignment]
+
+
+def _copy(h: _Histogram) -> tuple[list[int], float, list[_Example | None]]:
+    return list(h.counts), h.sum, list(h.examples)
+
+
+def _exemplar(example: _Example | None) -> Exemplar | None:
+    if example is None:
+        return None
+    trace_id, value, when = example
+    return Exemplar({sc.EXEMPLAR_TRACE_ID: trace_id}, value, when)
+
+
+def _buckets(
+    bounds: tuple[float, ...], counts: list[int], examples: list[_Example | None]
+) -> list[Any]:
+    """Cumulative ``(le, count[, exemplar])`` pairs, +Inf last."""
+    out: list[Any] = []
+    total = 0
+    for le, count, example in zip(_LE[bounds], counts, examples, strict=True):
+        total += count
+        ex = _exemplar(example)
+        out.append((le, total) if ex is None else (le, total, ex))
+    return out
+
+
+class ClientSeries(StreamSeries):
+    """The same families as prometheus_client metric objects, for its multiprocess mode.
+    Their labelled children are looked up once per label set and kept (``labels()``
+    costs a lock and a validation each call); the label sets are bounded."""
+
+    def __init__(self, registry: CollectorRegistry, exemplars: bool) -> None:
+        self.exemplars = exemplars
+        self.streams = Counter(sc.STREAMS, _HELP[sc.STREAMS], _LOU, registry=registry)
+        self.chunks = Counter(sc.CHUNKS, _HELP[sc.CHUNKS], _LU, registry=registry)
+        self.histograms = [
+            Histogram(name, _HELP[name], _LU, buckets=bounds, registry=registry)
+            for name, bounds in _HISTOGRAMS
+        ]
+        self.open = Gauge(
+            sc.STREAMS_OPEN,
+            _HELP[sc.STREAMS_OPEN],
+            (sc.L_LAYER,),
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._open: dict[str, Any] = {}
+        self._layer: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._streams: dict[tuple[str, str, str], Any] = {}
+
+    def _gauge(self, layer: str) -> Any:
+        child = self._open.get(layer)
+        if child is None:
+            child = self._open[layer] = self.open.labels(layer)
+        return child
+
+    def _streams_child(self, layer: str, outcome: str, upstream: str) -> Any:
+        key = (layer, outcome, upstream)
+        child = self._streams.get(key)
+        if child is None:
+            child = self._streams[key] = self.streams.labels(*key)
+        return child
+
+    def opened(self, layer: str) -> None:
+        self._gauge(layer).inc()
+
+    def closed(self, layer: str) -> None:
+        self._gauge(layer).dec()
+
+    def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
+        self._streams_child(layer, outcome, upstream).inc(exemplar=self._exemplar(trace_id))
+
+    def _exemplar(self, trace_id: str | None) -> dict[str, str] | None:
+        return {sc.EXEMPLAR_TRACE_ID: trace_id} if trace_id and self.exemplars else None
+
+    def finished(self, t: Tally, trace_id: str | None, counted: bool) -> None:
+        ex = self._exemplar(trace_id)
+        layer, upstream = t.layer, t.upstream
+        children = self._layer.get((layer, upstream))
+        if children is None:
+            children = self._layer[(layer, upstream)] = (
+                self.chunks.labels(layer, upstream),
+                *(h.labels(layer, upstream) for h in self.histograms),
+            )
+        chunks, ttfc, duration, gap_max = children
+        self._gauge(layer).dec()
+        if not counted:
+            self._streams_child(layer, str(t.outcome), upstream).inc(exemplar=ex)
+        if t.units:
+            chunks.inc(t.units)
+        if t.t_first is not None:
+            ttfc.observe((t.t_first - t.t_start) / 1e9, exemplar=ex)
+        duration.observe(t.duration, exemplar=ex)
+        if t.units > 1:
+            gap_max.observe(t.max_gap_ns / 1e9, exemplar=ex)
