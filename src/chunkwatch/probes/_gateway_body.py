@@ -43,6 +43,7 @@ from chunkwatch.errors import StreamStalledError
 from chunkwatch.ledger import Tally
 from chunkwatch.outcomes import End, end_for_exception
 from chunkwatch.probes._wire import Reader, note_headers
+from chunkwatch.probes.lifecycle import aclosing, closing
 from chunkwatch.runtime import Runtime, active
 
 __all__ = ["async_body", "cancelled", "sync_body", "watch_body"]
@@ -126,6 +127,10 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
             self._reader = reader
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
+            # Not lifecycle.relay: its callback would be a call per read, a large share of
+            # the body's cost (bench/RESULTS.md, "Tally.unit is inlined"), so the counter
+            # is inlined; and the end reads the last chunk (an in-band error is read off
+            # it), so the ends are written here, through the reader, an Ending.
             reader = self._reader
             tally = reader.tally
             count = reader.fast
@@ -173,14 +178,10 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
             await self._source.aclose()
 
         async def aclose(self) -> None:
-            try:
-                await self._close_source()
-            finally:
-                self._reader.end(End.CLOSED)
+            await aclosing(self._reader, self._close_source)
 
         def __del__(self) -> None:
-            if not self._reader.tally.finished:
-                self._reader.end(End.ABANDONED)
+            self._reader.abandon()
 
     adopted = _adoptive(native, mapper, WatchedAsyncBody, "aclose")
     gap = _gap(mod, "AsyncResponseStream") if adopted is None else None
@@ -200,7 +201,7 @@ def sync_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
             self._source = inner
             self._reader = reader
 
-        def __iter__(self) -> Iterator[bytes]:
+        def __iter__(self) -> Iterator[bytes]:  # its own loop: see the async twin
             reader = self._reader
             tally = reader.tally
             count = reader.fast
@@ -239,14 +240,10 @@ def sync_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
             self._source.close()
 
         def close(self) -> None:
-            try:
-                self._close_source()
-            finally:
-                self._reader.end(End.CLOSED)
+            closing(self._reader, self._close_source)
 
         def __del__(self) -> None:
-            if not self._reader.tally.finished:
-                self._reader.end(End.ABANDONED)
+            self._reader.abandon()
 
     adopted = _adoptive(native, mapper, WatchedSyncBody, "close")
     gap = _gap(mod, "ResponseStream") if adopted is None else None

@@ -17,7 +17,8 @@ from typing import Any
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally
 from chunkwatch.outcomes import End
-from chunkwatch.runtime import Runtime, active
+from chunkwatch.probes.lifecycle import Ending
+from chunkwatch.runtime import Runtime
 from chunkwatch.sse import SSEParser
 from chunkwatch.wire import WireReader, record
 
@@ -80,19 +81,21 @@ def note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
     return SSEParser()
 
 
-class Reader:
+class Reader(Ending):
     """The probe's side of :class:`chunkwatch.wire.WireReader`: bytes and the first byte's
-    time into the tally, the evidence into it at the end, and the tally finished once.
+    time into the tally, the evidence into it at the end, and the tally finished once
+    (:class:`~chunkwatch.probes.lifecycle.Ending`).
 
     ``fast`` is the wire reader's counter once it offers one (an event stream, not
     compressed, first completion chunk seen): the bodies then inline :meth:`feed`."""
 
-    __slots__ = ("fast", "tally", "wire")
+    __slots__ = ("_last", "fast", "wire")
 
     def __init__(self, tally: Tally, parser: SSEParser | None) -> None:
-        self.tally = tally
+        super().__init__(tally)
         self.wire = WireReader(tally.content_encoding, parser=parser)
         self.fast: Callable[[bytes], int] | None = None
+        self._last = b""
 
     @property
     def head(self) -> bytes | None:
@@ -111,24 +114,22 @@ class Reader:
         self.fast = wire.fast
 
     def end(self, end: End, exc: BaseException | None = None, last: bytes = b"") -> None:
-        """Finish the tally (once); ``last`` is the last read of the body."""
+        """Finish the tally (once); ``last`` is the last read of the body: in counting
+        mode an in-band error is read off it."""
+        self._last = last
+        super().end(end, exc)
+
+    def _facts(self, end: End, exc: BaseException | None) -> None:
         tally = self.tally
-        if tally.finished:
-            return
         wire = self.wire
         if wire.parser is not None:
             try:
-                record(wire.close(last if self.fast is not None else None), tally)
+                record(wire.close(self._last if self.fast is not None else None), tally)
             except Exception:
-                rt = active()
-                if rt is not None:
-                    rt.bookkeeping_error(sc.GATEWAY, "payloads")
+                self.bookkeeping_error("payloads")
         elif tally.status is not None and tally.bytes:
             tally.unit()  # a whole non-stream response is one unit
-        if exc is not None:
-            tally.exc_type = type(exc).__name__
         self._span_facts()
-        tally.finish(end)
 
     def _span_facts(self) -> None:
         tally = self.tally

@@ -46,7 +46,6 @@ from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally
-from chunkwatch.outcomes import end_for_exception
 from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._gateway_body import async_body, cancelled, sync_body, watch_body
 from chunkwatch.probes._wire import Reader
@@ -176,7 +175,7 @@ def _make_async(mod: Any) -> Callable[[Any], Any]:
                     raise
                 raise stalled from None
             except BaseException as exc:
-                Reader(tally, None).end(end_for_exception(exc), exc)
+                Reader(tally, None).fail(exc)
                 raise
             watch_body(rt, tally, response, native, adopted, wrapper, gap)
             return response
@@ -198,7 +197,7 @@ def _make_sync(mod: Any) -> Callable[[Any], Any]:
             try:
                 response = original(self, request)
             except BaseException as exc:
-                Reader(tally, None).end(end_for_exception(exc), exc)
+                Reader(tally, None).fail(exc)
                 raise
             watch_body(rt, tally, response, native, adopted, wrapper, gap)
             return response
