@@ -1,11 +1,12 @@
 """The ``sdk`` probe's stream half: what one SDK call handed over, counted chunk by chunk.
 
-:class:`_Chunks` is the per-call state (counts, finish reasons, usage, finishing once).
-A returned ``Stream`` / ``AsyncStream`` of exactly the SDK's class is given a counting
-subclass (:func:`_adoptive_classes`), whose ``__iter__``/``__aiter__`` return the
-counting generator in place of the SDK's own pass-through; a stream of any other type
-has the same generator put in front of its iterator (:func:`_watch_sync`,
-:func:`_watch_async`).
+:class:`_Chunks` is the per-call state (counts, finish reasons, usage) and its
+:class:`~chunkwatch.probes.lifecycle.Ending` (finishing once). A returned ``Stream`` /
+``AsyncStream`` of exactly the SDK's class is given a counting subclass
+(:func:`_adoptive_classes`), whose ``__iter__``/``__aiter__`` return the counting
+generator (:func:`~chunkwatch.probes.lifecycle.relay`) in place of the SDK's own
+pass-through; a stream of any other type has the same generator put in front of its
+iterator (:func:`_watch_sync`, :func:`_watch_async`).
 
 A chunk without choices is never one of the model's tokens: ``choices: []`` (Azure's
 prompt-filter results, the usage chunk) is counted as an annotation, and a stream of
@@ -26,8 +27,8 @@ if not as checked, :func:`_watch_public` counts the stream over its class's publ
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 from chunkwatch import semconv as sc
@@ -37,24 +38,24 @@ from chunkwatch.outcomes import (
     End,
     Outcome,
     Payload,
-    end_for_exception,
     payload_kind,
     upstream_text,
 )
+from chunkwatch.probes.lifecycle import Ending, aclosing, closing, relay, relay_async
 from chunkwatch.runtime import Runtime, trace_id_of
 from chunkwatch.verdict import judge
 
 _now = time.perf_counter_ns
 
 
-class _Chunks:
+class _Chunks(Ending):
     """Per-stream state: counts chunks, notes finish reasons and usage, finishes once."""
 
-    __slots__ = ("__weakref__", "rt", "tally", "text")
+    __slots__ = ("__weakref__", "text")
+    rt: Runtime
 
     def __init__(self, rt: Runtime, tally: Tally) -> None:
-        self.rt = rt
-        self.tally = tally
+        super().__init__(tally, rt)
         self.text: list[str] | None = [] if rt.capture_content else None
 
     def see(self, chunk: Any) -> None:
@@ -105,12 +106,9 @@ class _Chunks:
             if tally.upstream_said is None:
                 tally.upstream_said = upstream_text(fields)
 
-    def end(self, end: End, exc: BaseException | None = None) -> None:
+    def _facts(self, end: End, exc: BaseException | None) -> None:
         tally = self.tally
-        if tally.finished:
-            return
         if exc is not None:
-            tally.exc_type = type(exc).__name__
             status = getattr(exc, "status_code", None)  # openai.APIStatusError
             if isinstance(status, int):
                 tally.status = status
@@ -119,10 +117,11 @@ class _Chunks:
                 said = {"error": body} if isinstance(body, dict) else {"message": str(exc)}
                 tally.upstream_said = upstream_text(said)
         _span_facts(self.rt, tally, "".join(self.text) if self.text is not None else None)
-        tally.finish(end)
-        _genai_metrics(self.rt, tally)
 
-    def exhausted(self) -> ValueError | None:
+    def _ended(self, end: End) -> None:
+        _genai_metrics(self.rt, self.tally)
+
+    def clean(self) -> ValueError | None:
         """The stream ran out: finish it (once) and return the error to raise, if any."""
         if self.tally.finished:
             return None
@@ -190,51 +189,6 @@ def _genai_metrics(rt: Runtime, tally: Tally) -> None:
         rt.bookkeeping_error(sc.SDK, "metrics")
 
 
-async def _counted_async(inner: Any, chunks: _Chunks, owner: Any = None) -> AsyncIterator[Any]:
-    """``inner``'s chunks, counted as they pass; finishes the tally once. ``owner``, the
-    stream, lives as long as this generator: in ``for chunk in client...create(...)``
-    nothing else holds it, and when its ``__stream__`` ends it would be collected (and
-    finished as ``abandoned``) before this generator sees the end."""
-    see = chunks.see
-    try:
-        async for chunk in inner:
-            try:
-                see(chunk)
-            except Exception:
-                chunks.rt.bookkeeping_error(sc.SDK, "chunk")
-            yield chunk
-    except GeneratorExit:
-        chunks.end(End.CLOSED)
-        raise
-    except BaseException as exc:
-        chunks.end(end_for_exception(exc), exc)
-        raise
-    error = chunks.exhausted()
-    if error is not None:
-        raise error
-
-
-def _counted_sync(inner: Any, chunks: _Chunks, owner: Any = None) -> Iterator[Any]:
-    """The sync twin of :func:`_counted_async`."""
-    see = chunks.see
-    try:
-        for chunk in inner:
-            try:
-                see(chunk)
-            except Exception:
-                chunks.rt.bookkeeping_error(sc.SDK, "chunk")
-            yield chunk
-    except GeneratorExit:
-        chunks.end(End.CLOSED)
-        raise
-    except BaseException as exc:
-        chunks.end(end_for_exception(exc), exc)
-        raise
-    error = chunks.exhausted()
-    if error is not None:
-        raise error
-
-
 _PUBLIC: dict[type, type] = {}  # a stream class -> its publicly counted subclass
 
 
@@ -245,14 +199,14 @@ def _watch_public(stream: Any, chunks: _Chunks, gap: str) -> None:
     chunks.rt.bookkeeping_error(sc.SDK, gap)
     cls = type(stream)
     if hasattr(cls, "__anext__"):
-        counted: Any = _counted_async(cls.__aiter__(stream), chunks)
+        counted: Any = relay_async(cls.__aiter__(stream), chunks, chunks.see)
     else:
-        counted = _counted_sync(cls.__iter__(stream), chunks)
+        counted = relay(cls.__iter__(stream), chunks, chunks.see)
     made = _PUBLIC.get(cls) or _PUBLIC.setdefault(cls, _public_class(cls))
     setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
     setattr(stream, "_chunkwatch_iter", counted)  # noqa: B010
     stream.__class__ = made
-    weakref.finalize(stream, _abandon, chunks)
+    chunks.abandon_with(stream)
 
 
 def _public_class(cls: type) -> type:
@@ -262,10 +216,7 @@ def _public_class(cls: type) -> type:
             return await self._chunkwatch_iter.__anext__()
 
         async def aclose(self: Any) -> None:
-            try:
-                await cls.close(self)  # type: ignore[attr-defined]
-            finally:
-                self._chunkwatch.end(End.CLOSED)
+            await aclosing(self._chunkwatch, partial(cls.close, self))  # type: ignore[attr-defined]
 
         ns: dict[str, Any] = {"__anext__": anext_, "__aiter__": _own_iter, "close": aclose}
     else:
@@ -274,10 +225,7 @@ def _public_class(cls: type) -> type:
             return self._chunkwatch_iter.__next__()
 
         def close(self: Any) -> None:
-            try:
-                cls.close(self)  # type: ignore[attr-defined]
-            finally:
-                self._chunkwatch.end(End.CLOSED)
+            closing(self._chunkwatch, partial(cls.close, self))  # type: ignore[attr-defined]
 
         ns = {"__next__": next_, "__iter__": _own_iter, "close": close}
     return type(f"Watched{cls.__name__}", (cls,), {**ns, "__module__": __name__})
@@ -292,34 +240,18 @@ def _watch_async(stream: Any, chunks: _Chunks) -> None:
     if "_iterator" not in vars(stream):
         _watch_public(stream, chunks, "private:AsyncStream._iterator")
         return
-    stream._iterator = _counted_async(stream._iterator, chunks)
-    original_close = stream.close
-
-    async def close() -> None:
-        try:
-            await original_close()
-        finally:
-            chunks.end(End.CLOSED)
-
-    stream.close = close
-    weakref.finalize(stream, _abandon, chunks)
+    stream._iterator = relay_async(stream._iterator, chunks, chunks.see)
+    stream.close = partial(aclosing, chunks, stream.close)
+    chunks.abandon_with(stream)
 
 
 def _watch_sync(stream: Any, chunks: _Chunks) -> None:
     if "_iterator" not in vars(stream):
         _watch_public(stream, chunks, "private:Stream._iterator")
         return
-    stream._iterator = _counted_sync(stream._iterator, chunks)
-    original_close = stream.close
-
-    def close() -> None:
-        try:
-            original_close()
-        finally:
-            chunks.end(End.CLOSED)
-
-    stream.close = close
-    weakref.finalize(stream, _abandon, chunks)
+    stream._iterator = relay(stream._iterator, chunks, chunks.see)
+    stream.close = partial(closing, chunks, stream.close)
+    chunks.abandon_with(stream)
 
 
 def _adoptive_classes() -> tuple[type, type]:
@@ -337,11 +269,11 @@ def _adoptive_classes() -> tuple[type, type]:
             try:
                 chunk = await self._iterator.__anext__()
             except StopAsyncIteration:
-                error = chunks.exhausted()
+                error = chunks.clean()
                 if error is None:
                     raise
             except BaseException as exc:
-                chunks.end(end_for_exception(exc), exc)
+                chunks.fail(exc)
                 raise
             else:
                 try:
@@ -352,13 +284,14 @@ def _adoptive_classes() -> tuple[type, type]:
             raise error
 
         def __aiter__(self) -> AsyncIterator[Any]:  # in place of the SDK's pass-through
-            return _counted_async(self._iterator, self._chunkwatch, self)
+            # The stream lives as long as the relay: in ``for chunk in ...create(...)``
+            # nothing else holds it, and it would be collected (and finished as
+            # ``abandoned``) when its ``__stream__`` ends, before the relay sees the end.
+            chunks = self._chunkwatch
+            return relay_async(self._iterator, chunks, chunks.see, self)
 
         async def close(self) -> None:
-            try:
-                await super().close()
-            finally:
-                self._chunkwatch.end(End.CLOSED)
+            await aclosing(self._chunkwatch, super().close)
 
     class WatchedStream(openai.Stream):  # type: ignore[type-arg]
         _chunkwatch: _Chunks
@@ -368,11 +301,11 @@ def _adoptive_classes() -> tuple[type, type]:
             try:
                 chunk = self._iterator.__next__()
             except StopIteration:
-                error = chunks.exhausted()
+                error = chunks.clean()
                 if error is None:
                     raise
             except BaseException as exc:
-                chunks.end(end_for_exception(exc), exc)
+                chunks.fail(exc)
                 raise
             else:
                 try:
@@ -382,17 +315,11 @@ def _adoptive_classes() -> tuple[type, type]:
                 return chunk
             raise error
 
-        def __iter__(self) -> Iterator[Any]:
-            return _counted_sync(self._iterator, self._chunkwatch, self)
+        def __iter__(self) -> Iterator[Any]:  # the stream lives as long: see __aiter__
+            chunks = self._chunkwatch
+            return relay(self._iterator, chunks, chunks.see, self)
 
         def close(self) -> None:
-            try:
-                super().close()
-            finally:
-                self._chunkwatch.end(End.CLOSED)
+            closing(self._chunkwatch, super().close)
 
     return WatchedAsyncStream, WatchedStream
-
-
-def _abandon(chunks: _Chunks) -> None:
-    chunks.end(End.ABANDONED)

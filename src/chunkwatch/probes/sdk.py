@@ -30,7 +30,6 @@ Content: prompts and completions are recorded only with ``capture_content=True``
 
 from __future__ import annotations
 
-import weakref
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
@@ -39,10 +38,9 @@ from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally, bind, current_ledger
-from chunkwatch.outcomes import End, end_for_exception
+from chunkwatch.outcomes import End
 from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._sdk_stream import (
-    _abandon,
     _adoptive_classes,
     _Chunks,
     _watch_async,
@@ -207,7 +205,7 @@ def _adopt(stream: Any, chunks: _Chunks, base: type, adopted: type, wrap: Any) -
     if type(stream) is base and "_iterator" in vars(stream):
         setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
         stream.__class__ = adopted
-        weakref.finalize(stream, _abandon, chunks)
+        chunks.abandon_with(stream)
     else:
         wrap(stream, chunks)
 
@@ -227,7 +225,7 @@ def _make_async(original: Any) -> Any:
             with _sending(tally):
                 result = await original(self, *args, **kwargs)
         except BaseException as exc:
-            _Chunks(rt, tally).end(end_for_exception(exc), exc)
+            _Chunks(rt, tally).fail(exc)
             raise
         _received(rt, tally, result, openai.AsyncStream, adopted, _watch_async, gap)
         return result
@@ -250,7 +248,7 @@ def _make_sync(original: Any) -> Any:
             with _sending(tally):
                 result = original(self, *args, **kwargs)
         except BaseException as exc:
-            _Chunks(rt, tally).end(end_for_exception(exc), exc)
+            _Chunks(rt, tally).fail(exc)
             raise
         _received(rt, tally, result, openai.Stream, adopted, _watch_sync, gap)
         return result
