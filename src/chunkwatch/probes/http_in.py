@@ -27,6 +27,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
+from chunkwatch.probes.lifecycle import Ending, closing
 from chunkwatch.probes.sse_out import SSEBody
 from chunkwatch.runtime import Runtime, active
 
@@ -130,11 +131,14 @@ class ChunkwatchMiddleware:
         return ledger, tally
 
 
-class _Request:
+class _Request(Ending):
     """One request's http tally; ends it exactly once and draws the verdict."""
 
+    rt: Runtime
+
     def __init__(self, rt: Runtime, ledger: Ledger, tally: Tally, method: str) -> None:
-        self.rt, self.ledger, self.tally, self.method = rt, ledger, tally, method
+        super().__init__(tally, rt)
+        self.ledger, self.method = ledger, method
         self.status = 0
         self.streaming = False
 
@@ -159,30 +163,28 @@ class _Request:
     def _body_ended(self, end: End) -> None:
         self.end(End.CLOSED if end is End.CLOSED else End.CLEAN)
 
-    def end(self, end: End, exc: BaseException | None = None) -> None:
+    def _facts(self, end: End, exc: BaseException | None) -> None:
         tally = self.tally
-        if tally.finished:
-            return
+        if not self.streaming:
+            tally.stream_metrics = False  # a span, but no stream metrics
         if self.status >= 500:
             tally.status = self.status
-        if exc is not None:
-            tally.exc_type = type(exc).__name__
         tally.unit()
         span = tally.span
         route = self.ledger.route
         if span is not None and route:
             span.update_name(f"{self.method} {route}")
             span.set_attribute(sc.HTTP_ROUTE, route)
+
+    def _ended(self, end: End) -> None:
+        span = self.tally.span
         if not self.streaming:
-            tally.stream_metrics = False  # a span, but no stream metrics
-            tally.finish(end)
             try:
                 if span is not None:
                     span.end()
             except Exception:
-                self.rt.bookkeeping_error(sc.HTTP, "span")
+                self.bookkeeping_error("span")
             return
-        tally.finish(end)
         if span is not None:
             span.set_attribute(sc.A_CHUNKS, self.ledger.units(sc.SSE))
         # Ends the span: now, or once model streams its departed client left running stop.
@@ -199,9 +201,4 @@ class _PlainBody:
         return iter(self._body)
 
     def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._request.end(End.CLEAN)
+        closing(self._request, getattr(self._body, "close", None), End.CLEAN)

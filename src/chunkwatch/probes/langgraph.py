@@ -49,8 +49,9 @@ from chunkwatch import semconv as sc
 from chunkwatch.errors import NO_GENERATIONS, StreamEmptyError
 from chunkwatch.ledger import Tally, current_ledger
 from chunkwatch.ledger import _current as _current_ledger_var
-from chunkwatch.outcomes import End, end_for_exception
+from chunkwatch.outcomes import End
 from chunkwatch.patching import patch, unpatch
+from chunkwatch.probes.lifecycle import Ending
 from chunkwatch.runtime import Runtime, active
 from chunkwatch.verdict import judge
 
@@ -75,6 +76,24 @@ def translate(exc: BaseException, tally: Tally | None = None) -> BaseException:
     return exc
 
 
+class _GraphEnding(Ending):
+    """The graph stream's ending: langchain-core's empty-stream ``ValueError`` is
+    recorded as ``StreamEmptyError``, and raised as one once the tally finished (the
+    verdict it carries includes this layer)."""
+
+    __slots__ = ()
+    rt: Runtime
+
+    def _facts(self, end: End, exc: BaseException | None) -> None:
+        if exc is not None and is_empty_stream_error(exc):
+            self.tally.exc_type = "StreamEmptyError"
+
+    def fail(self, exc: BaseException) -> None:
+        super().fail(exc)  # first: the verdict the translated error carries has this layer
+        if self.rt.translate_errors and is_empty_stream_error(exc):
+            raise translate(exc, self.tally) from exc
+
+
 async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterator[Any]:
     name = getattr(graph, "name", None) or "LangGraph"
     ledger = rt.ledger(sc.LANGGRAPH)
@@ -93,29 +112,21 @@ async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterato
     bound = _current_ledger_var.set(tally.ledger) if own else None
     attached = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
     try:
-        async for item in inner:
-            if not tokens or item["event"] == _TOKEN_EVENT:
-                now = _now()  # Tally.unit, inlined (bench/probe_instructions.py)
-                last = tally.t_last
-                if last is None:
-                    tally.t_first = now
-                elif now - last > tally.max_gap_ns:
-                    tally.max_gap_ns = now - last
-                tally.t_last = now
-                tally.units += 1
-            yield item
-    except GeneratorExit:
-        tally.finish(End.CLOSED)
-        raise
-    except BaseException as exc:
-        empty = is_empty_stream_error(exc)
-        tally.exc_type = "StreamEmptyError" if empty else type(exc).__name__
-        tally.finish(end_for_exception(exc))  # first: the verdict below includes this layer
-        if empty and rt.translate_errors:
-            raise translate(exc, tally) from exc
-        raise
-    else:
-        tally.finish(End.CLEAN)
+        # Not lifecycle.relay_async: every event of the run passes here, and a call per
+        # event (relay's callback) was ~450 of this probe's ~1 900 instructions a unit
+        # (bench/RESULTS.md), so the counter is inlined; the end is the shared Ending's.
+        with _GraphEnding(tally, rt):
+            async for item in inner:
+                if not tokens or item["event"] == _TOKEN_EVENT:
+                    now = _now()  # Tally.unit, inlined (bench/probe_instructions.py)
+                    last = tally.t_last
+                    if last is None:
+                        tally.t_first = now
+                    elif now - last > tally.max_gap_ns:
+                        tally.max_gap_ns = now - last
+                    tally.t_last = now
+                    tally.units += 1
+                yield item
     finally:
         close = getattr(inner, "aclose", None)  # the graph's own stream ends with ours
         if close is not None:

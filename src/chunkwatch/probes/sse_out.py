@@ -26,9 +26,10 @@ from typing import Any
 from opentelemetry import trace
 
 from chunkwatch import semconv as sc
-from chunkwatch.ledger import Ledger, Tally
+from chunkwatch.ledger import Ledger
 from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
+from chunkwatch.probes.lifecycle import Ending, closing
 from chunkwatch.runtime import Runtime
 from chunkwatch.sse import SSEParser, WholeEvent
 
@@ -37,12 +38,15 @@ __all__ = ["SSEBody"]
 _now = time.perf_counter_ns
 
 
-class SSEBody:
-    """A WSGI body that counts the events it passes on and finalizes once.
+class SSEBody(Ending):
+    """A WSGI body that counts the events it passes on and finalizes once
+    (:class:`~chunkwatch.probes.lifecycle.Ending`: any exception ends it as ``error``).
 
     ``on_end(end)`` runs after the sse tally finished (the http probe ends the
     request there).
     """
+
+    rt: Runtime
 
     def __init__(
         self,
@@ -53,7 +57,6 @@ class SSEBody:
         on_end: Callable[[End], None] | None = None,
     ) -> None:
         self._body = body
-        self._rt = rt
         self._ledger = ledger
         self._on_end = on_end
         self._parser = SSEParser()
@@ -61,7 +64,7 @@ class SSEBody:
         span = rt.start_span(sc.SPAN_SSE, sc.SSE, context=ledger.parent_context)
         if span is not None:
             ledger.parent_context = trace.set_span_in_context(span)
-        self.tally: Tally = rt.open(sc.SSE, ledger=ledger, span=span, watch=False)
+        super().__init__(rt.open(sc.SSE, ledger=ledger, span=span, watch=False), rt)
         self._gen: Generator[bytes, None, None] | None = None
         self._token: Any = None
 
@@ -73,9 +76,12 @@ class SSEBody:
         parser, tally = self._parser, self.tally
         count, unit = parser.count, tally.unit
         # The request's ledger is current while the body runs (a generator calling the
-        # model in the server's thread finds it); undone in _end.
+        # model in the server's thread finds it); undone in end.
         self._token = _current_ledger.set(self._ledger)
-        try:
+        # Not lifecycle.relay: its callback would be a call per event, a large share of
+        # this probe's cost (bench/RESULTS.md, "Tally.unit is inlined"); the counter is
+        # inlined, the end is the shared Ending's.
+        with self:
             for chunk in self._body:
                 try:
                     if not tally.bytes:
@@ -96,42 +102,36 @@ class SSEBody:
                         if parser.events != before:
                             unit(parser.events - before)
                 except Exception:
-                    self._rt.bookkeeping_error(sc.SSE, "feed")
+                    self.bookkeeping_error("feed")
                 yield chunk
-        except GeneratorExit:
-            self._end(End.CLOSED)
-            raise
-        except BaseException as exc:
-            self._end(End.ERROR, exc)
-            raise
-        self._end(End.CLEAN)
 
     def close(self) -> None:
         """Called by the WSGI server when it is done (or when the client went away)."""
-        try:
-            if self._gen is not None:
-                self._gen.close()
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._end(End.CLOSED)
+        closing(self, self._close)
 
-    def _end(self, end: End, exc: BaseException | None = None) -> None:
+    def _close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()
+
+    def end(self, end: End, exc: BaseException | None = None) -> None:
         token, self._token = self._token, None
         if token is not None:
             try:
                 _current_ledger.reset(token)
             except (ValueError, RuntimeError):  # ended from another context (e.g. by the GC)
                 pass
+        super().end(end, exc)
+
+    def fail(self, exc: BaseException) -> None:
+        self.end(End.ERROR, exc)  # whatever the body raised: the service's own error
+
+    def _facts(self, end: End, exc: BaseException | None) -> None:
         tally = self.tally
-        if tally.finished:
-            return
-        rt = self._rt
         try:
             tally.comments = self._parser.comments
-            if exc is not None:
-                tally.exc_type = type(exc).__name__
             if tally.span is not None:
                 attrs: dict[str, Any] = {sc.A_BYTES: tally.bytes, sc.A_COMMENTS: tally.comments}
                 first_byte = tally.facts.get("t_first_byte")
@@ -141,10 +141,12 @@ class SSEBody:
                     attrs[sc.A_DISCONNECTED] = True
                 tally.span.set_attributes(attrs)
         except Exception:
-            rt.bookkeeping_error(sc.SSE, "finish")
+            self.bookkeeping_error("finish")
         # The ledger's parent for new work is the request again, not a finished span.
         self._ledger.parent_context = self._outer_context
-        tally.finish(end)
+
+    def _ended(self, end: End) -> None:
+        rt = self.rt
         if end is End.CLOSED:
             try:
                 rt.metrics.sse_disconnects.labels(self._ledger.upstream or "none").inc()
