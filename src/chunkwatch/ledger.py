@@ -188,11 +188,12 @@ class Ledger:
 
     def funnel(self) -> dict[str, int]:
         """Units each layer passed on, bottom to top, for the layers that saw this request."""
-        out = dict.fromkeys(layer_order(), 0)
+        seen: dict[str, int] = {}
         for t in self.tallies:
-            out[t.layer] = out.get(t.layer, 0) + t.units
-        seen = {t.layer for t in self.tallies}
-        return {layer: n for layer, n in out.items() if layer in seen}
+            seen[t.layer] = seen.get(t.layer, 0) + t.units
+        out = {layer: seen.pop(layer) for layer in layer_order() if layer in seen}
+        out.update(seen)  # layers not in the table, above all
+        return out
 
 
 _current: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -78,6 +78,7 @@ class Metrics:
             (sc.L_OUTCOME, sc.L_LAYER, sc.L_UPSTREAM),
             registry=reg,
         )
+        self._requests: dict[tuple[str, str, str], Any] = {}  # its children, by labels
         self.series: StreamSeries = (
             ClientSeries(reg, exemplars=False) if self.multiprocess else InProcessSeries(reg)
         )
@@ -178,9 +179,11 @@ class Metrics:
     def request_finished(
         self, verdict: Verdict, upstream: str, trace_id: str | None = None
     ) -> None:
-        self.requests.labels(str(verdict.outcome), verdict.layer, upstream).inc(
-            exemplar=self.exemplar(trace_id)
-        )
+        key = (verdict.outcome, verdict.layer, upstream)
+        child = self._requests.get(key)  # labels() takes a lock and validates: once a key
+        if child is None:
+            child = self._requests[key] = self.requests.labels(str(key[0]), key[1], upstream)
+        child.inc(exemplar=self.exemplar(trace_id))
 
     def orphaned(self, upstream: str, units: int, ran_on: float, trace_id: str | None) -> None:
         """One model stream of a departed client, stopped ``ran_on`` s after it left."""

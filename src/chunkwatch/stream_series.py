@@ -158,15 +158,19 @@ class InProcessSeries(StreamSeries):
             series[1] = example
 
     def finished(self, t: Tally, trace_id: str | None, counted: bool) -> None:
-        layer, upstream, units = t.layer, t.upstream, t.units
-        start, first = t.t_start, t.t_first
+        layer, upstream, units, start, first = t.layer, t.upstream, t.units, t.t_start, t.t_first
         end = t.t_end if t.t_end is not None else time.perf_counter_ns()
         now = None if trace_id is None else time.time()
         with self._lock:
             self._open[layer] = self._open.get(layer, 0) - 1
             if not counted:
-                example = None if now is None else (trace_id, 1.0, now)
-                self._count((layer, str(t.outcome), upstream), example)  # type: ignore[arg-type]
+                key = (layer, t.outcome, upstream)  # an Outcome is its str as a key
+                count = self._streams.get(key)  # type: ignore[arg-type]
+                if count is None:
+                    count = self._streams[key] = [0, None]  # type: ignore[index]
+                count[0] += 1
+                if now is not None:
+                    count[1] = (trace_id, 1.0, now)
             series = self._layers.get((layer, upstream))
             if series is None:
                 series = self._layers[(layer, upstream)] = _Layer()
@@ -190,7 +194,7 @@ class InProcessSeries(StreamSeries):
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # a consistent snapshot; the families are built outside the lock
             open_now = list(self._open.items())
-            streams = [(key, s[0], s[1]) for key, s in self._streams.items()]
+            streams = [((lay, str(o), up), s[0], s[1]) for (lay, o, up), s in self._streams.items()]
             layers = [
                 (key, s.chunks, [_copy(h) for h in (s.ttfc, s.duration, s.gap)])
                 for key, s in self._layers.items()

@@ -60,25 +60,46 @@ class Verdict:
 
 def judge(ledger: Ledger) -> Verdict:
     """The verdict over what ``ledger``'s finished streams saw (the module doc)."""
-    order = layer_order()
-    tallies = sorted(
-        (t for t in ledger.tallies if t.outcome is not None),
-        key=lambda t: (order.get(t.layer, len(order)), t.t_start),
-    )
-    for t in tallies:
-        if t.outcome in FAULT_OUTCOMES:
-            detail = describe(t, said=_said(tallies))
-            public = describe(t, quote=False)
-            return Verdict(t.outcome, t.layer, detail, public if public != detail else None)
+    # Every request ends here, most of them healthy: one pass finds whether any stream
+    # failed or left; the layer order is applied only when one did.
+    fault = gone = False
+    for t in ledger.tallies:
+        outcome = t.outcome
+        if outcome is None or outcome is Outcome.OK:
+            continue
+        if outcome in FAULT_OUTCOMES:
+            fault = True
+            break
+        gone = True
+    if fault:
+        tallies = _bottom_up(ledger)
+        t = next(t for t in tallies if t.outcome in FAULT_OUTCOMES)
+        detail = describe(t, said=_said(tallies))
+        public = describe(t, quote=False)
+        return Verdict(
+            t.outcome or Outcome.ERROR, t.layer, detail, public if public != detail else None
+        )
     lost = _lost_between_layers(ledger)
     if lost is not None:
         return lost
-    gone = [t for t in tallies if t.outcome in (Outcome.DISCONNECTED, Outcome.ABANDONED)]
     if gone:
-        below_http = [t for t in gone if t.layer != sc.HTTP]
-        t = (below_http or gone)[-1]
+        left = [t for t in _bottom_up(ledger) if t.outcome in _GONE]
+        below_http = [t for t in left if t.layer != sc.HTTP]
+        t = (below_http or left)[-1]
         return Verdict(t.outcome or Outcome.DISCONNECTED, t.layer, describe(t))
     return Verdict(Outcome.OK, sc.NO_LAYER, _ok_detail(ledger))
+
+
+_GONE = (Outcome.DISCONNECTED, Outcome.ABANDONED)
+
+
+def _bottom_up(ledger: Ledger) -> list[Tally]:
+    """The finished streams, lowest layer first, then by start."""
+    order = layer_order()
+    return sorted(
+        (t for t in ledger.tallies if t.outcome is not None),
+        key=lambda t: (order.get(t.layer, len(order)), t.t_start),
+    )
 
 
 def _said(tallies: list[Tally]) -> str | None:

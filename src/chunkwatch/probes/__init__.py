@@ -49,9 +49,18 @@ PROBES: tuple[Probe, ...] = (
 )
 
 
+_order: tuple[tuple[Probe, ...], dict[str, int]] = ((), {})
+
+
 def layer_order() -> dict[str, int]:
-    """Each layer's place, bottom (0) to top; a layer not in the table sorts above all."""
-    return {p.layer: i for i, p in enumerate(PROBES)}
+    """Each layer's place, bottom (0) to top; a layer not in the table sorts above all.
+    (Read at every request's end: built once per table. Do not modify the result.)"""
+    global _order
+    table, order = _order
+    if table is not PROBES:
+        _order = (PROBES, {p.layer: i for i, p in enumerate(PROBES)})
+        order = _order[1]
+    return order
 
 
 def unit_words(layer: str) -> str:
