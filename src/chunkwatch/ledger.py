@@ -81,6 +81,7 @@ class Tally(Evidence):
     orphans: Orphans | None = None  # its client left: followed until it stops
     # -- how Runtime._finish treats it ------------------------------------------------------
     keep_span: bool = False  # its span is ended by its owner (the request's, after the verdict)
+    watched: bool = False  # the watchdog checks its deadlines (it forgets it at the end)
     stream_metrics: bool = True  # False: a span but no stream metrics (a plain http response)
 
     def unit(self, n: int = 1) -> None:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from chunkwatch import semconv as sc
@@ -187,14 +187,16 @@ class Runtime:
         start a trace of its own (nothing current here: a thread nobody propagated the
         context to) is parented to the request instead; an unlinked stream says so."""
         try:
-            attrs = {sc.A_LAYER: layer, **(attributes or {})}
+            attrs: dict[str, Any] = {sc.A_LAYER: layer}
+            if attributes:
+                attrs.update(attributes)
             if ledger is not None:
                 if ledger.unlinked:
                     attrs[sc.A_LINKED] = False
                 elif (
                     context is None
                     and ledger.parent_context is not None
-                    and not trace.get_current_span().get_span_context().is_valid
+                    and trace.get_current_span() is INVALID_SPAN  # no span in this context
                 ):
                     context = ledger.parent_context
             return self.tracer.start_span(
@@ -234,6 +236,7 @@ class Runtime:
             first, idle = self.deadlines.for_layer(layer)
             if first is not None or idle is not None:
                 self.watchdog.watch(tally, first, idle)
+                tally.watched = True
         return tally
 
     def trace_id(self, t: Tally) -> str | None:
@@ -247,7 +250,8 @@ class Runtime:
         return ledger.trace_id
 
     def _finish(self, t: Tally) -> None:
-        self.watchdog.forget(t)
+        if t.watched:
+            self.watchdog.forget(t)
         # A finished stream must not keep its task (and the frames it holds) alive.
         t.task = t.abort = None
         if t.upstream == "none" and t.ledger is not None and t.ledger.upstream:

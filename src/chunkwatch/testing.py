@@ -67,7 +67,7 @@ __all__ = ["Capture", "RequestVerdict", "Stream", "capture"]
 _SDK_MISSING = (
     "chunkwatch.testing needs the OpenTelemetry SDK for its in-memory span exporter "
     "(opentelemetry-sdk; chunkwatch itself depends only on the API): "
-    "pip install opentelemetry-sdk, or chunkwatch[lab]"
+    "pip install opentelemetry-sdk, or chunkwatch[otel]"
 )
 
 
