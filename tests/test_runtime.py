@@ -1,4 +1,5 @@
-"""The runtime's upstream names, which every stream's bookkeeping asks for."""
+"""The runtime: the upstream names every stream's bookkeeping asks for, and the verdict
+listeners every request's end tells."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from chunkwatch import naming
+from chunkwatch import semconv as sc
+from chunkwatch.ledger import Ledger
 from chunkwatch.naming import upstream_name
+from chunkwatch.outcomes import End
 from chunkwatch.runtime import Runtime
+from chunkwatch.verdict import Verdict
 
 
 def test_upstream_names_are_looked_up_once_per_url_and_bounded(
@@ -31,5 +36,40 @@ def test_upstream_names_are_looked_up_once_per_url_and_bounded(
         for port in range(1, 1001):
             assert rt.upstream_for(f"http://10.0.0.1:{port}") == f"10.0.0.1:{port}"
         assert len(rt.names.upstream.known) <= 256
+    finally:
+        rt.close()
+
+
+def test_verdict_listeners_hear_every_request_and_cannot_break_it() -> None:
+    """A listener gets each request's verdict and ledger; one that raises is counted as
+    chunkwatch's own error and the others still hear it; a removed one hears no more."""
+    registry = CollectorRegistry()
+    rt = Runtime(registry=registry)
+    heard: list[tuple[str, Ledger]] = []
+
+    def broken(verdict: Verdict, ledger: Ledger, span: object) -> None:
+        raise RuntimeError("listener bug")
+
+    def listener(verdict: Verdict, ledger: Ledger, span: object) -> None:
+        heard.append((str(verdict), ledger))
+
+    def request(layer_outcome: End) -> Ledger:
+        ledger = Ledger()
+        t = rt.open(sc.GATEWAY, ledger=ledger, upstream="gw", watch=False)
+        t.unit()
+        t.finish(layer_outcome)
+        assert rt.finish_request(ledger, None) is not None
+        return ledger
+
+    try:
+        rt.add_verdict_listener(broken)
+        rt.add_verdict_listener(listener)
+        first = request(End.CLEAN)
+        second = request(End.ABRUPT)
+        rt.remove_verdict_listener(listener)
+        request(End.CLEAN)
+        assert heard == [("ok", first), ("truncated@gateway", second)]
+        errors = {"layer": sc.HTTP, "stage": "listener"}
+        assert registry.get_sample_value(sc.INSTRUMENTATION_ERRORS + "_total", errors) == 3
     finally:
         rt.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +37,8 @@ from chunkwatch.watchdog import Deadlines, Watchdog
 __all__ = ["Runtime", "activate", "active"]
 
 log = logging.getLogger("chunkwatch")
+
+VerdictListener = Callable[[Verdict, Ledger, Span | None], None]
 
 CONTENT_LIMIT = 1000  # characters of prompt / completion kept when capture is on
 
@@ -81,6 +83,7 @@ class Runtime:
         self.serving = False  # an app is instrumented: streams are expected to have requests
         self.probed: set[str] = set()  # the layers whose probe is installed
         self._told_unlinked = False
+        self._listeners: tuple[VerdictListener, ...] = ()
 
     def _set_metrics(self, registry: CollectorRegistry | None) -> None:
         try:
@@ -321,10 +324,26 @@ class Runtime:
 
     def finish_request(self, ledger: Ledger, span: Span | None) -> Verdict | None:
         """Draw the verdict of a finished request and write it everywhere it goes
-        (:mod:`chunkwatch.request_end`)."""
+        (:mod:`chunkwatch.request_end`), then tell the verdict listeners."""
         from chunkwatch.request_end import finish_request
 
-        return finish_request(self, ledger, span)
+        verdict = finish_request(self, ledger, span)
+        if verdict is not None:
+            for listener in self._listeners:
+                try:
+                    listener(verdict, ledger, span)
+                except Exception:  # a listener must not break the request either
+                    self.bookkeeping_error(sc.HTTP, "listener")
+        return verdict
+
+    def add_verdict_listener(self, listener: VerdictListener) -> None:
+        """Call ``listener(verdict, ledger, root_span)`` for every request verdict drawn
+        from now on, in the thread that ends the request (its errors are counted, never
+        raised). ``chunkwatch.testing`` collects verdicts this way."""
+        self._listeners = (*self._listeners, listener)  # a new tuple: no lock to read it
+
+    def remove_verdict_listener(self, listener: VerdictListener) -> None:
+        self._listeners = tuple(x for x in self._listeners if x != listener)  # bound methods: ==
 
     # -- content (opt-in only) --------------------------------------------------------------
 

@@ -305,23 +305,11 @@ def capture(
             provider.shutdown()
         raise
     cap = Capture(rt, registry, exporter, provider)
-    original = rt.finish_request
-
-    def finish_request(ledger: Ledger, span: Span | None) -> Verdict | None:
-        verdict = original(ledger, span)
-        if verdict is not None:
-            try:
-                cap._record(verdict, ledger, span)
-            except Exception:  # a test helper must not break the request either
-                rt.bookkeeping_error(sc.HTTP, "testing")
-        return verdict
-
-    setattr(rt, "finish_request", finish_request)  # noqa: B010 (mypy: a method)
+    rt.add_verdict_listener(cap._record)
     try:
         yield cap
     finally:
-        if rt.__dict__.get("finish_request") is finish_request:
-            del rt.__dict__["finish_request"]
+        rt.remove_verdict_listener(cap._record)
         if restore is None:
             if active() in (rt, None):  # not when the block instrumented anew
                 uninstrument(app)
