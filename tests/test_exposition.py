@@ -41,7 +41,7 @@ FAMILIES: dict[str, set[str]] = {
     "chunkwatch_time_to_first_chunk_seconds": {"layer", "upstream"},
     "chunkwatch_stream_duration_seconds": {"layer", "upstream"},
     "chunkwatch_chunk_gap_max_seconds": {"layer", "upstream"},
-    "chunkwatch_streams_open": {"layer"},
+    "chunkwatch_streams_open": {"layer", "upstream"},
     "chunkwatch_queue_wait_seconds": set(),
     "chunkwatch_queue_depth_max": set(),
     "chunkwatch_sse_disconnects_total": {"upstream"},

@@ -35,7 +35,8 @@ def test_breaker_walks_closed_open_half_open_closed() -> None:
             assert system.ask(PROMPT, "zero").named("mode")[0]["reason"] == "empty@gateway"
         assert guard.state("test-gw") is BreakerState.OPEN
         assert transitions("open") == 1
-        assert system.sample("chunkwatch_stream_mode", upstream="test-gw") == 0
+        assert system.sample("chunkwatch_stream_mode", upstream="test-gw", mode="updates") == 1
+        assert system.sample("chunkwatch_stream_mode", upstream="test-gw", mode="tokens") == 0
 
         # open: no streaming attempt at all
         system.gateway.server.reset_stats()
@@ -50,7 +51,8 @@ def test_breaker_walks_closed_open_half_open_closed() -> None:
         assert r.done and r.named("mode") == [] and r.named("token")
         assert transitions("half_open") == 1 and transitions("closed") == 1
         assert guard.state("test-gw") is BreakerState.CLOSED
-        assert system.sample("chunkwatch_stream_mode", upstream="test-gw") == 1
+        assert system.sample("chunkwatch_stream_mode", upstream="test-gw", mode="tokens") == 1
+        assert system.sample("chunkwatch_stream_mode", upstream="test-gw", mode="updates") == 0
 
 
 def test_a_slow_non_streaming_answer_is_not_a_stall() -> None:

@@ -39,12 +39,12 @@ STREAMS = [
 
 def write(series: StreamSeries) -> None:
     for i, t in enumerate(STREAMS):
-        series.opened(t.layer)
-        series.finished(t, TRACE if i % 2 == 0 else None, counted=False)
-    series.opened(sc.HTTP)
-    series.opened(sc.HTTP)
-    series.closed(sc.HTTP)  # a plain response: no stream metrics
-    series.opened(sc.SDK)  # still open
+        series.opened(t.layer, "none")  # opened before the request reached a model
+        series.finished(t, TRACE if i % 2 == 0 else None, counted=False, opened_as="none")
+    series.opened(sc.HTTP, "none")
+    series.opened(sc.HTTP, "none")
+    series.closed(sc.HTTP, "none")  # a plain response: no stream metrics
+    series.opened(sc.SDK, "azure")  # still open
     series.counted(sc.SDK, "stalled", "azure", TRACE)  # a stall, found while open
 
 
@@ -68,8 +68,13 @@ def test_both_writers_expose_the_same_series_values_and_exemplars() -> None:
     labels = (("layer", "gateway"), ("outcome", "ok"), ("upstream", "azure"))
     ok = ("chunkwatch_streams_total", labels)
     assert mine[ok] == (2, ({"trace_id": TRACE}, 1))
-    assert mine[("chunkwatch_streams_open", (("layer", "http"),))] == (1, None)
-    assert mine[("chunkwatch_streams_open", (("layer", "sdk"),))] == (1, None)
+    assert mine[("chunkwatch_streams_open", (("layer", "http"), ("upstream", "none")))] == (1, None)
+    assert mine[("chunkwatch_streams_open", (("layer", "sdk"), ("upstream", "azure")))] == (1, None)
+    # each stream is counted open under the upstream it opened with, closed under the same
+    assert mine[("chunkwatch_streams_open", (("layer", "gateway"), ("upstream", "none")))] == (
+        0,
+        None,
+    )
     inf = ("chunkwatch_stream_duration_seconds_bucket",
            (("layer", "gateway"), ("le", "+Inf"), ("upstream", "azure")))  # fmt: skip
     assert mine[inf] == (3, ({"trace_id": TRACE}, 400.0))
@@ -104,8 +109,8 @@ def test_concurrent_writers_lose_no_count() -> None:
 
     def work() -> None:
         for _ in range(2000):
-            series.opened(t.layer)
-            series.finished(t, None, counted=False)
+            series.opened(t.layer, t.upstream)
+            series.finished(t, None, counted=False, opened_as=t.upstream)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for th in threads:
@@ -115,4 +120,4 @@ def test_concurrent_writers_lose_no_count() -> None:
     labels = {"layer": "gateway", "upstream": "azure"}
     assert registry.get_sample_value("chunkwatch_chunks_total", labels) == 16000 * 12
     assert registry.get_sample_value("chunkwatch_stream_duration_seconds_count", labels) == 16000
-    assert registry.get_sample_value("chunkwatch_streams_open", {"layer": "gateway"}) == 0
+    assert registry.get_sample_value("chunkwatch_streams_open", labels) == 0

@@ -36,7 +36,7 @@ variable                           default   meaning
 =================================  ========  =========================================
 
 Telemetry: ``chunkwatch_fallbacks_total{upstream,reason}``,
-``chunkwatch_stream_mode{upstream}`` (1 = tokens, 0 = updates),
+``chunkwatch_stream_mode{upstream,mode}`` (a state set: ``mode="updates"`` is 1),
 ``chunkwatch_breaker_transitions_total{upstream,to}``; the fallback call's
 ``chat`` span carries ``chunkwatch.fallback.reason`` and is a sibling of the
 failed attempt's span; the current span gets a ``chunkwatch.fallback`` event.
@@ -191,7 +191,7 @@ class Guard:
             rt = self.runtime  # the mode series exists from the first request on
             if rt is not None:
                 try:
-                    rt.metrics.stream_mode.labels(upstream).set(1)
+                    rt.metrics.set_stream_mode(upstream, "tokens")
                 except Exception:
                     rt.bookkeeping_error(sc.SDK, "guard")
         return breaker
@@ -212,7 +212,9 @@ class Guard:
             return
         try:
             rt.metrics.breaker_transitions.labels(upstream, str(to)).inc()
-            rt.metrics.stream_mode.labels(upstream).set(1 if to is BreakerState.CLOSED else 0)
+            rt.metrics.set_stream_mode(
+                upstream, "tokens" if to is BreakerState.CLOSED else "updates"
+            )
         except Exception:
             rt.bookkeeping_error(sc.SDK, "guard")
 

@@ -154,10 +154,11 @@ class Metrics:
             (sc.L_UPSTREAM, sc.L_REASON),
             registry=reg,
         )
-        self.stream_mode = Gauge(
+        self.stream_mode = Gauge(  # a state set: 1 for the mode in force, 0 for the other
             sc.STREAM_MODE,
-            "Mode new requests to the upstream start in: 1 = tokens, 0 = updates (breaker open).",
-            (sc.L_UPSTREAM,),
+            "Mode new requests to the upstream start in (a state set): tokens, or updates "
+            "when the guard's breaker is open.",
+            (sc.L_UPSTREAM, sc.L_MODE),
             registry=reg,
             multiprocess_mode="liveall",
         )
@@ -184,6 +185,11 @@ class Metrics:
         if child is None:
             child = self._requests[key] = self.requests.labels(str(key[0]), key[1], upstream)
         child.inc(exemplar=self.exemplar(trace_id))
+
+    def set_stream_mode(self, upstream: str, mode: str) -> None:
+        """``chunkwatch_stream_mode{upstream,mode}``: 1 for ``mode``, 0 for the others."""
+        for state in sc.STREAM_MODES:
+            self.stream_mode.labels(upstream, state).set(1 if state == mode else 0)
 
     def orphaned(self, upstream: str, units: int, ran_on: float, trace_id: str | None) -> None:
         """One model stream of a departed client, stopped ``ran_on`` s after it left."""

@@ -232,7 +232,7 @@ class Runtime:
         if ledger.orphans is not None and not ledger.closed and layer in model_layers():
             ledger.orphans.adopt(tally)
         try:
-            self.metrics.series.opened(layer)
+            self.metrics.series.opened(layer, tally.upstream)
         except Exception:
             self.bookkeeping_error(layer, "open")
         if watch:
@@ -257,6 +257,7 @@ class Runtime:
             self.watchdog.forget(t)
         # A finished stream must not keep its task (and the frames it holds) alive.
         t.task = t.abort = None
+        opened_as = t.upstream
         if t.upstream == "none" and t.ledger is not None and t.ledger.upstream:
             t.upstream = t.ledger.upstream  # opened before the request reached a model
         orphans = t.orphans
@@ -268,9 +269,9 @@ class Runtime:
         span = t.span
         try:
             if t.stream_metrics:
-                self.metrics.series.finished(t, self.trace_id(t), t.stalled is not None)
+                self.metrics.series.finished(t, self.trace_id(t), t.stalled is not None, opened_as)
             else:
-                self.metrics.series.closed(t.layer)
+                self.metrics.series.closed(t.layer, opened_as)
         except Exception:
             self.bookkeeping_error(t.layer, "metrics")
         if span is None or not span.is_recording():  # unsampled, or the API's no-op tracer

@@ -55,7 +55,7 @@ UNLINKED_STREAMS: Final = "chunkwatch_unlinked_streams"  # {layer}: no request c
 ORPHANED_CHUNKS: Final = "chunkwatch_orphaned_chunks"
 ORPHANED_STREAM_SECONDS: Final = "chunkwatch_orphaned_stream_seconds"
 FALLBACKS: Final = "chunkwatch_fallbacks"  # guard: {upstream, reason}
-STREAM_MODE: Final = "chunkwatch_stream_mode"  # guard: {upstream}, 1 = tokens, 0 = updates
+STREAM_MODE: Final = "chunkwatch_stream_mode"  # guard: a state set {upstream, mode}
 BREAKER_TRANSITIONS: Final = "chunkwatch_breaker_transitions"  # guard: {upstream, to}
 GENAI_OPERATION_DURATION: Final = "gen_ai_client_operation_duration_seconds"
 GENAI_TIME_TO_FIRST_CHUNK: Final = "gen_ai_client_operation_time_to_first_chunk_seconds"
@@ -64,6 +64,8 @@ GENAI_TIME_TO_FIRST_CHUNK: Final = "gen_ai_client_operation_time_to_first_chunk_
 L_LAYER: Final = "layer"
 L_OUTCOME: Final = "outcome"
 L_UPSTREAM: Final = "upstream"
+L_MODE: Final = "mode"  # chunkwatch_stream_mode: one of STREAM_MODES
+STREAM_MODES: Final = ("tokens", "updates")  # token streaming; state updates (breaker open)
 L_STAGE: Final = "stage"
 EXEMPLAR_TRACE_ID: Final = "trace_id"  # the exemplar label linking a sample to its trace
 L_KIND: Final = "kind"

@@ -72,7 +72,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     sc.STREAMS: ("counter", _LOU),
     sc.CHUNKS: ("counter", _LU),
     **{name: ("histogram", _LU) for name, _ in _HISTOGRAMS},
-    sc.STREAMS_OPEN: ("gauge", (sc.L_LAYER,)),
+    sc.STREAMS_OPEN: ("gauge", _LU),
 }
 
 # Each bound as prometheus_client writes ``le`` (its own formatting, so the two writers agree).
@@ -87,15 +87,16 @@ _Example = tuple[str, float, float]  # (trace id, value, unix time): an exemplar
 class StreamSeries:
     """What :class:`~chunkwatch.runtime.Runtime` writes per stream (see the module doc)."""
 
-    def opened(self, layer: str) -> None:
+    def opened(self, layer: str, upstream: str) -> None:
         raise NotImplementedError
 
-    def closed(self, layer: str) -> None:
+    def closed(self, layer: str, upstream: str) -> None:
         """A stream that writes no stream metrics ended (a plain http response)."""
         raise NotImplementedError
 
-    def finished(self, t: Tally, trace_id: str | None, counted: bool) -> None:
-        """``t`` ended; ``counted``: its outcome was counted already (a stall)."""
+    def finished(self, t: Tally, trace_id: str | None, counted: bool, opened_as: str) -> None:
+        """``t`` ended; ``counted``: its outcome was counted already (a stall);
+        ``opened_as``: its upstream when it opened (the open gauge's label)."""
         raise NotImplementedError
 
     def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
@@ -131,18 +132,20 @@ class InProcessSeries(StreamSeries):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._lock = threading.Lock()
-        self._open: dict[str, int] = {}
+        self._open: dict[tuple[str, str], int] = {}
         self._streams: dict[tuple[str, str, str], list[Any]] = {}  # -> [count, example]
         self._layers: dict[tuple[str, str], _Layer] = {}
         registry.register(self)
 
-    def opened(self, layer: str) -> None:
+    def opened(self, layer: str, upstream: str) -> None:
+        key = (layer, upstream)
         with self._lock:
-            self._open[layer] = self._open.get(layer, 0) + 1
+            self._open[key] = self._open.get(key, 0) + 1
 
-    def closed(self, layer: str) -> None:
+    def closed(self, layer: str, upstream: str) -> None:
+        key = (layer, upstream)
         with self._lock:
-            self._open[layer] = self._open.get(layer, 0) - 1
+            self._open[key] = self._open.get(key, 0) - 1
 
     def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
         example = None if trace_id is None else (trace_id, 1.0, time.time())
@@ -157,12 +160,13 @@ class InProcessSeries(StreamSeries):
         if example is not None:
             series[1] = example
 
-    def finished(self, t: Tally, trace_id: str | None, counted: bool) -> None:
+    def finished(self, t: Tally, trace_id: str | None, counted: bool, opened_as: str) -> None:
         layer, upstream, units, start, first = t.layer, t.upstream, t.units, t.t_start, t.t_first
         end = t.t_end if t.t_end is not None else time.perf_counter_ns()
         now = None if trace_id is None else time.time()
         with self._lock:
-            self._open[layer] = self._open.get(layer, 0) - 1
+            opened = (layer, opened_as)
+            self._open[opened] = self._open.get(opened, 0) - 1
             if not counted:
                 key = (layer, t.outcome, upstream)  # an Outcome is its str as a key
                 count = self._streams.get(key)  # type: ignore[arg-type]
@@ -189,7 +193,7 @@ class InProcessSeries(StreamSeries):
         yield CounterMetricFamily(sc.CHUNKS, _HELP[sc.CHUNKS], labels=_LU)
         for name, _ in _HISTOGRAMS:
             yield HistogramMetricFamily(name, _HELP[name], labels=_LU)
-        yield GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=(sc.L_LAYER,))
+        yield GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=_LU)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:  # a consistent snapshot; the families are built outside the lock
@@ -216,9 +220,9 @@ class InProcessSeries(StreamSeries):
                 counts, total, examples = copies[index]
                 hist.add_metric(key, _buckets(bounds, counts, examples), total)
             yield hist
-        gauge = GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=(sc.L_LAYER,))
-        for layer, n in open_now:
-            gauge.add_metric((layer,), n)
+        gauge = GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=_LU)
+        for open_key, n in open_now:
+            gauge.add_metric(open_key, n)
         yield gauge
 
 
@@ -270,18 +274,18 @@ class ClientSeries(StreamSeries):
         self.open = Gauge(
             sc.STREAMS_OPEN,
             _HELP[sc.STREAMS_OPEN],
-            (sc.L_LAYER,),
+            _LU,
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self._open: dict[str, Any] = {}
+        self._open: dict[tuple[str, str], Any] = {}
         self._layer: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._streams: dict[tuple[str, str, str], Any] = {}
 
-    def _gauge(self, layer: str) -> Any:
-        child = self._open.get(layer)
+    def _gauge(self, layer: str, upstream: str) -> Any:
+        child = self._open.get((layer, upstream))
         if child is None:
-            child = self._open[layer] = self.open.labels(layer)
+            child = self._open[(layer, upstream)] = self.open.labels(layer, upstream)
         return child
 
     def _streams_child(self, layer: str, outcome: str, upstream: str) -> Any:
@@ -291,11 +295,11 @@ class ClientSeries(StreamSeries):
             child = self._streams[key] = self.streams.labels(*key)
         return child
 
-    def opened(self, layer: str) -> None:
-        self._gauge(layer).inc()
+    def opened(self, layer: str, upstream: str) -> None:
+        self._gauge(layer, upstream).inc()
 
-    def closed(self, layer: str) -> None:
-        self._gauge(layer).dec()
+    def closed(self, layer: str, upstream: str) -> None:
+        self._gauge(layer, upstream).dec()
 
     def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
         self._streams_child(layer, outcome, upstream).inc(exemplar=self._exemplar(trace_id))
@@ -303,7 +307,7 @@ class ClientSeries(StreamSeries):
     def _exemplar(self, trace_id: str | None) -> dict[str, str] | None:
         return {sc.EXEMPLAR_TRACE_ID: trace_id} if trace_id and self.exemplars else None
 
-    def finished(self, t: Tally, trace_id: str | None, counted: bool) -> None:
+    def finished(self, t: Tally, trace_id: str | None, counted: bool, opened_as: str) -> None:
         ex = self._exemplar(trace_id)
         layer, upstream = t.layer, t.upstream
         children = self._layer.get((layer, upstream))
@@ -313,7 +317,7 @@ class ClientSeries(StreamSeries):
                 *(h.labels(layer, upstream) for h in self.histograms),
             )
         chunks, ttfc, duration, gap_max = children
-        self._gauge(layer).dec()
+        self._gauge(layer, opened_as).dec()
         if not counted:
             self._streams_child(layer, str(t.outcome), upstream).inc(exemplar=ex)
         if t.units:

@@ -297,7 +297,7 @@ def test_requests_total_is_summed_across_workers_whichever_answers_the_scrape(
 
     # the live gauge: nothing open (a scrape is not observed, so not even itself)
     _, text = cluster.scrape()
-    open_ = {s.labels[sc.L_LAYER]: s.value for s in samples(text, "chunkwatch_streams_open")}
+    open_ = open_by_layer(text)
     assert set(open_) >= {sc.GATEWAY, sc.SDK, sc.LANGGRAPH, sc.QUEUE, sc.SSE, sc.HTTP}
     assert all(v == 0 for v in open_.values()), open_
 
@@ -386,8 +386,16 @@ def test_a_dead_workers_counts_stay_and_its_live_gauges_go(cluster: Cluster) -> 
 
     _, text = cluster.scrape()
     assert total(text, "chunkwatch_requests_total") == cluster.chats_sent
-    open_ = {s.labels[sc.L_LAYER]: s.value for s in samples(text, "chunkwatch_streams_open")}
+    open_ = open_by_layer(text)
     assert all(v == 0 for layer, v in open_.items() if layer != sc.HTTP), open_
+
+
+def open_by_layer(text: str) -> dict[str, float]:
+    """``chunkwatch_streams_open`` summed over upstreams, per layer."""
+    out: dict[str, float] = {}
+    for s in samples(text, "chunkwatch_streams_open"):
+        out[s.labels[sc.L_LAYER]] = out.get(s.labels[sc.L_LAYER], 0.0) + s.value
+    return out
 
 
 def test_importing_the_entry_point_starts_no_thread_and_a_prefork_app_is_refused() -> None:
