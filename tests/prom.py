@@ -196,6 +196,7 @@ def emitted_series() -> dict[str, frozenset[str]]:
     from prometheus_client.metrics import MetricWrapperBase
 
     from chunkwatch.metrics import Metrics
+    from chunkwatch.genai_metrics import FAMILIES as GENAI_FAMILIES
     from chunkwatch.stream_series import FAMILIES
 
     out: dict[str, frozenset[str]] = {}
@@ -214,6 +215,8 @@ def emitted_series() -> dict[str, frozenset[str]]:
             add(metric._name, metric._type, frozenset(metric._labelnames))
     for name, (kind, names) in FAMILIES.items():  # the per-stream families' own collector
         add(name, kind, frozenset(names))
+    for name, names in GENAI_FAMILIES.items():  # the GenAI histograms' own collector
+        add(name, "histogram", frozenset(names))
     return out
 
 

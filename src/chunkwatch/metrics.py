@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from chunkwatch import semconv as sc
+from chunkwatch.genai_metrics import GenAIMetrics
 from chunkwatch.naming import redact_url, upstream_name  # re-exported: they lived here
 from chunkwatch.stream_series import (
-    DURATION_BUCKETS,
     GAP_BUCKETS,
     LATENCY_BUCKETS,
     ClientSeries,
@@ -133,20 +133,7 @@ class Metrics:
             buckets=ORPHAN_BUCKETS,
             registry=reg,
         )
-        self.genai_duration = Histogram(
-            sc.GENAI_OPERATION_DURATION,
-            "GenAI client operation duration (OpenTelemetry GenAI semantic conventions).",
-            ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "error_type"),
-            buckets=DURATION_BUCKETS,
-            registry=reg,
-        )
-        self.genai_ttfc = Histogram(
-            sc.GENAI_TIME_TO_FIRST_CHUNK,
-            "GenAI client time to first chunk (OpenTelemetry GenAI semantic conventions).",
-            ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"),
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
-        )
+        self.genai = GenAIMetrics(reg, multiprocess=self.multiprocess)
 
         self.fallbacks = Counter(
             sc.FALLBACKS,

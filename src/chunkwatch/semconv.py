@@ -59,6 +59,7 @@ STREAM_MODE: Final = "chunkwatch_stream_mode"  # guard: a state set {upstream, m
 BREAKER_TRANSITIONS: Final = "chunkwatch_breaker_transitions"  # guard: {upstream, to}
 GENAI_OPERATION_DURATION: Final = "gen_ai_client_operation_duration_seconds"
 GENAI_TIME_TO_FIRST_CHUNK: Final = "gen_ai_client_operation_time_to_first_chunk_seconds"
+GENAI_TOKEN_USAGE: Final = "gen_ai_client_token_usage"  # {token}: no unit suffix
 
 # -- metric label names -----------------------------------------------------------------------
 L_LAYER: Final = "layer"

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import (
@@ -35,10 +34,11 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.samples import Exemplar, Sample
-from prometheus_client.utils import floatToGoString as _go_float
+from prometheus_client.samples import Sample
 
 from chunkwatch import semconv as sc
+from chunkwatch.collected import Example, buckets, exemplar, observe
+from chunkwatch.collected import Histogram as Kept
 
 if TYPE_CHECKING:
     from chunkwatch.ledger import Tally
@@ -75,14 +75,6 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     sc.STREAMS_OPEN: ("gauge", _LU),
 }
 
-# Each bound as prometheus_client writes ``le`` (its own formatting, so the two writers agree).
-_to_le = cast(Callable[[float], str], _go_float)
-_LE: dict[tuple[float, ...], tuple[str, ...]] = {
-    bounds: tuple(map(_to_le, (*bounds, float("inf")))) for _, bounds in _HISTOGRAMS
-}
-
-_Example = tuple[str, float, float]  # (trace id, value, unix time): an exemplar, unbuilt
-
 
 class StreamSeries:
     """What :class:`~chunkwatch.runtime.Runtime` writes per stream (see the module doc)."""
@@ -104,27 +96,14 @@ class StreamSeries:
         raise NotImplementedError
 
 
-class _Histogram:
-    """One histogram series: counts per bucket (not cumulative), the sum, an exemplar
-    per bucket."""
-
-    __slots__ = ("bounds", "counts", "examples", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
-        self.examples: list[_Example | None] = [None] * (len(bounds) + 1)
-        self.sum = 0.0
-
-
 class _Layer:
     __slots__ = ("chunks", "duration", "gap", "ttfc")
 
     def __init__(self) -> None:
         self.chunks = 0
-        self.ttfc = _Histogram(LATENCY_BUCKETS)
-        self.duration = _Histogram(DURATION_BUCKETS)
-        self.gap = _Histogram(GAP_BUCKETS)
+        self.ttfc = Kept(LATENCY_BUCKETS)
+        self.duration = Kept(DURATION_BUCKETS)
+        self.gap = Kept(GAP_BUCKETS)
 
 
 class InProcessSeries(StreamSeries):
@@ -152,7 +131,7 @@ class InProcessSeries(StreamSeries):
         with self._lock:
             self._count((layer, outcome, upstream), example)
 
-    def _count(self, key: tuple[str, str, str], example: _Example | None) -> None:
+    def _count(self, key: tuple[str, str, str], example: Example | None) -> None:
         series = self._streams.get(key)
         if series is None:
             series = self._streams[key] = [0, None]
@@ -179,11 +158,11 @@ class InProcessSeries(StreamSeries):
             if series is None:
                 series = self._layers[(layer, upstream)] = _Layer()
             series.chunks += units
-            _observe(series.duration, (end - start) / 1e9, trace_id, now)
+            observe(series.duration, (end - start) / 1e9, trace_id, now)
             if first is not None:
-                _observe(series.ttfc, (first - start) / 1e9, trace_id, now)
+                observe(series.ttfc, (first - start) / 1e9, trace_id, now)
             if units > 1:
-                _observe(series.gap, t.max_gap_ns / 1e9, trace_id, now)
+                observe(series.gap, t.max_gap_ns / 1e9, trace_id, now)
 
     # -- exposition ----------------------------------------------------------------------------
 
@@ -200,62 +179,30 @@ class InProcessSeries(StreamSeries):
             open_now = list(self._open.items())
             streams = [((lay, str(o), up), s[0], s[1]) for (lay, o, up), s in self._streams.items()]
             layers = [
-                (key, s.chunks, [_copy(h) for h in (s.ttfc, s.duration, s.gap)])
+                (key, s.chunks, [h.snapshot() for h in (s.ttfc, s.duration, s.gap)])
                 for key, s in self._layers.items()
             ]
         family = CounterMetricFamily(sc.STREAMS, _HELP[sc.STREAMS], labels=_LOU)
         for outcome_key, count, example in streams:
             labels = dict(zip(_LOU, outcome_key, strict=True))
             family.samples.append(
-                Sample(sc.STREAMS + "_total", labels, count, None, _exemplar(example))
+                Sample(sc.STREAMS + "_total", labels, count, None, exemplar(example))
             )
         yield family
         chunks = CounterMetricFamily(sc.CHUNKS, _HELP[sc.CHUNKS], labels=_LU)
         for key, n, _ in layers:
             chunks.add_metric(key, n)
         yield chunks
-        for index, (name, bounds) in enumerate(_HISTOGRAMS):
+        for index, (name, _) in enumerate(_HISTOGRAMS):
             hist = HistogramMetricFamily(name, _HELP[name], labels=_LU)
-            for key, _, copies in layers:
-                counts, total, examples = copies[index]
-                hist.add_metric(key, _buckets(bounds, counts, examples), total)
+            for key, _, snapshots in layers:
+                snapshot = snapshots[index]
+                hist.add_metric(key, buckets(snapshot), snapshot[2])
             yield hist
         gauge = GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=_LU)
         for open_key, n in open_now:
             gauge.add_metric(open_key, n)
         yield gauge
-
-
-def _observe(h: _Histogram, value: float, trace_id: str | None, now: float | None) -> None:
-    i = bisect_left(h.bounds, value)  # le: the first bound >= value, else +Inf
-    h.counts[i] += 1
-    h.sum += value
-    if now is not None:
-        h.examples[i] = (trace_id, value, now)  # type: ignore[assignment]
-
-
-def _copy(h: _Histogram) -> tuple[list[int], float, list[_Example | None]]:
-    return list(h.counts), h.sum, list(h.examples)
-
-
-def _exemplar(example: _Example | None) -> Exemplar | None:
-    if example is None:
-        return None
-    trace_id, value, when = example
-    return Exemplar({sc.EXEMPLAR_TRACE_ID: trace_id}, value, when)
-
-
-def _buckets(
-    bounds: tuple[float, ...], counts: list[int], examples: list[_Example | None]
-) -> list[Any]:
-    """Cumulative ``(le, count[, exemplar])`` pairs, +Inf last."""
-    out: list[Any] = []
-    total = 0
-    for le, count, example in zip(_LE[bounds], counts, examples, strict=True):
-        total += count
-        ex = _exemplar(example)
-        out.append((le, total) if ex is None else (le, total, ex))
-    return out
 
 
 class ClientSeries(StreamSeries):

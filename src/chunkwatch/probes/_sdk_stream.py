@@ -42,7 +42,7 @@ from chunkwatch.outcomes import (
     upstream_text,
 )
 from chunkwatch.probes.lifecycle import Ending, aclosing, closing, relay, relay_async
-from chunkwatch.runtime import Runtime, trace_id_of
+from chunkwatch.runtime import Runtime
 from chunkwatch.verdict import judge
 
 _now = time.perf_counter_ns
@@ -176,15 +176,13 @@ def _genai_metrics(rt: Runtime, tally: Tally) -> None:
         return
     try:
         provider, model = tally.genai
-        error = "" if tally.outcome == "ok" else str(tally.outcome)
-        ex = rt.metrics.exemplar(trace_id_of(tally.span))
-        rt.metrics.genai_duration.labels("chat", provider, model, error).observe(
-            tally.duration, exemplar=ex
+        usage = tally.facts.get("usage")
+        tokens = (None, None) if usage is None else (usage.prompt_tokens, usage.completion_tokens)
+        first = tally.time_to_first if tally.stream_requested else None
+        error = None if tally.outcome is Outcome.OK else str(tally.outcome)
+        rt.metrics.genai.record(
+            ("chat", provider, model), error, tally.duration, first, tokens, rt.trace_id(tally)
         )
-        if tally.time_to_first is not None and tally.stream_requested:
-            rt.metrics.genai_ttfc.labels("chat", provider, model).observe(
-                tally.time_to_first, exemplar=ex
-            )
     except Exception:
         rt.bookkeeping_error(sc.SDK, "metrics")
 
