@@ -5,7 +5,10 @@
 * :class:`Prometheus` runs a real Prometheus on a free loopback port and talks to
   its HTTP API; :func:`compress_durations` shortens the rules' windows and ``for``
   durations so an end-to-end run takes seconds instead of minutes.
-* :func:`dashboards`, :func:`panels`, :func:`substitute`: the dashboard JSON as data.
+* :func:`dashboards`, :func:`panels`, :func:`substitute`: the dashboard JSON as data;
+  :func:`variable_values` gives every template variable a value, :func:`label_values_query`
+  reads a ``label_values(...)`` variable query.
+* :func:`mixin_config`: the settings the rules are generated from (prometheus/mixin.yaml).
 * :func:`emitted_series`, :func:`metric_names`: the names the code writes, the names a
   PromQL expression reads.
 """
@@ -33,6 +36,8 @@ RULES = ROOT / "prometheus" / "chunkwatch.rules.yml"
 RULE_TESTS = ROOT / "prometheus" / "tests"
 DASHBOARDS = ROOT / "dashboards"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
+MIXIN = ROOT / "prometheus" / "mixin.py"
+MIXIN_CONFIG = ROOT / "prometheus" / "mixin.yaml"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -86,7 +91,8 @@ def compress_durations(rules_yaml: str, factor: int) -> str:
 
 
 class Prometheus:
-    """A real ``prometheus`` on 127.0.0.1, scraping ``targets`` every ``interval`` seconds."""
+    """A real ``prometheus`` on 127.0.0.1, scraping ``targets`` every ``interval`` seconds
+    (as one ``job``), or as ``scrape_configs`` say (several jobs, target labels)."""
 
     def __init__(
         self,
@@ -95,6 +101,7 @@ class Prometheus:
         rule_files: list[Path],
         interval: int = 1,
         job: str = "chunkwatch",
+        scrape_configs: list[dict[str, Any]] | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -107,7 +114,8 @@ class Prometheus:
                 "evaluation_interval": f"{interval}s",
             },
             "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+            "scrape_configs": scrape_configs
+            or [{"job_name": job, "static_configs": [{"targets": targets}]}],
         }
         self.config = workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config))
@@ -260,3 +268,26 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
     out = re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
     assert "$" not in out, out
     return out
+
+
+def variable_values(dashboard: dict[str, Any], chosen: dict[str, str]) -> dict[str, str]:
+    """A value for every template variable of ``dashboard``: ``chosen``'s, else ``.*`` (what
+    Grafana puts for *All* with ``allValue: .*``), plus whatever else ``chosen`` names
+    (Grafana's built-ins such as ``__rate_interval``)."""
+    names = [v["name"] for v in dashboard.get("templating", {}).get("list", [])]
+    return {**{name: ".*" for name in names}, **chosen}
+
+
+def label_values_query(definition: str) -> tuple[str | None, str]:
+    """``label_values(selector, label)`` -> (selector, label); ``label_values(label)`` ->
+    (None, label)."""
+    m = re.fullmatch(r"\s*label_values\((?:(.+),)?\s*(\w+)\s*\)\s*", definition)
+    assert m, f"not a label_values() query: {definition!r}"
+    return (m.group(1).strip() if m.group(1) else None), m.group(2)
+
+
+def mixin_config() -> dict[str, Any]:
+    """prometheus/mixin.yaml: the selector, kept labels, runbook pattern and alert settings
+    the committed rules were generated from."""
+    config: dict[str, Any] = yaml.safe_load(MIXIN_CONFIG.read_text())
+    return config

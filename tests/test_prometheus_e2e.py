@@ -44,12 +44,24 @@ from chunkwatch.guard import BreakerConfig
 from chunkwatch_lab.client import chat
 
 from .helpers import System, instrumented_system
-from .prom import DASHBOARDS, RULES, Prometheus, binary, compress_durations, dashboards, substitute
+from .prom import (
+    DASHBOARDS,
+    RULES,
+    Prometheus,
+    binary,
+    compress_durations,
+    dashboards,
+    label_values_query,
+    mixin_config,
+    substitute,
+    variable_values,
+)
 from .prom import panels as all_panels
 
 FACTOR = 30  # 5m windows -> 10s, for: 2m -> 4s
 RATE_INTERVAL = "4s"  # Grafana's $__rate_interval with a 1 s scrape interval: 4 x scrape
 UPSTREAM = "test-gw"  # tests/helpers.py names the gateway so
+JOB = "chunkwatch"  # tests/prom.py's Prometheus scrapes the service as this job
 PROMPT = "Which layer dropped the data?"
 EMPTY = "ChunkwatchEmptyStreams"
 HEALTHY_WATCH = 6.0  # seconds of healthy traffic with no pending/firing alert (> every `for`/30)
@@ -182,13 +194,15 @@ def _has_data(result: list[dict[str, Any]]) -> int:
 
 def _query_panels(run: Run) -> None:
     now = time.time()
-    variables = {
+    chosen = {
         "upstream": UPSTREAM,
+        "job": JOB,
         "__rate_interval": RATE_INTERVAL,
         "__interval": "1s",
         "__range": f"{math.ceil(now - run.t_start) + 1}s",
     }
     for dash in dashboards().values():
+        variables = variable_values(dash, chosen)
         for panel in all_panels(dash):
             for target in panel.get("targets", []):
                 key = (panel["title"], target["refId"])
@@ -208,10 +222,9 @@ def _query_panels(run: Run) -> None:
                 except AssertionError as err:
                     run.panel_errors[key] = str(err)
         for var in dash["templating"]["list"]:
-            if var["type"] == "query":
-                m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["definition"])
-                assert m, var["definition"]
-                run.upstream_values = run.prom.label_values(m.group(2), m.group(1))
+            if var["type"] == "query" and var["name"] == "upstream":
+                match, label = label_values_query(substitute(var["definition"], variables))
+                run.upstream_values = run.prom.label_values(label, match or "{__name__=~'.+'}")
 
 
 def _scenario(run: Run, traffic: Traffic) -> None:
@@ -331,7 +344,9 @@ def test_zero_gateway_fires_empty_streams_at_the_gateway(run: Run) -> None:
     assert labels["outcome"] == "empty"
     assert labels["severity"] == "critical"
     assert "at layer gateway" in annotations["description"]
-    assert annotations["runbook_url"] == "docs/runbooks.md#chunkwatchemptystreams"
+    assert labels["job"] == JOB  # the rules keep the scrape job: Alertmanager routes on it
+    runbook = mixin_config()["runbook_url"].format(anchor="chunkwatchemptystreams")
+    assert annotations["runbook_url"] == runbook
     assert {a["labels"]["alertname"] for a in run.firing} == {EMPTY, GUARD_ALERT}
     (guard,) = [a for a in run.firing if a["labels"]["alertname"] == GUARD_ALERT]
     assert guard["labels"]["reason"] == "empty@gateway"

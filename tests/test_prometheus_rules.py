@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -16,7 +18,16 @@ import yaml
 from chunkwatch import semconv as sc
 from chunkwatch.outcomes import Outcome
 
-from .prom import RULE_TESTS, RULES, RUNBOOKS, binary, emitted_series, metric_names
+from .prom import (
+    MIXIN,
+    RULE_TESTS,
+    RULES,
+    RUNBOOKS,
+    binary,
+    emitted_series,
+    metric_names,
+    mixin_config,
+)
 
 # The alerts the alerting issue asks for (plus the guard's), with their severity.
 EXPECTED_ALERTS = {
@@ -53,10 +64,23 @@ STREAM_BRANCH_ALERTS = {
 STATIC_RECORDS = {"layer:chunkwatch_layer_order:static"}
 _SELECTOR = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+# A chunkwatch series read straight from the scrape (not a recording rule), with its matchers.
+_RAW_SELECTOR = re.compile(r"(?<![\w:])(chunkwatch_\w+)(?![\w:])(\{[^}]*\})?")
 
 
-def _rules() -> list[dict[str, Any]]:
-    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+def _rules(text: str | None = None) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text() if text is None else text)
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def _mixin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(MIXIN), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def _kept() -> list[str]:
+    return list(mixin_config()["labels"])
 
 
 def _alerts() -> dict[str, dict[str, Any]]:
@@ -118,8 +142,8 @@ def test_every_expected_alert_exists_with_its_severity() -> None:
 
 
 def test_every_alert_says_layer_upstream_value_and_links_its_runbook() -> None:
-    """summary, a description naming the layer, the upstream and the value, and a runbook_url
-    pointing at a section of docs/runbooks.md that exists."""
+    """summary, a description naming the layer, the upstream and the value, and an absolute
+    runbook_url (mixin.yaml's pattern) to a section of docs/runbooks.md that exists."""
     anchors = _github_anchors(RUNBOOKS.read_text())
     for name, alert in _alerts().items():
         ann = alert["annotations"]
@@ -128,8 +152,10 @@ def test_every_alert_says_layer_upstream_value_and_links_its_runbook() -> None:
         assert "$labels.layer" in desc or name in LAYERLESS_ALERTS, name
         assert "$labels.upstream" in desc or "all upstreams" in desc, name
         assert "$value" in desc, name
-        path, _, anchor = ann["runbook_url"].partition("#")
-        assert path == "docs/runbooks.md", name
+        url = ann["runbook_url"]
+        assert url == mixin_config()["runbook_url"].format(anchor=name.lower()), name
+        assert url.startswith("https://"), url  # a link Alertmanager and Grafana can open
+        anchor = url.rpartition("#")[2]
         assert anchor == name.lower() and anchor in anchors, (name, anchor)
 
 
@@ -158,7 +184,9 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
 
 def test_recording_rules_are_named_level_metric_operations() -> None:
     """Recording rules follow `level:metric:operations`; the level lists the labels kept and
-    the metric part is a chunkwatch metric (or its histogram buckets)."""
+    the metric part is a chunkwatch metric (or its histogram buckets). The kept target labels
+    (mixin.yaml's `labels`) come first in every aggregation and are left out of the level."""
+    kept = _kept()
     series = emitted_series()
     families = set(series) | {re.sub(r"_(total|bucket|sum|count)$", "", s) for s in series}
     for name, expr in _records().items():
@@ -170,7 +198,9 @@ def test_recording_rules_are_named_level_metric_operations() -> None:
         assert metric in families, name
         m = re.search(r"\bby \(([^)]*)\)", expr)
         if m:  # an aggregation: the level names exactly the labels it keeps
-            assert sorted(x.strip() for x in m.group(1).split(",")) == level.split("_"), name
+            by = [x.strip() for x in m.group(1).split(",")]
+            assert by[: len(kept)] == kept, name
+            assert sorted(by[len(kept) :]) == level.split("_"), name
 
 
 def test_rules_use_only_names_and_values_the_code_emits() -> None:
@@ -179,7 +209,7 @@ def test_rules_use_only_names_and_values_the_code_emits() -> None:
     series = emitted_series()
     semconv_names = {v for v in vars(sc).values() if isinstance(v, str)}
     records = set(_records())
-    all_labels = set().union(*series.values()) | {"alertname", "alertstate"}
+    all_labels = set().union(*series.values()) | {"alertname", "alertstate"} | set(_kept())
     layers = set(sc.LAYERS) | {sc.NO_LAYER}
     outcomes = {str(o) for o in Outcome}
     for rule in _rules():
@@ -221,4 +251,83 @@ def test_fault_alerts_also_read_the_gateway_and_sdk_streams() -> None:
         assert f'chunkwatch_requests:ratio_rate5m{{outcome="{outcome}"}}' in expr, name
         selector = f'{streams}{{layer=~"{sc.GATEWAY}|{sc.SDK}",outcome="{outcome}"}}'
         assert selector in expr, name
-        assert "bottomk by (upstream) (1," in expr, name
+        assert f"bottomk by ({', '.join(_kept())}, upstream) (1," in expr, name
+
+
+def test_committed_rules_are_the_generators_output() -> None:
+    """prometheus/chunkwatch.rules.yml is exactly what prometheus/mixin.py writes from
+    mixin.yaml: nobody edited the generated file, nobody forgot to regenerate."""
+    proc = _mixin("--check")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_aggregation_keeps_the_target_labels_and_every_series_the_selector() -> None:
+    """Every `by` / `on` of every rule keeps job, namespace, cluster (the mixin's labels) —
+    except the join with the static layer order, which has only `layer` — and every
+    chunkwatch series read from the scrape carries the mixin's selector."""
+    kept = ", ".join(_kept())
+    selector = mixin_config()["selector"]
+    for rule in _rules():
+        name, expr = rule.get("record") or rule["alert"], rule["expr"]
+        for grouping in re.findall(r"\b(by|on) \(([^)]*)\)", expr):
+            if grouping == ("on", "layer"):
+                assert "layer:chunkwatch_layer_order:static" in expr, name
+                continue
+            assert grouping[1].startswith(kept), (name, grouping)
+        for metric, matchers in _RAW_SELECTOR.findall(expr):
+            assert matchers.startswith("{" + selector), (name, metric, matchers)
+
+
+def test_a_users_selector_and_labels_reach_every_rule(tmp_path: Path) -> None:
+    """`mixin.py --config` with `job="my-llm-api"` and labels [job, namespace]: promtool
+    accepts the rules, every scraped series is read with that selector, every aggregation
+    keeps exactly those labels, and the runbook links follow the user's pattern."""
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "selector": 'job="my-llm-api"',
+                "labels": ["job", "namespace"],
+                "runbook_url": "https://wiki.example.com/llm/chunkwatch#{anchor}",
+                "alerts": {"ChunkwatchEmptyStreams": {"threshold": 0.2, "for": "5m"}},
+            }
+        )
+    )
+    out = tmp_path / "mine.rules.yml"
+    proc = _mixin("--config", str(config), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    check = subprocess.run(
+        [binary("promtool"), "check", "rules", str(out)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    rules = _rules(out.read_text())
+    for rule in rules:
+        for _, matchers in _RAW_SELECTOR.findall(rule["expr"]):
+            assert matchers.startswith('{job="my-llm-api"'), (rule, matchers)
+        for by in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
+            assert by.startswith("job, namespace, ") and "cluster" not in by, by
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    empty = alerts["ChunkwatchEmptyStreams"]
+    assert empty["for"] == "5m" and "> 0.2\n" in empty["expr"]
+    assert "> 0.05" not in empty["expr"]
+    assert alerts["ChunkwatchStreamStalls"]["for"] == "5m"  # the shipped value, kept
+    for name, alert in alerts.items():
+        url = alert["annotations"]["runbook_url"]
+        assert url == f"https://wiki.example.com/llm/chunkwatch#{name.lower()}"
+
+
+def test_a_bad_setting_is_refused_with_its_name(tmp_path: Path) -> None:
+    """A misspelt alert, a runbook pattern without {anchor}, or a `for` that is not a
+    duration stops the generator with a message naming the setting; nothing is written."""
+    out = tmp_path / "never.yml"
+    cases = {
+        "alerts: {ChunkwatchEmpty: {for: 2m}}": "no alert named 'ChunkwatchEmpty'",
+        "runbook_url: https://example.com/runbooks": "has no {anchor}",
+        "alerts: {ChunkwatchNoTraffic: {for: soon}}": "alerts.ChunkwatchNoTraffic.for",
+    }
+    for i, (setting, message) in enumerate(cases.items()):
+        config = tmp_path / f"bad{i}.yaml"
+        config.write_text(setting)
+        proc = _mixin("--config", str(config), "--output", str(out))
+        assert proc.returncode == 2 and message in proc.stderr, (setting, proc.stderr)
+        assert not out.exists()
