@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
 import chunkwatch
+from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger
 from chunkwatch.runtime import Runtime
 
@@ -69,13 +70,15 @@ def test_everything_put_and_got_is_ok_with_linked_spans(observed: Observed) -> N
     assert observed.sample("chunkwatch_streams_total", layer="queue", outcome="ok") == 1
     assert observed.sample("chunkwatch_chunks_total", layer="queue") == 5
     spans = {s.name: s for s in observed.exporter.get_finished_spans()}
-    publish, receive = spans["queue publish"], spans["queue receive"]
+    publish, receive = spans[sc.SPAN_QUEUE_PUBLISH], spans[sc.SPAN_QUEUE_RECEIVE]
     assert (publish.kind, receive.kind) == (SpanKind.PRODUCER, SpanKind.CONSUMER)
     assert [link.context.span_id for link in receive.links] == [publish.context.span_id]
     assert publish.attributes is not None and receive.attributes is not None
     assert publish.attributes["chunkwatch.chunks"] == 5
     assert receive.attributes["chunkwatch.chunks"] == 5
     assert receive.attributes["chunkwatch.outcome"] == "ok"
+    assert publish.attributes[sc.MESSAGING_OPERATION_NAME] == "send"
+    assert receive.attributes[sc.MESSAGING_OPERATION_NAME] == "receive"
 
 
 def test_items_left_behind_by_a_complete_reader_are_lost(observed: Observed) -> None:

@@ -60,6 +60,7 @@ class Settings:
     capture_content: bool = False
     translate_errors: bool = True
     metrics_path: str | None = "/metrics"
+    agent_name: str | None = None  # the invoke_agent span's gen_ai.agent.name (None: the graph's)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +75,7 @@ class Settings:
             capture_content=env_flag("CHUNKWATCH_CAPTURE_CONTENT", False, env),
             translate_errors=env_flag("CHUNKWATCH_TRANSLATE_ERRORS", True, env),
             metrics_path="/metrics" if path is None else (path or None),
+            agent_name=env.get("CHUNKWATCH_AGENT_NAME") or None,
         )
 
     def override(self, **given: Any) -> Settings:

@@ -29,6 +29,8 @@ an argument wins over its variable:
   ``CHUNKWATCH_TRANSLATE_ERRORS``).
 * ``metrics_path`` — with ``app``, serve Prometheus metrics there (``None``: don't;
   ``CHUNKWATCH_METRICS_PATH``).
+* ``agent_name`` — the ``invoke_agent`` span's ``gen_ai.agent.name`` (``None``: the run's
+  ``run_name``, else the graph's name; ``CHUNKWATCH_AGENT_NAME``).
 
 A second ``instrument(...)`` (e.g. after the ``opentelemetry_instrumentor`` entry point
 instrumented with no arguments) applies the options it is given and logs which changed.
@@ -67,6 +69,7 @@ def instrument(
     capture_content: bool = UNSET,
     translate_errors: bool = UNSET,
     metrics_path: str | None = UNSET,
+    agent_name: str | None = UNSET,
 ) -> Runtime:
     """Install every probe (idempotent) and, with ``app`` (a Flask app), the http/sse
     probes on it (:mod:`chunkwatch.integrations.flask`).
@@ -81,6 +84,7 @@ def instrument(
         "capture_content": capture_content,
         "translate_errors": translate_errors,
         "metrics_path": metrics_path,
+        "agent_name": agent_name,
     }
     with _lock:
         rt = active()

@@ -84,6 +84,7 @@ class Runtime:
         self.probed: set[str] = set()  # the layers whose probe is installed
         self._told_unlinked = False
         self._listeners: tuple[VerdictListener, ...] = ()
+        self.provider: str | None = None  # the GenAI provider of the last model call seen
 
     def _set_metrics(self, registry: CollectorRegistry | None) -> None:
         try:
@@ -99,7 +100,9 @@ class Runtime:
     def _set_tracer(self, tracer_provider: trace.TracerProvider | None) -> None:
         from chunkwatch import __version__
 
-        self.tracer = trace.get_tracer("chunkwatch", __version__, tracer_provider=tracer_provider)
+        self.tracer = trace.get_tracer(
+            "chunkwatch", __version__, tracer_provider=tracer_provider, schema_url=sc.SCHEMA_URL
+        )
 
     def _apply(self, settings: Settings) -> None:
         self.settings = settings
@@ -108,6 +111,7 @@ class Runtime:
         self.deadlines = settings.deadlines
         self.capture_content = settings.capture_content
         self.translate_errors = settings.translate_errors
+        self.agent_name = settings.agent_name
 
     def configure(
         self,
@@ -285,7 +289,7 @@ class Runtime:
             }
             if t.end is not None:
                 attrs[sc.A_END] = str(t.end)
-            if t.t_first is not None:
+            if t.t_first is not None and t.genai is None:  # a chat span has the GenAI one
                 attrs[sc.A_TTFC] = (t.t_first - t.t_start) / 1e9
             if t.units > 1:
                 attrs[sc.A_GAP_MAX] = t.max_gap_ns / 1e9

@@ -3,11 +3,18 @@
 Code, dashboards, alert rules and the collector config are checked against this
 module by tests, so a rename happens here or nowhere. Where OpenTelemetry's
 semantic conventions (GenAI, HTTP, error) define a name, it is used as-is.
+
+Versions targeted (docs/tracing.md, "Conventions" has the table): OpenTelemetry semantic
+conventions v1.41 — HTTP server and client spans (stable), GenAI client spans, agent
+spans and metrics (development), messaging spans (development). The tracer says so with
+:data:`SCHEMA_URL`.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.41.0"
 
 # -- layers, bottom (network) to top (browser) ------------------------------------------------
 # LAYERS is chunkwatch.probes.PROBES's layers, in its order (a test checks): a new layer is a
@@ -76,8 +83,9 @@ L_TO: Final = "to"  # breaker state: closed, open, half_open
 # -- span names -------------------------------------------------------------------------------
 SPAN_SSE: Final = "sse stream"
 SPAN_AGENT: Final = "invoke_agent"  # GenAI: "invoke_agent {agent}"
-SPAN_QUEUE_PUBLISH: Final = "queue publish"
-SPAN_QUEUE_RECEIVE: Final = "queue receive"
+# messaging: "{messaging.operation.name}" (the queue has no destination name)
+SPAN_QUEUE_PUBLISH: Final = "send"
+SPAN_QUEUE_RECEIVE: Final = "receive"
 
 # -- span event names -------------------------------------------------------------------------
 EVENT_STALL: Final = "chunkwatch.stall"
@@ -132,6 +140,7 @@ GEN_AI_RESPONSE_TTFC: Final = "gen_ai.response.time_to_first_chunk"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
 GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
+GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
 GEN_AI_PROVIDER_AZURE: Final = "azure.ai.openai"
 GEN_AI_PROVIDER_OPENAI: Final = "openai"
 HTTP_REQUEST_METHOD: Final = "http.request.method"
@@ -144,6 +153,10 @@ HTTP_RESPONSE_HEADER_PREFIX: Final = "http.response.header."
 URL_SCHEME: Final = "url.scheme"
 SERVER_ADDRESS: Final = "server.address"
 SERVER_PORT: Final = "server.port"
+CLIENT_ADDRESS: Final = "client.address"
+USER_AGENT_ORIGINAL: Final = "user_agent.original"
+NETWORK_PROTOCOL_VERSION: Final = "network.protocol.version"
 MESSAGING_SYSTEM: Final = "messaging.system"
 MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
+MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"
 MESSAGING_BATCH_COUNT: Final = "messaging.batch.message_count"

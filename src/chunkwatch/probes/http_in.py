@@ -1,7 +1,7 @@
 """The ``http`` probe: the inbound request, from its first byte to its last.
 
 Seam: the WSGI application (for Flask, where the server calls the app, outside
-whatever wraps ``app.wsgi_app``: :func:`chunkwatch.instrumentation.instrument_app`).
+whatever wraps ``app.wsgi_app``: :func:`chunkwatch.integrations.flask.instrument_app`).
 For every request it creates the request's :class:`~chunkwatch.ledger.Ledger` (``environ
 ["chunkwatch.ledger"]``; :func:`request_ledger` inside a Flask view) and the
 server span ``{method} {route}``, continuing a W3C ``traceparent`` if the client
@@ -118,17 +118,39 @@ class ChunkwatchMiddleware:
             sc.HTTP,
             kind=kind,
             context=parent,
-            attributes={
-                sc.HTTP_REQUEST_METHOD: method,
-                sc.URL_PATH: path,
-                sc.URL_SCHEME: environ.get("wsgi.url_scheme", "http"),
-            },
+            attributes=_server_attributes(environ, method, path),
         )
         if span is not None:
             ledger.parent_context = trace.set_span_in_context(span)
         # The span ends after the verdict went on it (_Request.end), not with the tally.
         tally = rt.open(sc.HTTP, ledger=ledger, span=span, watch=False, keep_span=True)
         return ledger, tally
+
+
+def _server_attributes(environ: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    """The HTTP server span's attributes (HTTP semantic conventions, stable): the required
+    ones and the recommended ones a WSGI environ has."""
+    attrs: dict[str, Any] = {
+        sc.HTTP_REQUEST_METHOD: method,
+        sc.URL_PATH: path,
+        sc.URL_SCHEME: environ.get("wsgi.url_scheme", "http"),
+    }
+    host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME")
+    if host:
+        name, sep, port = host.rpartition(":")
+        if not (sep and port.isdigit()):
+            name, port = host, ""
+        attrs[sc.SERVER_ADDRESS] = name.strip("[]")
+        if port:
+            attrs[sc.SERVER_PORT] = int(port)
+    if environ.get("REMOTE_ADDR"):
+        attrs[sc.CLIENT_ADDRESS] = environ["REMOTE_ADDR"]
+    if environ.get("HTTP_USER_AGENT"):
+        attrs[sc.USER_AGENT_ORIGINAL] = environ["HTTP_USER_AGENT"][:256]
+    protocol = environ.get("SERVER_PROTOCOL", "")
+    if protocol.startswith("HTTP/"):
+        attrs[sc.NETWORK_PROTOCOL_VERSION] = protocol[5:]
+    return attrs
 
 
 class _Request(Ending):

@@ -85,8 +85,16 @@ class _GraphEnding(Ending):
     rt: Runtime
 
     def _facts(self, end: End, exc: BaseException | None) -> None:
+        tally = self.tally
         if exc is not None and is_empty_stream_error(exc):
-            self.tally.exc_type = "StreamEmptyError"
+            tally.exc_type = "StreamEmptyError"
+        span, ledger = tally.span, tally.ledger
+        if span is not None and ledger is not None and span.is_recording():
+            # the provider of the model calls this run made (at its start, only the last
+            # one seen in this process was known)
+            made = next((t.genai[0] for t in ledger.tallies if t.genai is not None), None)
+            if made is not None:
+                span.set_attribute(sc.GEN_AI_PROVIDER_NAME, made)
 
     def fail(self, exc: BaseException) -> None:
         super().fail(exc)  # first: the verdict the translated error carries has this layer
@@ -94,13 +102,35 @@ class _GraphEnding(Ending):
             raise translate(exc, self.tally) from exc
 
 
-async def _watch(inner: Any, rt: Runtime, graph: Any, unit: str) -> AsyncIterator[Any]:
-    name = getattr(graph, "name", None) or "LangGraph"
+def _agent_attributes(rt: Runtime, graph: Any, config: Any) -> dict[str, Any]:
+    """The invoke_agent span's attributes (GenAI agent spans, v1.41): its name — the
+    configured one, else the run's ``run_name``, else the graph's (``compile(name=...)``;
+    LangGraph's default is "LangGraph") — the conversation (the LangGraph thread), and
+    the provider of the model calls, as far as it is known when the run starts."""
+    config = config if isinstance(config, dict) else {}
+    name = rt.agent_name or config.get("run_name") or getattr(graph, "name", None) or "LangGraph"
+    attrs: dict[str, Any] = {
+        sc.GEN_AI_OPERATION_NAME: "invoke_agent",
+        sc.GEN_AI_AGENT_NAME: str(name),
+    }
+    configurable = config.get("configurable")
+    thread = configurable.get("thread_id") if isinstance(configurable, dict) else None
+    if thread is not None:
+        attrs[sc.GEN_AI_CONVERSATION_ID] = str(thread)
+    if rt.provider is not None:
+        attrs[sc.GEN_AI_PROVIDER_NAME] = rt.provider
+    return attrs
+
+
+async def _watch(
+    inner: Any, rt: Runtime, graph: Any, unit: str, config: Any = None
+) -> AsyncIterator[Any]:
+    attrs = _agent_attributes(rt, graph, config)
     ledger = rt.ledger(sc.LANGGRAPH)
     span = rt.start_span(
-        f"{sc.SPAN_AGENT} {name}",
+        f"{sc.SPAN_AGENT} {attrs[sc.GEN_AI_AGENT_NAME]}",
         sc.LANGGRAPH,
-        attributes={sc.GEN_AI_OPERATION_NAME: "invoke_agent", sc.GEN_AI_AGENT_NAME: name},
+        attributes=attrs,
         ledger=ledger,
     )
     own = ledger is not current_ledger()  # outside a request: this run's own ledger
@@ -200,9 +230,14 @@ def _make_pass_through(events_v2: Callable[..., Any]) -> Callable[[Any], Any]:
                 return original(self, input, config, version=version, **kwargs)
             if version == "v1":  # deprecated: warned about and run by langchain-core
                 return _watch(
-                    original(self, input, config, version=version, **kwargs), rt, self, "token"
+                    original(self, input, config, version=version, **kwargs),
+                    rt,
+                    self,
+                    "token",
+                    config,
                 )
-            return _watch(events_v2(self, input, config=config, **kwargs), rt, self, "token")
+            inner = events_v2(self, input, config=config, **kwargs)
+            return _watch(inner, rt, self, "token", config)
 
         return _astream_events_v1_v2
 
@@ -223,7 +258,7 @@ def _make_astream_events(gap: str | None) -> Callable[[Any], Any]:
                 return inner
             if gap is not None:
                 rt.bookkeeping_error(sc.LANGGRAPH, gap)
-            return _watch(inner, rt, self, "token")
+            return _watch(inner, rt, self, "token", config)
 
         return astream_events
 
@@ -238,7 +273,7 @@ def _make_astream(original: Any) -> Any:
             return inner
         mode = kwargs.get("stream_mode") or "values"
         unit = mode if isinstance(mode, str) else "+".join(mode)
-        return _watch(inner, rt, self, unit)
+        return _watch(inner, rt, self, unit, config)
 
     return astream
 

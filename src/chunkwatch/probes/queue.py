@@ -11,8 +11,9 @@ tally finishes when the consumer is done: ``ok`` when everything put was got,
 ``lost`` when items were left behind although the consumer read to the end,
 ``disconnected`` when the consumer left early.
 
-Spans: ``queue publish`` (producer side, in the agent's trace context) and
-``queue receive`` (consumer side), the receive span linked to the publish span,
+Spans: ``send`` (producer side, in the agent's trace context) and ``receive``
+(consumer side; messaging conventions: ``{messaging.operation.name}``, the queue has no
+destination name), the receive span linked to the publish span,
 both children of the request's trace. One pair per request, not per item.
 """
 
@@ -179,7 +180,11 @@ class WatchedQueue(queue.Queue[T]):
             sc.SPAN_QUEUE_PUBLISH,
             sc.QUEUE,
             kind=SpanKind.PRODUCER,
-            attributes={sc.MESSAGING_SYSTEM: "queue.Queue", sc.MESSAGING_OPERATION_TYPE: "send"},
+            attributes={
+                sc.MESSAGING_SYSTEM: "queue.Queue",
+                sc.MESSAGING_OPERATION_NAME: "send",
+                sc.MESSAGING_OPERATION_TYPE: "send",
+            },
         )
         if self._publish is not None:  # kept for the receive span, even if publishing ended
             self._links = [Link(self._publish.get_span_context())]
@@ -195,7 +200,11 @@ class WatchedQueue(queue.Queue[T]):
             sc.QUEUE,
             kind=SpanKind.CONSUMER,
             context=parent,
-            attributes={sc.MESSAGING_SYSTEM: "queue.Queue", sc.MESSAGING_OPERATION_TYPE: "receive"},
+            attributes={
+                sc.MESSAGING_SYSTEM: "queue.Queue",
+                sc.MESSAGING_OPERATION_NAME: "receive",
+                sc.MESSAGING_OPERATION_TYPE: "receive",
+            },
             links=links,
         )
         self._tally = rt.open(sc.QUEUE, ledger=ledger, span=span, watch=False)

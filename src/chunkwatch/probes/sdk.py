@@ -52,6 +52,7 @@ from chunkwatch.runtime import Runtime, active, extra_span_attributes
 __all__ = ["instrument", "uninstrument"]
 
 _OWNER = "chunkwatch.sdk"
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def _provider(resource: Any) -> str:
@@ -65,7 +66,9 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     model = str(kwargs.get("model") or getattr(client, "_azure_deployment", None) or "unknown")
     stream = bool(kwargs.get("stream"))
     provider = _provider(resource)
-    upstream = rt.upstream_for(str(getattr(client, "base_url", "") or "unknown"))
+    base_url = getattr(client, "base_url", None)
+    upstream = rt.upstream_for(str(base_url or "unknown"))
+    rt.provider = provider  # the agent spans of later requests name it at their start
     attrs: dict[str, Any] = {
         sc.GEN_AI_OPERATION_NAME: "chat",
         sc.GEN_AI_PROVIDER_NAME: provider,
@@ -73,6 +76,14 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
         sc.GEN_AI_REQUEST_STREAM: stream,
         sc.A_UPSTREAM: upstream,
     }
+    host = getattr(base_url, "host", None)  # an httpx URL: the model endpoint (or gateway)
+    if host:
+        attrs[sc.SERVER_ADDRESS] = host
+        port = getattr(base_url, "port", None) or _DEFAULT_PORTS.get(
+            getattr(base_url, "scheme", "")
+        )
+        if port:
+            attrs[sc.SERVER_PORT] = port
     attrs.update(extra_span_attributes())
     prompt = rt.content(_last_user_text(kwargs.get("messages")))
     if prompt is not None:
