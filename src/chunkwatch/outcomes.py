@@ -275,10 +275,11 @@ def classify(ev: Evidence) -> Outcome:
         and _media_type(ev.content_type) != "text/event-stream"
     ):
         return Outcome.WRONG_CONTENT_TYPE
+    exc = ev.exc_type
     if (
         ev.gzip_magic
         or ev.malformed
-        or is_parse_error(ev.exc_type)
+        or (exc is not None and exc in _MALFORMED_NAMES)  # is_parse_error, inlined
         or (ev.pending_fields and ev.units == 0)
     ):
         return Outcome.MALFORMED
@@ -293,10 +294,11 @@ def classify(ev: Evidence) -> Outcome:
         return Outcome.ABANDONED
     if ev.end is End.CLOSED and cut_short:
         return Outcome.DISCONNECTED
-    if ev.exc_type in _EMPTY_NAMES:
-        return Outcome.EMPTY
-    if ev.exc_type in _TRUNCATED_NAMES:
-        return Outcome.TRUNCATED
+    if exc is not None:
+        if exc in _EMPTY_NAMES:
+            return Outcome.EMPTY
+        if exc in _TRUNCATED_NAMES:
+            return Outcome.TRUNCATED
     if ev.end is End.ERROR:  # an exception not classified above
         return Outcome.ERROR
     if ev.units <= ev.annotations:  # no unit at all, or none with a completion
@@ -305,6 +307,6 @@ def classify(ev: Evidence) -> Outcome:
         return Outcome.TRUNCATED
     if ev.units_in is not None and ev.units < ev.units_in:
         return Outcome.LOST
-    if is_buffered(ev):
+    if ev.units >= BUFFER_MIN_UNITS and is_buffered(ev):  # most streams: too few to judge
         return Outcome.BUFFERED
     return Outcome.OK
