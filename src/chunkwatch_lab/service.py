@@ -25,7 +25,8 @@ bounded (:mod:`chunkwatch_lab.conversations`). The event schema (see
 
 Bad input gets JSON errors: 400 (invalid JSON, missing or non-string
 ``message``), 404 ``unknown_thread`` (a ``thread_id`` never issued, or forgotten), 413
-(body over 64 KiB). ``GET /healthz`` answers ``{"status": "ok"}``.
+(body over 64 KiB). ``GET /healthz`` answers ``{"status": "ok"}``. ``GET /`` is a chat page
+(:mod:`chunkwatch_lab.page`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from chunkwatch.naming import upstream_name
 from chunkwatch.probes.queue import WatchedQueue
 from chunkwatch.sse import format_comment, format_event
 from chunkwatch.watchdog import Deadlines
+from chunkwatch_lab import page
 from chunkwatch_lab._input import BadInput, parse_chat
 from chunkwatch_lab.agent import LLMConfig, build_graph, make_model
 from chunkwatch_lab.conversations import (
@@ -265,7 +267,8 @@ def _json_error(status: int, message: str, kind: str) -> Response:
 
 def create_app(config: ServiceConfig, service: ChatService | None = None) -> Flask:
     """The Flask app. ``app.extensions["chunkwatch.chat"]`` is the :class:`ChatService`."""
-    app = Flask("chunkwatch_lab")
+    # No Flask static route: the page's files are served by name only (chunkwatch_lab.page).
+    app = Flask("chunkwatch_lab", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     chat = service or ChatService(config)
     app.extensions["chunkwatch.chat"] = chat
@@ -294,6 +297,8 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
         # The details (which may name internal hosts) go to the log, not to the client.
         log.exception("unhandled error before the stream started")
         return _json_error(500, "internal error; see the service log", "internal_error")
+
+    app.register_blueprint(page.blueprint)  # the chat page at /, docs/browser.md
 
     @app.get("/healthz")
     def healthz() -> Response:
