@@ -354,3 +354,21 @@ def test_the_version_is_written_once() -> None:
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in text and "\nversion =" not in text
     assert importlib.metadata.version("chunkwatch") == chunkwatch.__version__
+
+
+def test_the_browser_files_are_installed(bare_venv: Venv) -> None:
+    """The built distribution carries the browser module users' frontends import
+    (`chunkwatch/static/chunkwatch.js`) and the lab page's files (`chunkwatch_lab/static`),
+    which the service serves with importlib.resources: non-Python package data that a
+    packaging change could silently leave out."""
+    code = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps(sorted(str(f) for f in m.files('chunkwatch') if '/static/' in str(f))))"
+    )
+    files = json.loads(_run(bare_venv.python, "-c", code, cwd=bare_venv.python.parent).stdout)
+    assert files == [
+        "chunkwatch/static/chunkwatch.js",
+        "chunkwatch_lab/static/app.js",
+        "chunkwatch_lab/static/index.html",
+        "chunkwatch_lab/static/page.css",
+    ]
