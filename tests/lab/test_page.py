@@ -13,10 +13,13 @@ replaced in the page to capture what would be sent.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from flask import request
 
 from chunkwatch.guard import BreakerConfig
 from chunkwatch_lab.agent import LLMConfig
@@ -170,16 +173,37 @@ def test_q_sends_once_on_load_and_not_again_on_reload(open_tab: OpenTab) -> None
 # -- chunkwatch.js on synthetic bodies ----------------------------------------------------------
 
 
+@dataclass
+class Bare:
+    url: str
+    beacons: list[tuple[str, bytes]]  # (Content-Type, body) of each POST /test-beacon
+
+
 @pytest.fixture(scope="module")
-def bare_service() -> Iterator[str]:
+def bare() -> Iterator[Bare]:
     """The reference service uninstrumented and without a model: its page and
-    /chunkwatch.js are all these tests need (an origin to import the module from)."""
+    /chunkwatch.js are all these tests need (an origin to import the module from). Plus a
+    test-only `POST /test-beacon` that records what the browser really sent (the service's
+    own beacon endpoint is not built yet)."""
     config = ServiceConfig(llm=LLMConfig(url="http://127.0.0.1:9", api_key="x"), instrument=False)
-    service = ServiceThread(create_app(config))
+    app = create_app(config)
+    received: list[tuple[str, bytes]] = []
+
+    def record() -> tuple[str, int]:
+        received.append((request.content_type or "", request.get_data()))
+        return "", 204
+
+    app.add_url_rule("/test-beacon", "test_beacon", record, methods=["POST"])
+    service = ServiceThread(app)
     try:
-        yield service.url
+        yield Bare(service.url, received)
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def bare_service(bare: Bare) -> str:
+    return bare.url
 
 
 @pytest.fixture(scope="module")
@@ -455,3 +479,34 @@ def test_page_routes_serve_their_files_and_nothing_else(tab: Tab, bare_service: 
         assert r.headers["cache-control"] == "no-cache", path
     for path in ["/static/../page.py", "/static/%2e%2e%2fpage.py", "/static/page.py", "/static/x"]:
         assert request.get(bare_service + path).status == 404, path
+
+
+def test_a_real_page_leave_sends_the_beacon_over_the_network(open_tab: OpenTab, bare: Bare) -> None:
+    """No stub: with a stream still open, the person leaves the page (a real navigation,
+    so a real `pagehide`); Chromium sends the one beacon as a text/plain POST to the
+    endpoint, and the body the server receives is the contract's fields, `end` `closed`."""
+    tab = open_tab(bare.url)
+    tab.open()
+    bare.beacons.clear()
+    tab.evaluate(
+        """async () => {
+            const cw = await import('/chunkwatch.js');
+            const enc = new TextEncoder();
+            const body = new ReadableStream({
+              start(c) { c.enqueue(enc.encode(': open\\n\\nevent: token\\ndata: {}\\n\\n')); },
+            });  // and never ends
+            const r = new Response(body, {headers: {'X-Chunkwatch-Stream': 'st.leave'}});
+            const it = cw.events(r, {beaconEndpoint: '/test-beacon'});
+            await it.next();  // one event in; the stream stays open
+            window.reading = it.next();
+        }"""
+    )
+    tab.page.goto(bare.url + "/healthz")
+    deadline = time.monotonic() + 5
+    while not bare.beacons and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ((kind, raw),) = bare.beacons
+    assert kind == "text/plain;charset=utf-8"  # Blob types are lower-cased
+    body = json.loads(raw)
+    assert set(body) == BEACON_FIELDS
+    assert body["token"] == "st.leave" and body["events"] == 1 and body["end"] == "closed"

@@ -162,7 +162,7 @@ class Watch {
       duration_ms: r.duration_ms,
     });
     try {
-      const blob = new Blob([body], { type: "text/plain;charset=UTF-8" });
+      const blob = new Blob([body], { type: "text/plain;charset=utf-8" });
       if (blob.size >= MAX_BEACON_BYTES) return false;
       return navigator.sendBeacon(this.endpoint, blob) === true;
     } catch (_) {
