@@ -278,6 +278,16 @@ def variable_values(dashboard: dict[str, Any], chosen: dict[str, str]) -> dict[s
     return {**{name: ".*" for name in names}, **chosen}
 
 
+def builtin_variables(start: float, end: float, rate_interval: str) -> dict[str, str]:
+    """Grafana's built-in variables for a dashboard shown from ``start`` to ``end`` with a
+    1 s scrape interval (``$__rate_interval`` is Grafana's 4 x scrape interval)."""
+    return {
+        "__rate_interval": rate_interval,
+        "__interval": "1s",
+        "__range": f"{math.ceil(end - start) + 1}s",
+    }
+
+
 def label_values_query(definition: str) -> tuple[str | None, str]:
     """``label_values(selector, label)`` -> (selector, label); ``label_values(label)`` ->
     (None, label)."""

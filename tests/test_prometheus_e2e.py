@@ -49,6 +49,7 @@ from .prom import (
     RULES,
     Prometheus,
     binary,
+    builtin_variables,
     compress_durations,
     dashboards,
     label_values_query,
@@ -197,9 +198,7 @@ def _query_panels(run: Run) -> None:
     chosen = {
         "upstream": UPSTREAM,
         "job": JOB,
-        "__rate_interval": RATE_INTERVAL,
-        "__interval": "1s",
-        "__range": f"{math.ceil(now - run.t_start) + 1}s",
+        **builtin_variables(run.t_start, now, RATE_INTERVAL),
     }
     for dash in dashboards().values():
         variables = variable_values(dash, chosen)
