@@ -510,3 +510,22 @@ def test_a_real_page_leave_sends_the_beacon_over_the_network(open_tab: OpenTab, 
     body = json.loads(raw)
     assert set(body) == BEACON_FIELDS
     assert body["token"] == "st.leave" and body["events"] == 1 and body["end"] == "closed"
+
+
+def test_off_loopback_requests_are_refused_and_the_page_allows_only_its_origin(
+    open_tab: OpenTab, bare_service: str
+) -> None:
+    """The guard every page test runs under works: a request off loopback is refused and
+    recorded (here from a document without the page's policy). The page itself is served
+    with a same-origin Content-Security-Policy, so the browser refuses such a request
+    before it is made."""
+    tab = open_tab(bare_service)
+    tab.page.goto(bare_service + "/healthz")
+    refused = tab.evaluate("fetch('http://192.0.2.1/x').then(() => false, () => true)")
+    assert refused is True
+    assert tab.outside == ["http://192.0.2.1/x"]
+    assert tab.errors == ["console: Failed to load resource: net::ERR_FAILED"]
+    tab.outside.clear()  # seen: the teardown's checks are for the page tests
+    tab.errors.clear()
+    policy = tab.page.request.get(bare_service + "/").headers["content-security-policy"]
+    assert policy.startswith("default-src 'self'")
