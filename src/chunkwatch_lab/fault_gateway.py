@@ -16,8 +16,14 @@ gateway forwards a streamed body chunk by chunk as it arrives, without buffering
 An unreachable upstream is a 502 with an OpenAI-style error naming it; an upstream
 that drops a stream gets the client's connection dropped too.
 
-Faults apply only to requests whose JSON body has ``"stream": true``; everything
-else passes through healthy, as in real incidents where only streaming breaks.
+Its side is fixed when it starts. ``side="upstream"`` (the default, ``--side upstream``:
+between the service and the model API): faults apply only to requests whose JSON body
+has ``"stream": true``; everything else passes through healthy, as in real incidents
+where only streaming breaks. ``side="downstream"`` (``--side downstream``: in front of
+the service, the browser talking to it): the faults of :mod:`chunkwatch_lab.downstream`
+(:data:`~chunkwatch_lab.downstream.DOWNSTREAM_MODES`) apply to every ``200
+text/event-stream`` answer, whatever the request; every other answer passes. Each side
+takes its own modes: a mode of the other side is a ValueError (a 400 on the chaos API).
 Modes that transform the stream call the upstream and apply only to a
 ``200 text/event-stream`` answer (an upstream error passes through unchanged);
 the others answer without calling the upstream. The modes, their parameters and
@@ -35,7 +41,8 @@ Chaos API (never forwarded):
   "non_stream_requests": n, "upstream_requests": n, "upstream_connections": n,
   "open_connections": n}`` (``open_connections``: client connections open now);
   ``requests`` counts each proxied request under the mode it received (a
-  non-stream request is always ``pass``). ``DELETE /_chaos/stats`` resets them.
+  non-stream request is always ``pass``; downstream, "stream" means an SSE answer),
+  and ``side`` says which side the gateway is on. ``DELETE /_chaos/stats`` resets them.
 """
 
 from __future__ import annotations
@@ -46,11 +53,13 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from chunkwatch_lab._bodies import nginx_page
 from chunkwatch_lab._http import ClientGone, HTTPError, HTTPServer, Request, Responder
 from chunkwatch_lab._upstream_pool import Exchange, UpstreamPool
+from chunkwatch_lab.downstream import DOWNSTREAM_MODES, DOWNSTREAM_PARAMS, DOWNSTREAM_TRANSFORMS
 from chunkwatch_lab.faults import (
     FAULT_MODES,
     FAULT_PARAMS,
@@ -76,6 +85,13 @@ __all__ = [
 
 log = logging.getLogger("chunkwatch.gateway")
 
+SIDES = ("upstream", "downstream")
+_VOCABULARY = {
+    "upstream": (FAULT_MODES, FAULT_PARAMS),
+    "downstream": (DOWNSTREAM_MODES, DOWNSTREAM_PARAMS),
+}
+_ALL_MODES = tuple(dict.fromkeys((*FAULT_MODES, *DOWNSTREAM_MODES)))
+
 
 class Gateway:
     """The fault-injecting reverse proxy. ``set_fault`` may be called from any thread."""
@@ -86,15 +102,20 @@ class Gateway:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        side: str = "upstream",
         fault: str = "pass",
         **params: int | float,
     ) -> None:
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {', '.join(SIDES)}, not {side!r}")
         self.upstream = upstream
+        self.side = side
+        self.modes, self._table = _VOCABULARY[side]
         self._pool = UpstreamPool(upstream)
         self._http = HTTPServer(self._handle, host, port)
         self._lock = threading.Lock()
-        self._setting = FaultSetting.parse(fault, params)
-        self._counts = _zero_counts()
+        self._setting = self._parse(fault, params)
+        self._counts = _zero_counts(self.modes)
 
     @property
     def port(self) -> int:
@@ -110,11 +131,23 @@ class Gateway:
 
     def set_fault(self, mode: str, **params: int | float) -> FaultSetting:
         """Switch the fault for requests that arrive from now on. Raises ValueError."""
-        setting = FaultSetting.parse(mode, params)
+        setting = self._parse(mode, params)
         with self._lock:
             self._setting = setting
         log.info("fault set: %s", setting.as_dict())
         return setting
+
+    def _parse(self, mode: object, params: Mapping[str, object]) -> FaultSetting:
+        """The setting, validated against this side's modes; a mode of the other side is
+        named as such, so that a user who started the wrong side is told how to fix it."""
+        other = SIDES[1 - SIDES.index(self.side)]
+        if mode not in self.modes and mode in _VOCABULARY[other][0]:
+            raise ValueError(
+                f"fault {mode!r} is a fault of the {other} side and this gateway is on the "
+                f"{self.side} side (start it with --side {other}); valid modes: "
+                f"{', '.join(self.modes)}"
+            )
+        return FaultSetting.parse(mode, params, self.modes, self._table)
 
     def stats(self) -> dict[str, Any]:
         """What ``GET /_chaos/stats`` answers (see the module doc)."""
@@ -127,11 +160,12 @@ class Gateway:
             "upstream_requests": self._pool.requests,
             "upstream_connections": self._pool.opened,
             "open_connections": self._http.open_connections,
+            "side": self.side,
         }
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._counts = _zero_counts()
+            self._counts = _zero_counts(self.modes)
         self._pool.requests = self._pool.opened = 0
 
     async def start(self) -> None:
@@ -147,6 +181,9 @@ class Gateway:
         if req.path == "/_chaos" or req.path.startswith("/_chaos/"):
             await self._chaos(req, resp)
             return
+        if self.side == "downstream":
+            await self._downstream(req, resp)
+            return
         stream = _is_stream(req.body)
         with self._lock:
             setting = self._setting if stream else FaultSetting()
@@ -155,15 +192,39 @@ class Gateway:
         log.debug("%s %s stream=%s fault=%s", req.method, req.path, stream, setting.mode)
         await inject(Call(req, resp, setting, self._proxy))
 
+    async def _downstream(self, req: Request, resp: Responder) -> None:
+        """In front of the service: the fault applies to a ``200 text/event-stream`` answer
+        (``_proxy`` counts it once the answer's head says so); any other answer passes."""
+        with self._lock:
+            setting = self._setting
+        log.debug("%s %s side=downstream fault=%s", req.method, req.path, setting.mode)
+        transform = DOWNSTREAM_TRANSFORMS[setting.mode]
+        await self._proxy(Call(req, resp, setting, self._proxy), transform)
+
+    def _count(self, mode: str, *, stream: bool) -> None:
+        with self._lock:
+            self._counts["requests"][mode] += 1
+            self._counts["stream_requests" if stream else "non_stream_requests"] += 1
+
     async def _proxy(self, c: Call, transform: Transform | None) -> None:
         """Forward ``c.req`` upstream; a ``200 text/event-stream`` answer goes through
         ``transform`` (None: unchanged), any other answer passes through unchanged."""
+        # nginx's proxy_read_timeout covers the wait for the head too: a 504 page after it
+        head_timeout = c.params["seconds"] if c.setting.mode == "idle-timeout" else None
         try:
-            ex = await self._pool.forward(c.req)
+            ex = await asyncio.wait_for(self._pool.forward(c.req), head_timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, HTTPError) as err:
+            if isinstance(err, TimeoutError) and head_timeout is not None:
+                self._count(c.setting.mode, stream=False)  # the fault answered, SSE or not
+                await c.resp.send(504, [("Content-Type", "text/html")], nginx_page(504).encode())
+                return
+            if self.side == "downstream":
+                self._count("pass", stream=False)
             message = f"chunkwatch gateway got no answer from the upstream: {err!r}"
             await self._bad_gateway(c.resp, message)
             return
+        if self.side == "downstream":  # before the answer: a client may read stats after it
+            self._count(c.setting.mode if ex.is_sse else "pass", stream=ex.is_sse)
         try:
             await (transform(c, ex) if transform is not None and ex.is_sse else _pass(c.resp, ex))
         except ClientGone:
@@ -191,9 +252,9 @@ class Gateway:
                 if not isinstance(body, dict) or "fault" not in body:
                     raise ValueError('the body must be a JSON object with a "fault" key')
                 mode = body.pop("fault")
-                setting = FaultSetting.parse(mode, body)
+                setting = self._parse(mode, body)
             except ValueError as err:
-                await resp.send_json(400, _chaos_error(str(err)))
+                await resp.send_json(400, _chaos_error(str(err), self.modes))
                 return
             self.set_fault(setting.mode, **setting.params)
             await resp.send_json(200, setting.as_dict())
@@ -204,10 +265,10 @@ class Gateway:
         elif req.path in ("/_chaos", "/_chaos/stats"):
             allow = "GET, PUT" if req.path == "/_chaos" else "GET, DELETE"
             message = f"{req.method} is not allowed on {req.path}; use {allow}"
-            await resp.send_json(405, _chaos_error(message), [("Allow", allow)])
+            await resp.send_json(405, _chaos_error(message, self.modes), [("Allow", allow)])
         else:
             message = f"no chaos endpoint {req.path}; use /_chaos or /_chaos/stats"
-            await resp.send_json(404, _chaos_error(message))
+            await resp.send_json(404, _chaos_error(message, self.modes))
 
 
 async def _pass(resp: Responder, ex: Exchange) -> None:
@@ -220,20 +281,20 @@ async def _pass(resp: Responder, ex: Exchange) -> None:
     await resp.end()
 
 
-def _zero_counts() -> dict[str, Any]:
+def _zero_counts(modes: Sequence[str]) -> dict[str, Any]:
     return {
-        "requests": dict.fromkeys(FAULT_MODES, 0),
+        "requests": dict.fromkeys(modes, 0),
         "stream_requests": 0,
         "non_stream_requests": 0,
     }
 
 
-def _chaos_error(message: str) -> dict[str, Any]:
+def _chaos_error(message: str, modes: Sequence[str]) -> dict[str, Any]:
     return {
         "error": {
             "message": message,
             "type": "invalid_chaos_request",
-            "valid_modes": list(FAULT_MODES),
+            "valid_modes": list(modes),
         }
     }
 
@@ -257,37 +318,54 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
         "gateway",
         help="run a reverse proxy that injects streaming faults",
         description="A reverse proxy that forwards streams chunk by chunk and injects the faults "
-        "real gateways commit; switch them while it runs with PUT /_chaos.",
+        "real gateways commit; switch them while it runs with PUT /_chaos. --side upstream "
+        '(default): in front of the model API, faults on requests with "stream": true. '
+        "--side downstream: in front of the service, faults on every text/event-stream answer.",
     )
     p.add_argument("--upstream", required=True, metavar="URL", help="where to forward requests")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8401, help="port (default 8401; 0 picks a free one)")
     p.add_argument(
+        "--side",
+        default="upstream",
+        choices=SIDES,
+        help="upstream (default): between the service and the model API; downstream: between "
+        "the browser and the service",
+    )
+    p.add_argument(
         "--fault",
         default="pass",
-        choices=FAULT_MODES,
+        choices=_ALL_MODES,
         metavar="MODE",
-        help=f"fault mode (default pass): {', '.join(FAULT_MODES)}",
+        help=f"fault mode (default pass). upstream: {', '.join(FAULT_MODES)}. "
+        f"downstream: {', '.join(DOWNSTREAM_MODES)}",
     )
     p.add_argument(
         "--events",
         type=int,
-        help="truncate*, error-event, inband-error: data events before the cut (3)",
+        help="truncate*, error-event, inband-error, close-after-events: data events before the "
+        "cut (3)",
     )
     p.add_argument("--limit", type=float, help="stall*, keepalive-only: seconds held open (60)")
     p.add_argument("--interval", type=float, help="keepalive-only: seconds between comments (1)")
-    p.add_argument("--bytes", type=int, help="trickle: bytes per write (7)")
+    p.add_argument(
+        "--bytes", type=int, help="trickle: bytes per write (7); close-after-bytes: bytes (1024)"
+    )
     p.add_argument("--delay", type=float, help="trickle: seconds between writes (0.2)")
     p.add_argument("--status", type=int, help="status: the HTTP status (502)")
+    p.add_argument("--kb", type=int, help="buffer-kb (8), gzip-buffered (16): the buffer's KB")
+    p.add_argument("--seconds", type=float, help="idle-timeout: the idle timeout (60)")
     p.set_defaults(func=run_gateway, _gateway_parser=p)
     return p
 
 
 def gateway_from_args(args: argparse.Namespace) -> Gateway:
     """A :class:`Gateway` from parsed arguments; ValueError names a bad combination."""
-    names = {name for spec in FAULT_PARAMS.values() for name in spec}
+    tables = (FAULT_PARAMS, DOWNSTREAM_PARAMS)
+    names = {name for table in tables for spec in table.values() for name in spec}
     params = {n: getattr(args, n) for n in sorted(names) if getattr(args, n, None) is not None}
-    return Gateway(args.upstream, args.host, args.port, fault=args.fault, **params)
+    side = getattr(args, "side", "upstream")
+    return Gateway(args.upstream, args.host, args.port, side=side, fault=args.fault, **params)
 
 
 def run_gateway(args: argparse.Namespace) -> int:

@@ -1,14 +1,12 @@
 """The gateway's fault modes: what each one does to a streaming request.
 
-:data:`FAULT_MODES` lists the modes and :data:`FAULT_PARAMS` their parameters;
-:class:`FaultSetting` is a validated mode with its parameters; :func:`inject`
-answers one request as its mode does. Modes that transform the stream hand the
-gateway a :data:`Transform` to apply to the upstream's ``200 text/event-stream``
-answer (the gateway's :data:`Proxy` forwards, and owns every other outcome); the
-others answer without the upstream. :func:`aggregate` (the ``json`` mode's
-logic: the ``chat.completion`` a buffering gateway builds from chunk events) and
-:func:`openai_error` live, with the canned error pages and bodies, in the I/O-free
-:mod:`chunkwatch_lab._bodies` and are re-exported here.
+:data:`FAULT_MODES` lists the modes and :data:`FAULT_PARAMS` their parameters (the
+downstream side's: :mod:`chunkwatch_lab.downstream`); :class:`FaultSetting` is a validated
+mode with its parameters; :func:`inject` answers one request as its mode does. Modes that
+transform the stream hand the gateway a :data:`Transform` to apply to the upstream's
+``200 text/event-stream`` answer (the gateway's :data:`Proxy` forwards, and owns every other
+outcome); the others answer without the upstream. :func:`aggregate` (the ``json`` mode's
+logic) and :func:`openai_error` live in the I/O-free :mod:`chunkwatch_lab._bodies` (re-exported).
 ``docs/gateway.md`` has every mode on the wire and what the openai SDK makes of it.
 """
 
@@ -19,7 +17,7 @@ import json
 import logging
 import math
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +72,8 @@ FAULT_PARAMS: Mapping[str, Mapping[str, int | float]] = {
     "status": {"status": 502},
 }
 _MINIMUM = {"events": 0, "limit": 0.001, "interval": 0.001, "bytes": 1, "delay": 0.0, "status": 400}
-_MAXIMUM = {"status": 599}
+_MINIMUM |= {"kb": 1, "seconds": 0.001}  # the downstream modes' (chunkwatch_lab.downstream)
+_MAXIMUM = {"status": 599, "kb": 8192}  # kb: no buffer holds more than 8 MiB
 
 _SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
 _HTML = [("Content-Type", "text/html; charset=utf-8")]
@@ -110,12 +109,19 @@ class FaultSetting:
         return {"fault": self.mode, **self.params}
 
     @classmethod
-    def parse(cls, mode: object, params: Mapping[str, object]) -> FaultSetting:
-        """Validate ``mode`` and ``params``; ValueError says what is wrong and what is valid."""
-        if mode not in FAULT_MODES:
-            raise ValueError(f"unknown fault mode {mode!r}; valid modes: {', '.join(FAULT_MODES)}")
+    def parse(
+        cls,
+        mode: object,
+        params: Mapping[str, object],
+        modes: Sequence[str] = FAULT_MODES,
+        table: Mapping[str, Mapping[str, int | float]] = FAULT_PARAMS,
+    ) -> FaultSetting:
+        """Validate ``mode`` and ``params`` against ``modes`` and their parameter ``table``
+        (a downstream gateway passes its own); ValueError says what is wrong and what is valid."""
+        if mode not in modes:
+            raise ValueError(f"unknown fault mode {mode!r}; valid modes: {', '.join(modes)}")
         assert isinstance(mode, str)
-        spec = FAULT_PARAMS.get(mode, {})
+        spec = table.get(mode, {})
         unknown = sorted(set(params) - set(spec))
         if unknown:
             allowed = ", ".join(spec) or "none"

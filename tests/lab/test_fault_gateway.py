@@ -808,3 +808,33 @@ def test_gateway_command_rejects_bad_flags(args: list[str], words: str) -> None:
     cmd = [sys.executable, "-m", "chunkwatch_lab.fault_gateway", "--port", "0", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     assert proc.returncode == 2 and words in proc.stderr
+
+
+def test_gateway_command_takes_its_side_and_the_downstream_flags(
+    upstream: Running[Upstream],
+) -> None:
+    """`--side downstream --fault buffer-kb --kb 2` serves with that setting and says its
+    side in /_chaos/stats; a downstream mode without `--side downstream` exits 2 saying
+    which side it belongs to."""
+    cmd = [sys.executable, "-m", "chunkwatch_lab.fault_gateway", "--upstream", upstream.url]
+    proc = subprocess.Popen(
+        [*cmd, "--port", "0", "--side", "downstream", "--fault", "buffer-kb", "--kb", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip().split()[-1]
+        assert httpx2.get(url + "/_chaos").json() == {"fault": "buffer-kb", "kb": 2}
+        assert httpx2.get(url + "/_chaos/stats").json()["side"] == "downstream"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+    wrong = subprocess.run(
+        [*cmd, "--port", "0", "--fault", "idle-timeout", "--seconds", "5"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert wrong.returncode == 2 and "is a fault of the downstream side" in wrong.stderr
+    assert "--side downstream" in wrong.stderr
