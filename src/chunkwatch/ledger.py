@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -146,6 +146,38 @@ class Tally(Evidence):
         return self.seconds(self.t_first)
 
 
+def _tally_maker() -> Callable[..., Tally]:
+    """``Tally(layer=, t_start=, upstream=, on_finish=, ledger=)``, positionally, without
+    the dataclass ``__init__``: its 49 keyword parameters made a tally cost ~10 k
+    instructions, six a request (bench/RESULTS.md, "Per-request fixed cost, after").
+    Generated from the dataclass's own fields, as ``__init__`` is, so the two cannot
+    drift: every field is set, to its default unless given."""
+    given = ("layer", "t_start", "upstream", "on_finish", "ledger")
+    literal: dict[Any, str] = {list: "[]", dict: "{}"}
+    env: dict[str, Any] = {"_new": object.__new__, "Tally": Tally}
+    lines = [f"def new_tally({', '.join(given)}):", "    t = _new(Tally)"]
+    for f in fields(Tally):
+        if f.name in given:
+            value = f.name
+        elif f.default_factory is not MISSING:
+            factory: Any = f.default_factory
+            value = literal.get(factory) or f"_factory_{f.name}()"
+            env[f"_factory_{f.name}"] = factory
+        elif f.default is None or type(f.default) in (bool, int, str):
+            value = repr(f.default)  # a constant of the code
+        else:
+            value = f"_default_{f.name}"
+            env[value] = f.default
+        lines.append(f"    t.{f.name} = {value}")
+    lines.append("    return t")
+    exec("\n".join(lines), env)  # our own field names: as dataclasses writes __init__
+    maker: Callable[..., Tally] = env["new_tally"]
+    return maker
+
+
+_new_tally = _tally_maker()
+
+
 class Ledger:
     """Everything one request's layers saw (:func:`chunkwatch.verdict.judge` draws its verdict)."""
 
@@ -175,7 +207,7 @@ class Ledger:
         name = upstream or self.upstream or "none"
         if upstream and self.upstream is None:
             self.upstream = upstream
-        tally = Tally(layer=layer, t_start=_now(), upstream=name, on_finish=on_finish, ledger=self)
+        tally = _new_tally(layer, _now(), name, on_finish, self)
         for key, value in fields.items():
             setattr(tally, key, value)
         self.tallies.append(tally)
