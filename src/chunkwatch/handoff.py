@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from threading import Thread
 from typing import Any
 
-from chunkwatch.ledger import Ledger, bind, current_ledger
+from chunkwatch.ledger import Ledger, _current, bind
 from chunkwatch.patching import patch, unpatch
 from chunkwatch.runtime import active
 
@@ -42,7 +42,7 @@ _OWNER = "chunkwatch.handoff"
 
 
 def _ledger_to_carry() -> Ledger | None:
-    ledger = current_ledger()
+    ledger = _current.get()  # current_ledger(), without its call: every submit asks
     if ledger is None or ledger.closed or ledger.unlinked or active() is None:
         return None
     return ledger
