@@ -151,7 +151,7 @@ class _Chunks(Ending):
 
 def _span_facts(rt: Runtime, tally: Tally, completion: str | None) -> None:
     span = tally.span
-    if span is None:
+    if span is None or not span.is_recording():  # unsampled, or the no-op tracer's
         return
     attrs: dict[str, Any] = {sc.A_CONTENT_CHUNKS: tally.content_units}
     if tally.finish_reasons:

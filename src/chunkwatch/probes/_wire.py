@@ -134,7 +134,7 @@ class Reader(Ending):
     def _span_facts(self) -> None:
         tally = self.tally
         span = tally.span
-        if span is None:
+        if span is None or not span.is_recording():  # unsampled, or the no-op tracer's
             return
         attrs = dict(tally.facts.get("span_attributes", {}))
         attrs[sc.A_BYTES] = tally.bytes

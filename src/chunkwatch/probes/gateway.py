@@ -45,9 +45,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
-from chunkwatch.ledger import Tally
+from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._gateway_body import async_body, cancelled, sync_body, watch_body
+from chunkwatch.probes._tracing import tracing
 from chunkwatch.probes._wire import Reader
 from chunkwatch.runtime import Runtime, active
 
@@ -74,6 +75,29 @@ def _open(rt: Runtime, request: Any) -> Tally:
     url = request.url
     upstream = rt.upstream_for(f"{url.scheme}://{url.host}:{url.port or ''}")
     ledger = rt.ledger(sc.GATEWAY)
+    if tracing(rt):
+        span = _span(rt, request, upstream, ledger)
+    else:  # the no-op tracer: its span is the current one, or the request's
+        span = rt.start_span(sc.SPAN_GATEWAY_BODY, sc.GATEWAY, ledger=ledger)
+        if span is not None and span.get_span_context().is_valid:
+            if not _client_span_above(request):  # a trace to carry on, nobody sent it yet
+                _inject(rt, request, span)
+    stream = _stream_requested(request)
+    return rt.open(
+        sc.GATEWAY,
+        ledger=ledger,
+        upstream=upstream,
+        span=span,
+        stream_requested=stream,
+        terminal_known=stream,
+        needs_status=True,
+        watch=stream,  # a buffered answer has no first chunk before the whole generation
+    )
+
+
+def _span(rt: Runtime, request: Any, upstream: str, ledger: Ledger) -> Any:
+    """The model call's span, with its attributes, for a tracer that keeps them."""
+    url = request.url
     attributes: dict[str, Any] = {
         sc.HTTP_REQUEST_METHOD: request.method,
         sc.SERVER_ADDRESS: url.host,
@@ -86,29 +110,18 @@ def _open(rt: Runtime, request: Any) -> Tally:
         # Another instrumentation (OpenTelemetry's httpx / httpx2) owns this request's
         # CLIENT span, ends it at the response headers and propagated its context:
         # the body's facts go on a child of it.
-        span = rt.start_span(sc.SPAN_GATEWAY_BODY, sc.GATEWAY, attributes=attributes, ledger=ledger)
-    else:
-        attributes[sc.URL_FULL] = rt.redacted_url(url)
-        span = rt.start_span(
-            f"POST {_operation(url.path)}",
-            sc.GATEWAY,
-            kind=SpanKind.CLIENT,
-            attributes=attributes,
-            ledger=ledger,
-        )
-        if span is not None and span.get_span_context().is_valid:  # no-op tracer: nothing to send
-            _inject(rt, request, span)
-    stream = _stream_requested(request)
-    return rt.open(
+        return rt.start_span(sc.SPAN_GATEWAY_BODY, sc.GATEWAY, attributes=attributes, ledger=ledger)
+    attributes[sc.URL_FULL] = rt.redacted_url(url)
+    span = rt.start_span(
+        f"POST {_operation(url.path)}",
         sc.GATEWAY,
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
         ledger=ledger,
-        upstream=upstream,
-        span=span,
-        stream_requested=stream,
-        terminal_known=stream,
-        needs_status=True,
-        watch=stream,  # a buffered answer has no first chunk before the whole generation
     )
+    if span is not None and span.get_span_context().is_valid:  # invalid: nothing to send
+        _inject(rt, request, span)
+    return span
 
 
 def _client_span_above(request: Any) -> bool:

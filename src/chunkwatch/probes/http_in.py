@@ -27,6 +27,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
+from chunkwatch.probes._tracing import tracing
 from chunkwatch.probes.lifecycle import Ending, closing
 from chunkwatch.probes.sse_out import SSEBody
 from chunkwatch.runtime import Runtime, active
@@ -48,8 +49,14 @@ def request_ledger() -> Ledger | None:
 
 
 class _EnvironGetter(Getter[dict[str, Any]]):
+    def __init__(self) -> None:
+        self._names: dict[str, str] = {}  # header -> environ key: the propagators ask the same
+
     def get(self, carrier: dict[str, Any], key: str) -> list[str] | None:
-        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        name = self._names.get(key)
+        if name is None:
+            name = self._names[key] = "HTTP_" + key.upper().replace("-", "_")
+        value = carrier.get(name)
         return [value] if value is not None else None
 
     def keys(self, carrier: dict[str, Any]) -> list[str]:
@@ -91,10 +98,14 @@ class ChunkwatchMiddleware:
         # is iterated): asyncio tasks, threads and executor work started from here find it.
         token = _current_ledger.set(ledger)
         try:
-            with trace.use_span(
-                tally.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-            ):
+            span = tally.span
+            if span is None or span is trace.get_current_span():  # the no-op tracer's
                 body = self.app(environ, _start_response)
+            else:
+                with trace.use_span(
+                    span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+                ):
+                    body = self.app(environ, _start_response)
         except BaseException as exc:
             request.end(End.ERROR, exc)
             raise
@@ -113,13 +124,8 @@ class ChunkwatchMiddleware:
             # Another tool's server span (OpenTelemetry's WSGI middleware outside ours)
             # is this request's: ours is a child of it, as OTel's own do in that case.
             parent, kind = None, SpanKind.INTERNAL
-        span = rt.start_span(
-            method,
-            sc.HTTP,
-            kind=kind,
-            context=parent,
-            attributes=_server_attributes(environ, method, path),
-        )
+        attrs = _server_attributes(environ, method, path) if tracing(rt) else None
+        span = rt.start_span(method, sc.HTTP, kind=kind, context=parent, attributes=attrs)
         if span is not None:
             ledger.parent_context = trace.set_span_in_context(span)
         # The span ends after the verdict went on it (_Request.end), not with the tally.
@@ -194,7 +200,7 @@ class _Request(Ending):
         tally.unit()
         span = tally.span
         route = self.ledger.route
-        if span is not None and route:
+        if span is not None and route and span.is_recording():
             span.update_name(f"{self.method} {route}")
             span.set_attribute(sc.HTTP_ROUTE, route)
 
@@ -207,7 +213,7 @@ class _Request(Ending):
             except Exception:
                 self.bookkeeping_error("span")
             return
-        if span is not None:
+        if span is not None and span.is_recording():
             span.set_attribute(sc.A_CHUNKS, self.ledger.units(sc.SSE))
         # Ends the span: now, or once model streams its departed client left running stop.
         self.rt.finish_request(self.ledger, span)

@@ -51,6 +51,7 @@ from chunkwatch.ledger import Tally, current_ledger
 from chunkwatch.ledger import _current as _current_ledger_var
 from chunkwatch.outcomes import End
 from chunkwatch.patching import patch, unpatch
+from chunkwatch.probes._tracing import tracing
 from chunkwatch.probes.lifecycle import Ending
 from chunkwatch.runtime import Runtime, active
 from chunkwatch.verdict import judge
@@ -125,14 +126,13 @@ def _agent_attributes(rt: Runtime, graph: Any, config: Any) -> dict[str, Any]:
 async def _watch(
     inner: Any, rt: Runtime, graph: Any, unit: str, config: Any = None
 ) -> AsyncIterator[Any]:
-    attrs = _agent_attributes(rt, graph, config)
     ledger = rt.ledger(sc.LANGGRAPH)
-    span = rt.start_span(
-        f"{sc.SPAN_AGENT} {attrs[sc.GEN_AI_AGENT_NAME]}",
-        sc.LANGGRAPH,
-        attributes=attrs,
-        ledger=ledger,
-    )
+    if tracing(rt):
+        attrs = _agent_attributes(rt, graph, config)
+        name = f"{sc.SPAN_AGENT} {attrs[sc.GEN_AI_AGENT_NAME]}"
+        span = rt.start_span(name, sc.LANGGRAPH, attributes=attrs, ledger=ledger)
+    else:  # the no-op tracer drops the name and attributes
+        span = rt.start_span(sc.SPAN_AGENT, sc.LANGGRAPH, ledger=ledger)
     own = ledger is not current_ledger()  # outside a request: this run's own ledger
     tally = rt.open(sc.LANGGRAPH, ledger=ledger, span=span)
     tally.unit_kind = unit
@@ -140,7 +140,10 @@ async def _watch(
     tokens = unit == "token"
     inside = _inside.set(True)
     bound = _current_ledger_var.set(tally.ledger) if own else None
-    attached = otel_context.attach(trace.set_span_in_context(span)) if span is not None else None
+    # The no-op tracer's span is the current one already: nothing to make current.
+    attached = None
+    if span is not None and span is not trace.get_current_span():
+        attached = otel_context.attach(trace.set_span_in_context(span))
     try:
         # Not lifecycle.relay_async: every event of the run passes here, and a call per
         # event (relay's callback) was ~450 of this probe's ~1 900 instructions a unit

@@ -28,12 +28,19 @@ from opentelemetry.trace import Link, SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.outcomes import End
-from chunkwatch.runtime import Runtime, active, trace_id_of
+from chunkwatch.probes._tracing import tracing
+from chunkwatch.runtime import Runtime, active
 
 __all__ = ["WatchedQueue"]
 
 T = TypeVar("T")
 _now = time.perf_counter_ns
+_SEND = {  # the spans' attributes: the same for every request (start_span copies them)
+    sc.MESSAGING_SYSTEM: "queue.Queue",
+    sc.MESSAGING_OPERATION_NAME: "send",
+    sc.MESSAGING_OPERATION_TYPE: "send",
+}
+_RECEIVE = {**_SEND, sc.MESSAGING_OPERATION_NAME: "receive", sc.MESSAGING_OPERATION_TYPE: "receive"}
 
 
 class WatchedQueue(queue.Queue[T]):
@@ -92,6 +99,9 @@ class WatchedQueue(queue.Queue[T]):
         self._producer_done = True
         span, self._publish = self._publish, None
         if span is not None:
+            if not span.is_recording():
+                span.end()
+                return
             with self.mutex:
                 put = self._put_count()
             span.set_attributes(
@@ -155,10 +165,10 @@ class WatchedQueue(queue.Queue[T]):
                 return
         try:
             tally.units_in = put
-            ex = rt.metrics.exemplar(trace_id_of(tally.span))
+            ex = rt.metrics.exemplar(rt.trace_id(tally))  # the request's, found once
             rt.metrics.queue_wait.observe(self._wait_max / 1e9, exemplar=ex)
             rt.metrics.queue_depth_max.observe(self._depth_max, exemplar=ex)
-            if tally.span is not None:
+            if tally.span is not None and tally.span.is_recording():
                 tally.span.set_attributes(
                     {
                         sc.A_QUEUE_DEPTH_MAX: self._depth_max,
@@ -180,13 +190,10 @@ class WatchedQueue(queue.Queue[T]):
             sc.SPAN_QUEUE_PUBLISH,
             sc.QUEUE,
             kind=SpanKind.PRODUCER,
-            attributes={
-                sc.MESSAGING_SYSTEM: "queue.Queue",
-                sc.MESSAGING_OPERATION_NAME: "send",
-                sc.MESSAGING_OPERATION_TYPE: "send",
-            },
+            attributes=_SEND,
         )
-        if self._publish is not None:  # kept for the receive span, even if publishing ended
+        # kept for the receive span, even if publishing ended (the no-op tracer drops links)
+        if self._publish is not None and tracing(rt):
             self._links = [Link(self._publish.get_span_context())]
 
     def _start_receive(self) -> Tally:
@@ -200,11 +207,7 @@ class WatchedQueue(queue.Queue[T]):
             sc.QUEUE,
             kind=SpanKind.CONSUMER,
             context=parent,
-            attributes={
-                sc.MESSAGING_SYSTEM: "queue.Queue",
-                sc.MESSAGING_OPERATION_NAME: "receive",
-                sc.MESSAGING_OPERATION_TYPE: "receive",
-            },
+            attributes=_RECEIVE,
             links=links,
         )
         self._tally = rt.open(sc.QUEUE, ledger=ledger, span=span, watch=False)

@@ -30,14 +30,14 @@ Content: prompts and completions are recorded only with ``capture_content=True``
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from chunkwatch import semconv as sc
-from chunkwatch.ledger import Tally, bind, current_ledger
+from chunkwatch.ledger import Ledger, Tally, bind, current_ledger
 from chunkwatch.outcomes import End
 from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._sdk_stream import (
@@ -47,12 +47,14 @@ from chunkwatch.probes._sdk_stream import (
     _watch_public,
     _watch_sync,
 )
+from chunkwatch.probes._tracing import tracing
 from chunkwatch.runtime import Runtime, active, extra_span_attributes
 
 __all__ = ["instrument", "uninstrument"]
 
 _OWNER = "chunkwatch.sdk"
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+_NOTHING = nullcontext()  # reusable: it holds no state
 
 
 def _provider(resource: Any) -> str:
@@ -69,6 +71,10 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     base_url = getattr(client, "base_url", None)
     upstream = rt.upstream_for(str(base_url or "unknown"))
     rt.provider = provider  # the agent spans of later requests name it at their start
+    ledger = rt.ledger(sc.SDK)
+    if not tracing(rt):  # the no-op tracer: no attributes to build, nor a prompt to read
+        span = rt.start_span("chat", sc.SDK, kind=SpanKind.CLIENT, ledger=ledger)
+        return _open_tally(rt, ledger, upstream, span, stream, (provider, model))
     attrs: dict[str, Any] = {
         sc.GEN_AI_OPERATION_NAME: "chat",
         sc.GEN_AI_PROVIDER_NAME: provider,
@@ -88,10 +94,15 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     prompt = rt.content(_last_user_text(kwargs.get("messages")))
     if prompt is not None:
         attrs[sc.A_PROMPT] = prompt
-    ledger = rt.ledger(sc.SDK)
     span = rt.start_span(
         f"chat {model}", sc.SDK, kind=SpanKind.CLIENT, attributes=attrs, ledger=ledger
     )
+    return _open_tally(rt, ledger, upstream, span, stream, (provider, model))
+
+
+def _open_tally(
+    rt: Runtime, ledger: Ledger, upstream: str, span: Any, stream: bool, genai: tuple[str, str]
+) -> Tally:
     tally = rt.open(
         sc.SDK,
         ledger=ledger,
@@ -101,7 +112,7 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
         terminal_known=stream,
         watch=stream,  # deadlines are for streams: a buffered answer takes the whole generation
     )
-    tally.genai = (provider, model)
+    tally.genai = genai
     return tally
 
 
@@ -118,10 +129,11 @@ def _last_user_text(messages: Any) -> str | None:
 
 def _current(tally: Tally) -> AbstractContextManager[Any]:
     """The sdk span as the current span while the request is sent (same frame in and out)."""
-    if tally.span is None:
-        return nullcontext()
+    span = tally.span
+    if span is None or span is trace.get_current_span():  # the no-op tracer's: current already
+        return _NOTHING
     return trace.use_span(
-        tally.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
     )
 
 
@@ -130,7 +142,7 @@ def _ledger_of(tally: Tally) -> AbstractContextManager[Any]:
     is sent, so the gateway tally lands beside this one and the verdict sees both."""
     current = current_ledger()
     if current is not None and not current.closed:
-        return nullcontext()
+        return _NOTHING
     return bind(tally.ledger)
 
 
@@ -143,14 +155,6 @@ def _start(rt: Runtime | None, resource: Any, kwargs: dict[str, Any]) -> Tally |
     except Exception:
         rt.bookkeeping_error(sc.SDK, "open")
         return None
-
-
-def _sending(tally: Tally) -> AbstractContextManager[Any]:
-    """While the request is sent: the sdk span is current, and the call's ledger too."""
-    stack = ExitStack()
-    stack.enter_context(_current(tally))
-    stack.enter_context(_ledger_of(tally))
-    return stack
 
 
 def _received(
@@ -233,7 +237,7 @@ def _make_async(original: Any) -> Any:
         if rt is None or tally is None:
             return await original(self, *args, **kwargs)
         try:
-            with _sending(tally):
+            with _current(tally), _ledger_of(tally):  # sent with the sdk span and ledger current
                 result = await original(self, *args, **kwargs)
         except BaseException as exc:
             _Chunks(rt, tally).fail(exc)
@@ -256,7 +260,7 @@ def _make_sync(original: Any) -> Any:
         if rt is None or tally is None:
             return original(self, *args, **kwargs)
         try:
-            with _sending(tally):
+            with _current(tally), _ledger_of(tally):  # sent with the sdk span and ledger current
                 result = original(self, *args, **kwargs)
         except BaseException as exc:
             _Chunks(rt, tally).fail(exc)

@@ -62,7 +62,8 @@ class SSEBody(Ending):
         self._parser = SSEParser()
         self._outer_context = ledger.parent_context  # the request's, again once this ends
         span = rt.start_span(sc.SPAN_SSE, sc.SSE, context=ledger.parent_context)
-        if span is not None:
+        # (the no-op tracer hands back the request's span: its context is the parent already)
+        if span is not None and span is not trace.get_current_span(ledger.parent_context):
             ledger.parent_context = trace.set_span_in_context(span)
         super().__init__(rt.open(sc.SSE, ledger=ledger, span=span, watch=False), rt)
         self._gen: Generator[bytes, None, None] | None = None
@@ -132,7 +133,7 @@ class SSEBody(Ending):
         tally = self.tally
         try:
             tally.comments = self._parser.comments
-            if tally.span is not None:
+            if tally.span is not None and tally.span.is_recording():
                 attrs: dict[str, Any] = {sc.A_BYTES: tally.bytes, sc.A_COMMENTS: tally.comments}
                 first_byte = tally.facts.get("t_first_byte")
                 if first_byte is not None:
