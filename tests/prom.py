@@ -8,6 +8,8 @@
 * :func:`dashboards`, :func:`panels`, :func:`substitute`: the dashboard JSON as data;
   :func:`variable_values` gives every template variable a value, :func:`label_values_query`
   reads a ``label_values(...)`` variable query.
+* :func:`wait_for`, :class:`Traffic`, :func:`has_data`: polling, a stream of chat requests,
+  the series of a query result that hold a value.
 * :func:`mixin_config`: the settings the rules are generated from (prometheus/mixin.yaml).
 * :func:`emitted_series`, :func:`metric_names`: the names the code writes, the names a
   PromQL expression reads.
@@ -21,15 +23,18 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
+
+from chunkwatch_lab.client import chat
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "chunkwatch.rules.yml"
@@ -203,8 +208,8 @@ def emitted_series() -> dict[str, frozenset[str]]:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import MetricWrapperBase
 
-    from chunkwatch.metrics import Metrics
     from chunkwatch.genai_metrics import FAMILIES as GENAI_FAMILIES
+    from chunkwatch.metrics import Metrics
     from chunkwatch.stream_series import FAMILIES
 
     out: dict[str, frozenset[str]] = {}
@@ -301,3 +306,56 @@ def mixin_config() -> dict[str, Any]:
     the committed rules were generated from."""
     config: dict[str, Any] = yaml.safe_load(MIXIN_CONFIG.read_text())
     return config
+
+
+# -- running a scenario ---------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], timeout: float, every: float = 0.25) -> tuple[T | None, float]:
+    """Poll ``check`` until it returns something truthy; (that value, seconds taken)."""
+    t0 = time.monotonic()
+    while True:
+        value = check()
+        elapsed = time.monotonic() - t0
+        if value or elapsed > timeout:
+            return (value or None), elapsed
+        time.sleep(every)
+
+
+class Traffic(threading.Thread):
+    """One chat request after another, until stopped; hold ``lock`` to pause between two."""
+
+    def __init__(self, url: str, prompt: str) -> None:
+        super().__init__(name=f"traffic {url}", daemon=True)
+        self.url = url
+        self.prompt = prompt
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.failures: list[str] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            with self.lock:
+                try:
+                    chat(self.url, self.prompt, timeout=20)
+                    self.sent += 1
+                except Exception as exc:  # recorded; the scenario goes on
+                    self.failures.append(repr(exc))
+            self._halt.wait(0.1)
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(30)
+
+
+def has_data(result: list[dict[str, Any]]) -> int:
+    """Series with at least one finite value (a range or an instant result)."""
+    n = 0
+    for series in result:
+        values = series.get("values") or [series.get("value")]
+        if any(v is not None and math.isfinite(float(v[1])) for v in values):
+            n += 1
+    return n

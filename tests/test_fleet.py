@@ -47,14 +47,17 @@ from .lab.processes import child, clean_env
 from .prom import (
     RULES,
     Prometheus,
+    Traffic,
     binary,
     builtin_variables,
     compress_durations,
     dashboards,
+    has_data,
     label_values_query,
     panels,
     substitute,
     variable_values,
+    wait_for,
 )
 from .test_prometheus_e2e import (
     ALLOWED_EMPTY,
@@ -62,9 +65,6 @@ from .test_prometheus_e2e import (
     FACTOR,
     PROMPT,
     RATE_INTERVAL,
-    Traffic,
-    _has_data,
-    wait_for,
 )
 
 CHAT, BATCH, NAMESPACE, UPSTREAM = "chat-api", "batch-api", "llm", "azure-gw"
@@ -192,7 +192,7 @@ def _query_dashboards(fleet: Fleet) -> None:
                 except AssertionError as err:
                     fleet.panel_errors[key] = str(err)
                     continue
-                fleet.panel_data[key] = _has_data(got)
+                fleet.panel_data[key] = has_data(got)
                 fleet.panel_jobs[key] = {s["metric"]["job"] for s in got if "job" in s["metric"]}
                 if _canonical(got) != _canonical(want):
                     fleet.panel_leaks.append(key)
@@ -305,7 +305,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         prom.start()
         stack.callback(prom.stop)
         for replica in replicas.values():
-            replica.traffic = Traffic(replica.url)
+            replica.traffic = Traffic(replica.url, PROMPT)
             replica.traffic.start()
             stack.callback(replica.traffic.halt)
         result = Fleet(prom, replicas)

@@ -27,14 +27,12 @@ How many seconds each transition took is printed and recorded in docs/operations
 from __future__ import annotations
 
 import json
-import math
 import re
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -48,14 +46,17 @@ from .prom import (
     DASHBOARDS,
     RULES,
     Prometheus,
+    Traffic,
     binary,
     builtin_variables,
     compress_durations,
     dashboards,
+    has_data,
     label_values_query,
     mixin_config,
     substitute,
     variable_values,
+    wait_for,
 )
 from .prom import panels as all_panels
 
@@ -79,45 +80,6 @@ ALLOWED_EMPTY = {
 # The guard: a fallback per broken call; after 3 the breaker opens; a probe every 2 s.
 BREAKER = BreakerConfig(failures=3, window=60.0, cooldown=2.0)
 GUARD_ALERT = "ChunkwatchFallbackEngaged"
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], timeout: float, every: float = 0.25) -> tuple[T | None, float]:
-    """Poll ``check`` until it returns something truthy; (that value, seconds taken)."""
-    t0 = time.monotonic()
-    while True:
-        value = check()
-        elapsed = time.monotonic() - t0
-        if value or elapsed > timeout:
-            return (value or None), elapsed
-        time.sleep(every)
-
-
-class Traffic(threading.Thread):
-    """One chat request after another, until stopped; hold ``lock`` to pause between two."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(name="e2e-traffic", daemon=True)
-        self.url = url
-        self.lock = threading.Lock()
-        self.sent = 0
-        self.failures: list[str] = []
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            with self.lock:
-                try:
-                    chat(self.url, PROMPT, timeout=20)
-                    self.sent += 1
-                except Exception as exc:  # recorded; the scenario goes on
-                    self.failures.append(repr(exc))
-            self._halt.wait(0.1)
-
-    def halt(self) -> None:
-        self._halt.set()
-        self.join(30)
 
 
 @dataclass
@@ -183,16 +145,6 @@ def _disconnect(url: str) -> None:
             got += chunk
 
 
-def _has_data(result: list[dict[str, Any]]) -> int:
-    """Series with at least one finite value (a range or an instant result)."""
-    n = 0
-    for series in result:
-        values = series.get("values") or [series.get("value")]
-        if any(v is not None and math.isfinite(float(v[1])) for v in values):
-            n += 1
-    return n
-
-
 def _query_panels(run: Run) -> None:
     now = time.time()
     chosen = {
@@ -211,7 +163,7 @@ def _query_panels(run: Run) -> None:
                         result = run.prom.query(expr)
                     else:
                         result = run.prom.query_range(expr, run.t_start, now, 1.0)
-                    run.panel_data[key] = _has_data(result)
+                    run.panel_data[key] = has_data(result)
                     if target.get("exemplar"):
                         run.exemplars[key] = [
                             ex["labels"]
@@ -300,7 +252,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         time.sleep(0.5)  # the departed client's model stream stops, then is counted
         prom = Prometheus(workdir, [system.service.url.removeprefix("http://")], [rules])
         prom.start()
-        traffic = Traffic(system.service.url)
+        traffic = Traffic(system.service.url, PROMPT)
         traffic.start()
         try:
             result = Run(prom, system)
