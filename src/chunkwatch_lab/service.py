@@ -84,7 +84,7 @@ class ServiceConfig:
     registry: Any = None
     tracer_provider: Any = None
     deadlines: Deadlines | None = None
-    upstreams: dict[str, str] = field(default_factory=dict)
+    upstreams: dict[str, str] | None = None  # None: CHUNKWATCH_UPSTREAMS, else host:port
     # The guard: fall back to state streaming when token streaming is broken.
     guard: bool = True
     breaker: BreakerConfig | None = None
@@ -183,7 +183,9 @@ class ChatService:
     def _upstream(self) -> str:
         rt = chunkwatch.runtime.active()
         url = self.config.llm.url
-        return rt.upstream_for(url) if rt is not None else upstream_name(url, self.config.upstreams)
+        if rt is not None:
+            return rt.upstream_for(url)
+        return upstream_name(url, self.config.upstreams or {})
 
     async def _tokens(
         self,
@@ -277,7 +279,7 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
             app,
             registry=config.registry,
             tracer_provider=config.tracer_provider,
-            upstreams=config.upstreams,
+            upstreams=UNSET if config.upstreams is None else config.upstreams,
             # AzureChatOpenAI has no HTTP timeouts: abort a stalled upstream stream.
             deadlines=config.deadlines or Deadlines.from_env(abort=True),
             metrics_path=UNSET if config.serve_metrics else None,  # UNSET: the default

@@ -239,3 +239,27 @@ def test_the_client_is_told_the_verdict_and_trace_not_internal_addresses(
     assert len(trace_id) == 32
     logged = [rec.getMessage() for rec in caplog.records if trace_id in rec.getMessage()]
     assert any("Connection" in line for line in logged), logged
+
+
+def test_upstream_names_come_from_the_environment_unless_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``chunkwatch serve`` has no flag for upstream names: ``CHUNKWATCH_UPSTREAMS`` names
+    them (an explicit ``ServiceConfig.upstreams`` still wins)."""
+    from prometheus_client import CollectorRegistry
+
+    import chunkwatch
+
+    url = "http://127.0.0.1:1/v1"
+    monkeypatch.setenv("CHUNKWATCH_UPSTREAMS", "127.0.0.1:1=azure-gw")
+    for given, expected in ((None, "azure-gw"), ({"127.0.0.1:1": "mine"}, "mine")):
+        chunkwatch.uninstrument()
+        config = ServiceConfig(
+            llm=LLMConfig(url=url), registry=CollectorRegistry(), upstreams=given
+        )
+        create_app(config)
+        try:
+            rt = chunkwatch.runtime.active()
+            assert rt is not None and rt.upstream_for(url) == expected
+        finally:
+            chunkwatch.uninstrument()
