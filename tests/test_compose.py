@@ -156,3 +156,17 @@ def test_the_paths_the_healthchecks_poll_answer_on_the_real_services() -> None:
             path = "/" + _polled_url(services[name]).split("/", 3)[3]
             with urllib.request.urlopen(base.rstrip("/") + path, timeout=5) as resp:
                 assert resp.status == 200, (name, path)
+
+
+def test_the_apps_scrape_job_is_named_as_its_traces_service() -> None:
+    """The dashboard links a failing series to the traces of ``service=<job>``: in the lab,
+    the job scraping the app is the app's ``OTEL_SERVICE_NAME``."""
+    app = _compose()["services"]["app"]
+    prom = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [
+        j["job_name"]
+        for j in prom["scrape_configs"]
+        for c in j.get("static_configs", [])
+        if "app:8000" in c["targets"]
+    ]
+    assert job == app["environment"]["OTEL_SERVICE_NAME"]
