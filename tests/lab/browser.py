@@ -6,7 +6,7 @@ Chromium fails the tests, naming the install step: browser tests are never skipp
 
 Use from a test module with ``pytest_plugins = ("tests.lab.browser",)``:
 
-* ``chromium`` (session) — the headless browser;
+* ``chromium`` (module) — the headless browser;
 * ``open_tab`` — opens the service's page in a fresh browser context and yields a
   :class:`Tab`; every request to a host other than loopback is refused and recorded, and
   the test fails at teardown if there was one, or a script error on the page.
@@ -78,9 +78,11 @@ def _is_loopback(url: str) -> bool:
     return parts.hostname in LOOPBACK
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
-    """Headless Chromium from the Debian package, for the whole session."""
+    """Headless Chromium from the Debian package, for one test module. Not for the session:
+    while Playwright's sync API is started, its event loop counts as running in the main
+    thread, and every later test's ``asyncio.run()`` would fail."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: `scripts/bootstrap --test` installs Debian's chromium")
     # Belt and braces: nothing in a test run may make Playwright fetch a browser.
