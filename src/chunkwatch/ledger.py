@@ -153,6 +153,8 @@ def _tally_maker() -> Callable[..., Tally]:
     Generated from the dataclass's own fields, as ``__init__`` is, so the two cannot
     drift: every field is set, to its default unless given."""
     given = ("layer", "t_start", "upstream", "on_finish", "ledger")
+    if hasattr(Tally, "__post_init__"):  # its __init__ does more than set the fields
+        return lambda *values: Tally(**dict(zip(given, values, strict=True)))
     literal: dict[Any, str] = {list: "[]", dict: "{}"}
     env: dict[str, Any] = {"_new": object.__new__, "Tally": Tally}
     lines = [f"def new_tally({', '.join(given)}):", "    t = _new(Tally)"]
