@@ -339,3 +339,22 @@ def test_langgraph_without_the_v2_event_stream(
     monkeypatch.delattr(event_stream, "_astream_events_implementation_v2")
     w = Watched()
     _check_graph(w, _token_events(gateway), "private:_astream_events_implementation_v2")
+
+
+def test_no_op_tracer_check_without_the_proxys_internals_writes_every_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``probes._tracing`` reads two private names of opentelemetry-api to skip span work
+    for the no-op tracer; without them it says "tracing", so nothing is dropped."""
+    from opentelemetry import trace
+
+    from chunkwatch.probes._tracing import tracing
+    from chunkwatch.runtime import Runtime
+
+    rt = Runtime(registry=CollectorRegistry())
+    try:
+        rt.tracer = trace.ProxyTracer("chunkwatch")  # the API's, whatever this process set
+        monkeypatch.delattr(trace, "_TRACER_PROVIDER", raising=False)
+        assert tracing(rt) is True
+    finally:
+        rt.close()
