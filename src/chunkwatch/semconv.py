@@ -25,7 +25,8 @@ LANGGRAPH: Final = "langgraph"
 QUEUE: Final = "queue"
 SSE: Final = "sse"
 HTTP: Final = "http"
-LAYERS: Final = (GATEWAY, SDK, LANGGRAPH, QUEUE, SSE, HTTP)
+BROWSER: Final = "browser"  # what the person's browser received, from its beacon
+LAYERS: Final = (GATEWAY, SDK, LANGGRAPH, QUEUE, SSE, HTTP, BROWSER)
 NO_LAYER: Final = "none"  # the verdict layer of a healthy request
 MODEL: Final = "model"  # doctor: the direct model endpoint fails too
 

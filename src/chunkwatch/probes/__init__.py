@@ -46,6 +46,8 @@ PROBES: tuple[Probe, ...] = (
     Probe(sc.QUEUE, None, "items", watched=False, model=False),
     Probe(sc.SSE, None, "events", watched=False, model=False),
     Probe(sc.HTTP, None, "responses", watched=False, model=False),
+    # the browser's beacon, after the response (chunkwatch.js; docs/browser.md)
+    Probe(sc.BROWSER, None, "events received", watched=False, model=False),
 )
 
 
