@@ -95,6 +95,9 @@ class ServiceConfig:
     # False: no /metrics on the app's port (served on a port of its own instead, which the
     # clients' network does not reach: `chunkwatch serve --metrics-port`).
     serve_metrics: bool = True
+    # The demo's fault switch for its page (side -> loopback gateway URL): None, as always
+    # outside `chunkwatch demo --serve`, means no /lab/faults route (chunkwatch_lab.lab_faults).
+    lab_gateways: dict[str, str] | None = None
 
 
 def message_json(msg: BaseMessage) -> dict[str, Any]:
@@ -301,6 +304,10 @@ def create_app(config: ServiceConfig, service: ChatService | None = None) -> Fla
         return _json_error(500, "internal error; see the service log", "internal_error")
 
     app.register_blueprint(page.blueprint)  # the chat page at /, docs/browser.md
+    if config.lab_gateways is not None:
+        from chunkwatch_lab import lab_faults
+
+        app.register_blueprint(lab_faults.blueprint(config.lab_gateways))
 
     @app.get("/healthz")
     def healthz() -> Response:
