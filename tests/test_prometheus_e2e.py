@@ -76,6 +76,10 @@ ALLOWED_EMPTY = {
         "chunkwatch_instrumentation_errors_total has a sample only after chunkwatch's own "
         "bookkeeping failed; a healthy run has none"
     ),
+    "Browser streams by outcome": (
+        "the browser layer is counted from chunkwatch.js's beacon; this run's client is "
+        "not a browser"
+    ),
 }
 # The guard: a fallback per broken call; after 3 the breaker opens; a probe every 2 s.
 BREAKER = BreakerConfig(failures=3, window=60.0, cooldown=2.0)

@@ -44,6 +44,8 @@ EXPECTED_ALERTS = {
     "ChunkwatchFallbackEngaged": "warning",
     "ChunkwatchUnlinkedStreams": "warning",
     "ChunkwatchOrphanedStreams": "warning",
+    "ChunkwatchDownstreamBuffered": "warning",
+    "ChunkwatchDownstreamLoss": "critical",
 }
 # Alerts with no layer to name, and why.
 LAYERLESS_ALERTS = {
