@@ -369,6 +369,8 @@ def test_the_browser_files_are_installed(bare_venv: Venv) -> None:
     assert files == [
         "chunkwatch/static/chunkwatch.js",
         "chunkwatch_lab/static/app.js",
+        "chunkwatch_lab/static/faults.css",
+        "chunkwatch_lab/static/faults.js",
         "chunkwatch_lab/static/index.html",
         "chunkwatch_lab/static/page.css",
     ]
