@@ -17,6 +17,8 @@ variable                             option
 ``CHUNKWATCH_CAPTURE_CONTENT``       ``capture_content`` (1 / 0)
 ``CHUNKWATCH_TRANSLATE_ERRORS``      ``translate_errors`` (1 / 0)
 ``CHUNKWATCH_METRICS_PATH``          ``metrics_path`` (empty: don't serve)
+``CHUNKWATCH_BEACON_PATH``           ``beacon_path`` (empty: no beacon endpoint,
+                                     no stream tokens)
 ===================================  ===========================================
 
 A malformed value is an error that names the variable (``ValueError``), raised by
@@ -60,6 +62,7 @@ class Settings:
     capture_content: bool = False
     translate_errors: bool = True
     metrics_path: str | None = "/metrics"
+    beacon_path: str | None = "/chunkwatch/beacon"  # the browser layer's endpoint
     agent_name: str | None = None  # the invoke_agent span's gen_ai.agent.name (None: the graph's)
 
     @classmethod
@@ -69,12 +72,18 @@ class Settings:
         path = env.get("CHUNKWATCH_METRICS_PATH")
         if path is not None and path and not path.startswith("/"):
             raise ValueError(f"CHUNKWATCH_METRICS_PATH={path!r}: expected a path like /metrics")
+        beacon = env.get("CHUNKWATCH_BEACON_PATH")
+        if beacon and not beacon.startswith("/"):
+            raise ValueError(
+                f"CHUNKWATCH_BEACON_PATH={beacon!r}: expected a path like /chunkwatch/beacon"
+            )
         return cls(
             upstreams=upstreams,
             deadlines=Deadlines.from_env(env),
             capture_content=env_flag("CHUNKWATCH_CAPTURE_CONTENT", False, env),
             translate_errors=env_flag("CHUNKWATCH_TRANSLATE_ERRORS", True, env),
             metrics_path="/metrics" if path is None else (path or None),
+            beacon_path="/chunkwatch/beacon" if beacon is None else (beacon or None),
             agent_name=env.get("CHUNKWATCH_AGENT_NAME") or None,
         )
 

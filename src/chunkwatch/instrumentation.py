@@ -29,6 +29,8 @@ an argument wins over its variable:
   ``CHUNKWATCH_TRANSLATE_ERRORS``).
 * ``metrics_path`` — with ``app``, serve Prometheus metrics there (``None``: don't;
   ``CHUNKWATCH_METRICS_PATH``).
+* ``beacon_path`` — with ``app``, the browser beacon endpoint there, and a stream token
+  on every SSE response (``None``: neither; ``CHUNKWATCH_BEACON_PATH``; :mod:`chunkwatch.browser`).
 * ``agent_name`` — the ``invoke_agent`` span's ``gen_ai.agent.name`` (``None``: the run's
   ``run_name``, else the graph's name; ``CHUNKWATCH_AGENT_NAME``).
 
@@ -69,6 +71,7 @@ def instrument(
     capture_content: bool = UNSET,
     translate_errors: bool = UNSET,
     metrics_path: str | None = UNSET,
+    beacon_path: str | None = UNSET,
     agent_name: str | None = UNSET,
 ) -> Runtime:
     """Install every probe (idempotent) and, with ``app`` (a Flask app), the http/sse
@@ -84,6 +87,7 @@ def instrument(
         "capture_content": capture_content,
         "translate_errors": translate_errors,
         "metrics_path": metrics_path,
+        "beacon_path": beacon_path,
         "agent_name": agent_name,
     }
     with _lock:
@@ -112,7 +116,9 @@ def instrument(
             if changed:
                 log.info("chunkwatch: instrument() again: applied %s", ", ".join(changed))
     if app is not None:
-        flask_integration.instrument_app(app, rt, metrics_path=rt.settings.metrics_path)
+        flask_integration.instrument_app(
+            app, rt, metrics_path=rt.settings.metrics_path, beacon_path=rt.settings.beacon_path
+        )
     return rt
 
 

@@ -149,6 +149,14 @@ class Metrics:
             registry=reg,
             multiprocess_mode="liveall",
         )
+        self.beacons_refused = Counter(
+            sc.BEACONS_REFUSED,
+            "Browser beacons the endpoint refused, by reason (a closed set).",
+            (sc.L_REASON,),
+            registry=reg,
+        )
+        for reason in sc.BEACON_REFUSALS:  # every series exists from the start (rate())
+            self.beacons_refused.labels(reason)
         self.breaker_transitions = Counter(
             sc.BREAKER_TRANSITIONS,
             "Guard breaker transitions per upstream, by the state moved to.",

@@ -53,6 +53,13 @@ The rules, applied in this order (the first that matches wins):
     arrived at memory speed: spread <= max(50 ms, 5 % of the total) and under
     ``BUFFER_MAX_MEAN_GAP`` per unit. A real model's tokens are milliseconds apart;
     a store-and-forward proxy's are microseconds apart, after a long silence.
+    Or, where the layer knows how long the layer below took to pass the same units
+    (``spread_below``: the browser, against the sse layer's writes): the first unit
+    waited at least ``BUFFER_MIN_WAIT``, the layer below spread its units over at least
+    ``BUFFER_MIN_WAIT``, and this layer received them within a tenth of that
+    (``BUFFER_RELATIVE_SPREAD``) — written over seconds, arrived in one burst. A
+    browser's reader hands events to the page's own work between them, so its absolute
+    gaps are not memory speed; the ratio still is a burst.
 13. ``ok``.
 """
 
@@ -67,6 +74,7 @@ __all__ = [
     "BUFFER_MAX_MEAN_GAP",
     "BUFFER_MIN_UNITS",
     "BUFFER_MIN_WAIT",
+    "BUFFER_RELATIVE_SPREAD",
     "FAULT_OUTCOMES",
     "End",
     "Evidence",
@@ -114,6 +122,7 @@ class End(StrEnum):
 BUFFER_MIN_UNITS = 3
 BUFFER_MIN_WAIT = 0.2  # seconds: a shorter stream cannot look "buffered" to a person
 BUFFER_MAX_MEAN_GAP = 0.001  # seconds per unit: memory speed, not model speed
+BUFFER_RELATIVE_SPREAD = 0.1  # of the layer below's spread: one burst, not a stream
 
 _SECOND = 1_000_000_000
 
@@ -180,6 +189,9 @@ class Evidence:
     stalled: str | None = None  # "first_chunk" or "idle" when the watchdog fired
     end: End | None = None
     exc_type: str | None = None  # class name of the exception that ended it
+    # The time the layer below took to pass the same units (ns), where it is known (the
+    # browser: the sse layer's first-to-last event written): rule 12's relative form.
+    spread_below: int | None = None
 
 
 class Payload(StrEnum):
@@ -264,6 +276,16 @@ def is_buffered(ev: Evidence) -> bool:
     return spread / (ev.units - 1) <= BUFFER_MAX_MEAN_GAP * _SECOND
 
 
+def is_burst_of_below(ev: Evidence) -> bool:
+    """Rule 12's relative form: units the layer below spread over time arrived at once."""
+    below = ev.spread_below
+    if below is None or ev.units < BUFFER_MIN_UNITS or ev.t_first is None or ev.t_last is None:
+        return False
+    if below < BUFFER_MIN_WAIT * _SECOND or ev.t_first - ev.t_start < BUFFER_MIN_WAIT * _SECOND:
+        return False
+    return ev.t_last - ev.t_first <= BUFFER_RELATIVE_SPREAD * below
+
+
 def classify(ev: Evidence) -> Outcome:
     """The one outcome of a stream, by the rules in this module's docstring."""
     if ev.status is not None and ev.status >= 400:
@@ -307,6 +329,8 @@ def classify(ev: Evidence) -> Outcome:
         return Outcome.TRUNCATED
     if ev.units_in is not None and ev.units < ev.units_in:
         return Outcome.LOST
-    if ev.units >= BUFFER_MIN_UNITS and is_buffered(ev):  # most streams: too few to judge
+    if ev.units >= BUFFER_MIN_UNITS and (  # most streams: too few to judge
+        is_buffered(ev) or (ev.spread_below is not None and is_burst_of_below(ev))
+    ):
         return Outcome.BUFFERED
     return Outcome.OK

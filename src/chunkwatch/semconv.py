@@ -65,6 +65,18 @@ ORPHANED_STREAM_SECONDS: Final = "chunkwatch_orphaned_stream_seconds"
 FALLBACKS: Final = "chunkwatch_fallbacks"  # guard: {upstream, reason}
 STREAM_MODE: Final = "chunkwatch_stream_mode"  # guard: a state set {upstream, mode}
 BREAKER_TRANSITIONS: Final = "chunkwatch_breaker_transitions"  # guard: {upstream, to}
+# {reason}: beacons the endpoint refused, by one of BEACON_REFUSALS (never client input)
+BEACONS_REFUSED: Final = "chunkwatch_beacons_refused"
+BEACON_REFUSALS: Final = (
+    "too_large",
+    "malformed",
+    "forged",
+    "expired",
+    "replayed",
+    "unknown_stream",
+    "origin",
+    "rate_limited",
+)
 GENAI_OPERATION_DURATION: Final = "gen_ai_client_operation_duration_seconds"
 GENAI_TIME_TO_FIRST_CHUNK: Final = "gen_ai_client_operation_time_to_first_chunk_seconds"
 GENAI_TOKEN_USAGE: Final = "gen_ai_client_token_usage"  # {token}: no unit suffix
@@ -83,6 +95,7 @@ L_TO: Final = "to"  # breaker state: closed, open, half_open
 
 # -- span names -------------------------------------------------------------------------------
 SPAN_SSE: Final = "sse stream"
+SPAN_BROWSER: Final = "browser stream"  # from its beacon, in the request's trace
 SPAN_AGENT: Final = "invoke_agent"  # GenAI: "invoke_agent {agent}"
 # messaging: "{messaging.operation.name}" (the queue has no destination name)
 SPAN_QUEUE_PUBLISH: Final = "send"
@@ -122,6 +135,11 @@ A_ORPHANED_CHUNKS: Final = "chunkwatch.orphaned.chunks"  # units they received a
 A_ORPHANED_SECONDS: Final = "chunkwatch.orphaned.seconds"  # the longest one ran on that long
 A_ORPHANED_STILL_RUNNING: Final = "chunkwatch.orphaned.still_running"  # after orphans.WAIT
 SPAN_GATEWAY_BODY: Final = "gateway response body"  # under another tool's HTTP client span
+# the browser span: the beacon's facts (the rest are the common stream attributes)
+A_BROWSER_FIRST_BYTE: Final = "chunkwatch.browser.time_to_first_byte"  # seconds
+A_BROWSER_TERMINAL: Final = "chunkwatch.browser.terminal"  # the terminal event arrived
+A_BROWSER_WRITTEN: Final = "chunkwatch.browser.events_written"  # the sse layer's count
+A_BROWSER_DURATION: Final = "chunkwatch.browser.duration"  # seconds, as the browser saw it
 A_MODE: Final = "chunkwatch.stream_mode"
 A_FALLBACK_REASON: Final = "chunkwatch.fallback.reason"
 EVENT_FALLBACK: Final = "chunkwatch.fallback"

@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from chunkwatch.browser import Beacons
 from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware
 from chunkwatch.runtime import Runtime, active
@@ -32,17 +33,30 @@ _ROUTE_MARK = "chunkwatch.route_hook"  # _note_route registered (it stays: it ch
 _OWNER = "chunkwatch.flask"  # the patching owner of Flask.__call__
 
 
-def instrument_app(app: Any, rt: Runtime, *, metrics_path: str | None = "/metrics") -> None:
-    """The http and sse probes on ``app`` (idempotent), plus ``metrics_path`` if given."""
+def instrument_app(
+    app: Any,
+    rt: Runtime,
+    *,
+    metrics_path: str | None = "/metrics",
+    beacon_path: str | None = "/chunkwatch/beacon",
+) -> None:
+    """The http and sse probes on ``app`` (idempotent), plus ``metrics_path`` and the
+    browser beacon endpoint at ``beacon_path`` (:mod:`chunkwatch.browser`) if given."""
     rt.serving = True
     middleware = app.extensions.get(_APP_MARK)
     if isinstance(middleware, ChunkwatchMiddleware):
         middleware.enabled = True
         middleware._runtime = rt
     else:
-        app.extensions[_APP_MARK] = ChunkwatchMiddleware(
+        middleware = app.extensions[_APP_MARK] = ChunkwatchMiddleware(
             _CurrentWsgiApp(app), rt, skip_paths=[metrics_path] if metrics_path else []
         )
+    # The endpoint is answered by the middleware itself (it is no request of the app's):
+    # kept across instrument calls with the same path, so its tokens stay valid.
+    if not beacon_path:
+        middleware.beacons = None
+    elif middleware.beacons is None or middleware.beacons.path != beacon_path.rstrip("/"):
+        middleware.beacons = Beacons(beacon_path)
     # The class that defines __call__ for this app: flask.app.Flask, also when the app is
     # a subclass (OpenTelemetry's auto-instrumentation swaps flask.Flask for one).
     owner = next((c for c in type(app).__mro__ if "__call__" in c.__dict__), None)

@@ -24,6 +24,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from chunkwatch import semconv as sc
+from chunkwatch.browser import Beacons, terminal_written
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
@@ -70,9 +71,15 @@ class ChunkwatchMiddleware:
     """WSGI middleware: the ``http`` and ``sse`` probes for any WSGI app."""
 
     def __init__(
-        self, app: WSGIApp, runtime: Runtime | None = None, *, skip_paths: Iterable[str] = ()
+        self,
+        app: WSGIApp,
+        runtime: Runtime | None = None,
+        *,
+        skip_paths: Iterable[str] = (),
+        beacons: Beacons | None = None,
     ) -> None:
         self.app = app
+        self.beacons = beacons  # the beacon endpoint and SSE stream tokens; None: off
         self._runtime = runtime
         self._skip = frozenset(skip_paths)  # e.g. the metrics path: a scrape is not a request
         self.enabled = True  # False: left in place by uninstrument (another wrapper is above)
@@ -81,14 +88,19 @@ class ChunkwatchMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         rt = self._runtime or active()
-        if rt is None or not self.enabled or environ.get("PATH_INFO") in self._skip:
+        path = environ.get("PATH_INFO")
+        if rt is None or not self.enabled or path in self._skip:
             return self.app(environ, start_response)
+        beacons = self.beacons
+        if beacons is not None and path is not None and beacons.handles(path):
+            return beacons(rt, environ, start_response)  # not a request of the service's
         try:
             ledger, tally = self._open(rt, environ)
         except Exception:
             rt.bookkeeping_error(sc.HTTP, "open")
             return self.app(environ, start_response)
         request = _Request(rt, ledger, tally, environ.get("REQUEST_METHOD", "GET"))
+        request.beacons = beacons
 
         def _start_response(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
             request.started(status, headers)
@@ -169,6 +181,9 @@ class _Request(Ending):
         self.ledger, self.method = ledger, method
         self.status = 0
         self.streaming = False
+        self.beacons: Beacons | None = None
+        self.stream_token: str | None = None  # X-Chunkwatch-Stream, for an SSE response
+        self.body: SSEBody | None = None
 
     def started(self, status: str, headers: list[tuple[str, str]]) -> None:
         try:
@@ -176,6 +191,8 @@ class _Request(Ending):
             for name, value in headers:
                 if name.lower() == "content-type":
                     self.streaming = value.lower().startswith("text/event-stream")
+            if self.streaming and self.beacons is not None:
+                self.stream_token = self.beacons.stream_headers(headers)
             if self.tally.span is not None:
                 self.tally.span.set_attribute(sc.HTTP_RESPONSE_STATUS_CODE, self.status)
                 if self.status >= 500:
@@ -185,7 +202,8 @@ class _Request(Ending):
 
     def wrap(self, body: Iterable[bytes]) -> Iterable[bytes]:
         if self.streaming:
-            return SSEBody(body, self.rt, self.ledger, on_end=self._body_ended)
+            self.body = SSEBody(body, self.rt, self.ledger, on_end=self._body_ended)
+            return self.body
         return _PlainBody(body, self)
 
     def _body_ended(self, end: End) -> None:
@@ -216,7 +234,15 @@ class _Request(Ending):
         if span is not None and span.is_recording():
             span.set_attribute(sc.A_CHUNKS, self.ledger.units(sc.SSE))
         # Ends the span: now, or once model streams its departed client left running stop.
-        self.rt.finish_request(self.ledger, span)
+        verdict = self.rt.finish_request(self.ledger, span)
+        if self.stream_token is not None and self.beacons is not None and self.body is not None:
+            try:
+                terminal = terminal_written(self.body.last_chunk)
+                self.beacons.stream_ended(
+                    self.stream_token, self.ledger, verdict, terminal=terminal
+                )
+            except Exception:
+                self.rt.bookkeeping_error(sc.BROWSER, "record")
 
 
 class _PlainBody:

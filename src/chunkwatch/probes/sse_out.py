@@ -67,6 +67,7 @@ class SSEBody(Ending):
             ledger.parent_context = trace.set_span_in_context(span)
         super().__init__(rt.open(sc.SSE, ledger=ledger, span=span, watch=False), rt)
         self._gen: Generator[bytes, None, None] | None = None
+        self.last_chunk: bytes = b""  # the last chunk passed on, once the body ended
         self._token: Any = None
 
     def __iter__(self) -> Iterator[bytes]:
@@ -82,29 +83,35 @@ class SSEBody(Ending):
         # Not lifecycle.relay: its callback would be a call per event, a large share of
         # this probe's cost (bench/RESULTS.md, "Tally.unit is inlined"); the counter is
         # inlined, the end is the shared Ending's.
+        chunk = b""
         with self:
-            for chunk in self._body:
-                try:
-                    if not tally.bytes:
-                        tally.facts["t_first_byte"] = time.perf_counter_ns()
-                    tally.bytes += len(chunk)
-                    if type(chunk) is WholeEvent and parser.idle:  # format_event's: one event
-                        now = _now()  # Tally.unit, inlined (bench/probe_instructions.py)
-                        last = tally.t_last
-                        if last is None:
-                            tally.t_first = now
-                        elif now - last > tally.max_gap_ns:
-                            tally.max_gap_ns = now - last
-                        tally.t_last = now
-                        tally.units += 1
-                    else:
-                        before = parser.events
-                        count(chunk)  # [DONE] is an event here: count what was dispatched
-                        if parser.events != before:
-                            unit(parser.events - before)
-                except Exception:
-                    self.bookkeeping_error("feed")
-                yield chunk
+            try:
+                for chunk in self._body:
+                    try:
+                        if not tally.bytes:
+                            tally.facts["t_first_byte"] = time.perf_counter_ns()
+                        tally.bytes += len(chunk)
+                        if type(chunk) is WholeEvent and parser.idle:  # format_event's: one event
+                            now = _now()  # Tally.unit, inlined (bench/probe_instructions.py)
+                            last = tally.t_last
+                            if last is None:
+                                tally.t_first = now
+                            elif now - last > tally.max_gap_ns:
+                                tally.max_gap_ns = now - last
+                            tally.t_last = now
+                            tally.units += 1
+                        else:
+                            before = parser.events
+                            count(chunk)  # [DONE] is an event here: count what was dispatched
+                            if parser.events != before:
+                                unit(parser.events - before)
+                    except Exception:
+                        self.bookkeeping_error("feed")
+                    yield chunk
+            finally:
+                # The loop's own variable, read once at the end (no work per event): the
+                # beacon endpoint's record says whether the last event written was terminal.
+                self.last_chunk = chunk
 
     def close(self) -> None:
         """Called by the WSGI server when it is done (or when the client went away)."""
