@@ -22,3 +22,5 @@ def test_demo_reproduces_names_and_heals_the_incident() -> None:
     assert "gateway: HTTP 200 text/event-stream, 0 data events, closed cleanly" in text
     assert "event: mode   -> updates (empty@gateway)" in text
     assert 'chunkwatch_requests_total{outcome="empty",layer="gateway"} 2' in text
+    # and, without --serve, how to get the page (tests/lab/test_demo_serve.py runs it)
+    assert text.rstrip().endswith("To break it yourself on the chat page: chunkwatch demo --serve")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,12 +49,13 @@ class Demo:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    """`python -m chunkwatch demo --serve`, started once for the module; its output up to
-    the page's URL. 16 tokens 40 ms apart: an answer long enough to see it stream."""
+    """`python -m chunkwatch demo --serve --port P`, started once for the module; its output
+    up to the page's URL, on P. 16 tokens 40 ms apart: an answer long enough to see stream."""
     log = tmp_path_factory.mktemp("demo") / "out.log"
-    cmd = [sys.executable, "-m", "chunkwatch", "demo", "--serve", "--tokens", "16"]
+    port = _free_port()
+    cmd = [sys.executable, "-m", "chunkwatch", "demo", "--serve", "--port", str(port)]
     proc = subprocess.Popen(
-        [*cmd, "--token-delay", "0.04"],
+        [*cmd, "--tokens", "16", "--token-delay", "0.04"],
         env=clean_env(PYTHONUNBUFFERED="1"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -63,9 +65,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     lines: list[str] = []
     try:
         url = _read_url(proc, lines, log)
+        assert url == f"http://127.0.0.1:{port}"  # --port is the page's
         yield Demo(proc, url, lines)
     finally:
         stop_group(proc, signal.SIGKILL)  # only if the last test did not stop it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _read_url(proc: subprocess.Popen[str], lines: list[str], log: Path) -> str:
