@@ -12,7 +12,10 @@ it (browser → gateway → service) running on loopback, and prints the chat pa
 the downstream gateway's, so its faults reach the browser. The page's fault panel switches
 either gateway (``/lab/faults``, :mod:`chunkwatch_lab.lab_faults`, on only here). The story
 comes first because it says in words what the page then lets a person do by hand; it
-takes a few seconds. Ctrl-C (or SIGTERM) stops everything within :data:`STOP_BOUND`.
+takes a few seconds. Both gateways start healthy (``pass``); the service's guard is off
+(``--guard`` turns it on), so that a broken stream shows where its data stopped rather
+than the fallback's answer. ``--port`` is the page's port (default: a free one). Ctrl-C
+(or SIGTERM) stops every part, each within :data:`STOP_BOUND`.
 """
 
 from __future__ import annotations
