@@ -102,10 +102,10 @@ def test_recent_streams_are_bounded_oldest_first() -> None:
     assert streams.get("id0") is None and streams.get("id1") is None
     got = streams.get("id4")
     assert got is not None and got.events == 4
-    first = streams.claim("id4")
+    first = streams.claim("id4", {})
     assert first[0] is got and first[1] is True
-    assert streams.claim("id4") == (got, False)
-    assert streams.claim("nope") == (None, False)
+    assert streams.claim("id4", {}) == (got, False)
+    assert streams.claim("nope", {}) == (None, False)
 
 
 def test_recent_streams_forget_what_expired() -> None:
@@ -114,7 +114,7 @@ def test_recent_streams_forget_what_expired() -> None:
     streams = RecentStreams(clock=clock)
     streams.add("old", record(int(clock.now) + 10))
     clock.now += 11
-    assert streams.get("old") is None and streams.claim("old") == (None, False)
+    assert streams.get("old") is None and streams.claim("old", {}) == (None, False)
     streams.add("new", record(int(clock.now) + 10))
     assert len(streams) == 1  # the expired one was dropped on the insert
 
@@ -132,7 +132,7 @@ def test_recent_streams_are_thread_safe() -> None:
         won = 0
         for m in range(8):
             for i in range(1990, 2000):
-                won += streams.claim(f"{m}-{i}")[1]
+                won += streams.claim(f"{m}-{i}", {})[1]
         wins.append(won)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
@@ -143,7 +143,10 @@ def test_recent_streams_are_thread_safe() -> None:
     assert len(streams) == 1000
     claimed = sum(wins)
     assert 0 < claimed <= 80
-    assert sum(1 for m in range(8) for i in range(1990, 2000) if streams.claim(f"{m}-{i}")[0]) <= 80
+    assert (
+        sum(1 for m in range(8) for i in range(1990, 2000) if streams.claim(f"{m}-{i}", {})[0])
+        <= 80
+    )
 
 
 def test_the_rate_limit_is_a_token_bucket() -> None:
@@ -153,3 +156,22 @@ def test_the_rate_limit_is_a_token_bucket() -> None:
     assert [bucket.allow() for _ in range(6)] == [True] * 5 + [False]
     t[0] += 0.25  # 2.5 tokens
     assert [bucket.allow() for _ in range(3)] == [True, True, False]
+
+
+def test_a_beacon_before_the_stream_finished_is_parked_for_its_end() -> None:
+    """A hop cut the stream: the browser's beacon beats the service's own end of it. The
+    open record takes the claim and parks the beacon; finish hands it back once, and a
+    second beacon is still a replay."""
+    streams = RecentStreams()
+    streams.add("s", StreamRecord(expiry=2**40))
+    opened, first = streams.claim("s", {"events": 3})
+    assert first and opened is not None and opened.early == {"events": 3}
+    done = record(2**40, 13)
+    assert streams.finish("s", done) == {"events": 3}
+    assert streams.get("s") is done and done.finished and done.early is None
+    assert streams.claim("s", {}) == (done, False)
+    # A stream finished with no beacon yet: nothing handed back; the beacon then claims it.
+    streams.add("t", StreamRecord(expiry=2**40))
+    assert streams.finish("t", record(2**40)) is None
+    got, first = streams.claim("t", {})
+    assert first and got is not None and got.early is None

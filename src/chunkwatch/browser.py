@@ -153,7 +153,8 @@ class Beacons:
 
     def stream_headers(self, headers: list[tuple[str, str]]) -> str:
         """Add the stream token (and its CORS exposure) to an SSE response's headers."""
-        token = self.tokens.issue()[0]
+        token, ident, expiry = self.tokens.issue()
+        self.streams.add(ident, StreamRecord(expiry))  # open: a beacon may beat its end
         headers.append((STREAM_HEADER, token))
         if self.origins:
             headers.append(("Access-Control-Expose-Headers", STREAM_HEADER))
@@ -161,13 +162,15 @@ class Beacons:
 
     def stream_ended(
         self,
+        rt: Runtime,
         token: str,
         ledger: Ledger,
         verdict: Verdict | None,
         *,
         terminal: bool,
     ) -> None:
-        """Keep the record of a finished SSE stream (its sse tally, funnel, verdict)."""
+        """Keep the record of a finished SSE stream (its sse tally, funnel, verdict); a
+        beacon that came before it finished is recorded now."""
         _, ident, expiry, _ = token.split(".")
         sse = next((t for t in reversed(ledger.tallies) if t.layer == sc.SSE), None)
         if sse is None:
@@ -186,7 +189,9 @@ class Beacons:
             verdict=None if verdict is None else verdict.as_dict(),
             verdict_name=None if verdict is None else str(verdict),
         )
-        self.streams.add(ident, record)
+        early = self.streams.finish(ident, record)
+        if early is not None:
+            record_browser(rt, record, early)
 
     # -- the endpoint -----------------------------------------------------------------------
 
@@ -249,12 +254,13 @@ class Beacons:
         body = environ["wsgi.input"].read(length)
         beacon = parse_beacon(body)
         ident = self._verify(beacon["token"])
-        record, first = self.streams.claim(ident)
+        record, first = self.streams.claim(ident, beacon)
         if record is None:
             raise Refused("unknown_stream", "no stream of this process has this token")
         if not first:
             raise Refused("replayed", "this stream's beacon was received already")
-        record_browser(rt, record, beacon)
+        if record.early is None:  # else recorded when the stream finishes (it still runs)
+            record_browser(rt, record, beacon)
 
     def _verify(self, token: object) -> str:
         try:

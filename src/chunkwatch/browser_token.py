@@ -100,21 +100,24 @@ class Tokens:
 
 @dataclass(slots=True)
 class StreamRecord:
-    """What the sse layer saw of one stream, kept for its beacon and the page."""
+    """What the sse layer saw of one stream, kept for its beacon and the page. Opened when
+    the response starts (a beacon may come before the service noticed the stream's end:
+    a hop that cut it), filled when the sse tally finished."""
 
     expiry: int  # the token's: the record goes with it
-    events: int  # events written (the sse tally's units)
-    first_ms: float | None  # first / last event written, ms from the sse stream's start
-    last_ms: float | None
-    terminal: bool  # the last event written was a terminal one (done / error)
-    parent: Any  # the request's OpenTelemetry context: the browser span's parent
-    upstream: str
-    funnel: dict[str, int]
+    events: int = 0  # events written (the sse tally's units)
+    first_ms: float | None = None  # first / last event written, ms from the sse start
+    last_ms: float | None = None
+    terminal: bool = False  # the last event written was a terminal one (done / error)
+    parent: Any = None  # the request's OpenTelemetry context: the browser span's parent
+    upstream: str = "none"
+    funnel: dict[str, int] = field(default_factory=dict)
     verdict: dict[str, Any] | None = None  # Verdict.as_dict(): the client-safe words
     verdict_name: str | None = None  # "ok" or "<outcome>@<layer>"
     browser: dict[str, Any] | None = None  # set once, by the accepted beacon
+    finished: bool = False  # the sse layer's facts are in
     claimed: bool = False  # a beacon was accepted: another is a replay
-    extra: dict[str, Any] = field(default_factory=dict)
+    early: dict[str, Any] | None = None  # a beacon that came before the stream finished
 
 
 class RecentStreams:
@@ -156,9 +159,11 @@ class RecentStreams:
             record = self._records.get(ident)
             return None if record is None or record.expiry < self._clock() else record
 
-    def claim(self, ident: str) -> tuple[StreamRecord | None, bool]:
-        """(record, True) the first time; (record, False) once claimed; (None, False) if
-        unknown. Atomic: of two beacons for one stream, exactly one claims it."""
+    def claim(self, ident: str, beacon: dict[str, Any]) -> tuple[StreamRecord | None, bool]:
+        """For ``beacon``: (None, False) if the stream is unknown; (record, False) if it was
+        claimed already (a replay); (record, True) the first time — then, if the stream is
+        still open, the beacon is parked on it for :meth:`finish` (``record.early``).
+        Atomic: of two beacons for one stream exactly one claims it."""
         with self._lock:
             record = self._records.get(ident)
             if record is None or record.expiry < self._clock():
@@ -166,7 +171,24 @@ class RecentStreams:
             if record.claimed:
                 return record, False
             record.claimed = True
+            if not record.finished:
+                record.early = beacon
             return record, True
+
+    def finish(self, ident: str, record: StreamRecord) -> dict[str, Any] | None:
+        """The stream's facts are in: ``record`` replaces its open one; a beacon that came
+        early is handed back (to be recorded now), and the claim carries over."""
+        with self._lock:
+            opened = self._records.get(ident)
+            if opened is not None:
+                record.claimed, record.early = opened.claimed, None
+                self._records[ident] = record  # its place in the order (its start) is kept
+            else:  # evicted while it ran: kept anew
+                self._records[ident] = record
+                while len(self._records) > self._max:
+                    self._records.popitem(last=False)
+            record.finished = True
+            return None if opened is None else opened.early
 
 
 class RateLimit:

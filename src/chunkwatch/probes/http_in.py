@@ -239,7 +239,7 @@ class _Request(Ending):
             try:
                 terminal = terminal_written(self.body.last_chunk)
                 self.beacons.stream_ended(
-                    self.stream_token, self.ledger, verdict, terminal=terminal
+                    self.rt, self.stream_token, self.ledger, verdict, terminal=terminal
                 )
             except Exception:
                 self.rt.bookkeeping_error(sc.BROWSER, "record")
