@@ -68,8 +68,8 @@ def test_healthy_the_page_shows_the_answer_as_it_streams_and_counts_what_sse_wro
     """A healthy answer appears token by token (the answer box grows in many steps over
     the answer's time, not at once), whole in the end; chunkwatch.js counts as many events
     as the sse layer wrote, the terminal event arrived and the stream ended `clean`; the
-    funnel shows the browser's count and leaves the server layers empty; no beacon without
-    a stream token."""
+    funnel shows the browser's count, and the server layers' counts once the service reported
+    them (after the beacon)."""
     with instrumented_system(tokens=12, token_delay=0.04) as system:
         tab = open_tab(system.service.url)
         tab.open()
@@ -96,13 +96,20 @@ def test_healthy_the_page_shows_the_answer_as_it_streams_and_counts_what_sse_wro
         assert written == 13  # 12 tokens and `done`
         assert stream["events"] == written
         assert stream["terminal"] is True and stream["end"] == "clean"
-        assert stream["beacon"] == "off"  # the service sends no X-Chunkwatch-Stream yet
+        assert stream["beacon"] == "sent"  # to the service's endpoint, with its stream token
         assert 0 < stream["first_byte_ms"] <= stream["first_event_ms"] <= stream["duration_ms"]
         assert stream["gap_max_ms"] >= 20  # tokens came 40 ms apart
         assert tab.text("#browser-events") == str(written)
         assert tab.text("#browser-end") == "clean"
-        server = tab.page.locator("tr.server-layer td")
-        assert server.all_inner_texts() == ["—"] * 10  # gateway … sse: nothing invented
+        # The server rows, from the service's report once the beacon was recorded
+        # (tests/lab/test_browser_layer.py): units per layer; no verdict layer when ok.
+        tab.page.wait_for_selector('body[data-browser-outcome="ok"]', state="attached")
+        rows = {
+            layer: tab.page.locator(f'tr[data-layer="{layer}"] td').all_inner_texts()
+            for layer in ("gateway", "sdk", "langgraph", "queue", "sse")
+        }
+        funnel = system.capture.wait_for_verdicts(1)[0].funnel
+        assert rows == {layer: [str(funnel[layer]), "—"] for layer in rows if layer in funnel}
         assert tab.page.locator("#error").is_hidden()
         assert tab.chats == [system.service.url + "/chat"]
 

@@ -43,6 +43,45 @@ function showFunnel() {
   $("browser-end").textContent = s.end === null ? "open" : s.end;
 }
 
+// The server's side of the last request, from the beacon endpoint's GET (the holder of the
+// stream token may read its funnel and verdict): filled once the browser's own beacon was
+// recorded, so the funnel reads gateway → … → sse → browser. Asked after a short wait and
+// again a few times: the beacon and the service's record of the stream land just after the
+// stream's end, and an early ask would only be refused.
+async function showServer(token) {
+  if (!beacon || !token) return;
+  for (let attempt = 0; attempt < 10; attempt++) {
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    let report;
+    try {
+      const response = await fetch(`${beacon}/${encodeURIComponent(token)}`);
+      if (response.status === 404) continue; // not recorded yet
+      if (!response.ok) return;
+      report = await response.json();
+    } catch (_) {
+      return; // nothing to show: the page's own counts stay
+    }
+    fillServer(report);
+    if (report.browser) return;
+  }
+}
+
+function fillServer(report) {
+  const funnel = report.funnel || {};
+  const verdict = report.verdict;
+  for (const row of document.querySelectorAll("tr.server-layer")) {
+    const [units, outcome] = row.querySelectorAll("td");
+    const layer = row.dataset.layer;
+    units.textContent = layer in funnel ? String(funnel[layer]) : "—";
+    outcome.textContent = verdict && verdict.layer === layer ? verdict.outcome : "—";
+  }
+  const words = [];
+  if (verdict) words.push(`The service's verdict: ${verdict.outcome === "ok" ? "ok" : `${verdict.outcome} at ${verdict.layer}`}.`);
+  if (report.browser) words.push(`The browser layer: ${report.browser.outcome}.`);
+  $("server-slot").textContent = words.join(" ") || "Server layers: reported.";
+  if (report.browser) document.body.dataset.browserOutcome = report.browser.outcome;
+}
+
 function addText(text) {
   answer.append(document.createTextNode(text));
 }
@@ -109,6 +148,7 @@ async function ask(message) {
     return;
   }
   setState("streaming", "Streaming tokens…");
+  const token = response.headers.get("X-Chunkwatch-Stream");
   let outcome = "error";
   try {
     const opts = { start, signal: controller.signal, beaconEndpoint: beacon };
@@ -153,6 +193,7 @@ async function ask(message) {
   } finally {
     controller = null;
     showFunnel();
+    showServer(token);
   }
 }
 
