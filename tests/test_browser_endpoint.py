@@ -21,6 +21,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.browser import STREAM_HEADER, Beacons
 from chunkwatch.browser_token import RateLimit
 from chunkwatch.integrations.flask import instrument_app, uninstrument_app
+from chunkwatch.ledger import Ledger
 from chunkwatch.runtime import Runtime
 from chunkwatch.sse import format_event
 
@@ -235,3 +236,26 @@ def test_no_beacon_path_no_token(service: Service) -> None:
     assert STREAM_HEADER not in resp.headers
     resp.close()
     assert service.client.post(PATH, data=b"{}").status_code == 404
+
+
+def test_a_verdict_drawn_later_reaches_the_record() -> None:
+    """A request whose verdict waits (its departed client left model streams running) ends
+    its sse stream with no verdict yet: the record gets it when it is drawn, from a verdict
+    listener added then."""
+    rt = Runtime(registry=CollectorRegistry())
+    try:
+        beacons = Beacons(PATH)
+        token = beacons.stream_headers([])
+        ledger = Ledger()
+        sse = ledger.open(sc.SSE)
+        sse.unit(3)
+        sse.finish()
+        beacons.stream_ended(rt, token, ledger, None, terminal=True)
+        ident = token.split(".")[1]
+        record = beacons.streams.get(ident)
+        assert record is not None and record.verdict is None and record.events == 3
+        verdict = rt.finish_request(ledger, None)
+        assert verdict is not None
+        assert record.verdict == verdict.as_dict() and record.verdict_name == str(verdict)
+    finally:
+        rt.close()

@@ -33,6 +33,8 @@ import json
 import logging
 import math
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -148,6 +150,14 @@ class Beacons:
         self.tokens = tokens or Tokens()
         self.streams = streams or RecentStreams()
         self.rate = rate or RateLimit()
+        # Requests whose verdict waits for model streams their departed client left running
+        # (chunkwatch.orphans): the record gets it from a verdict listener, added once one
+        # such request was seen (until then no request pays for the call).
+        self._awaiting: weakref.WeakKeyDictionary[Ledger, StreamRecord] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._awaiting_lock = threading.Lock()
+        self._listening: Runtime | None = None
 
     # -- the http probe's side --------------------------------------------------------------
 
@@ -189,9 +199,23 @@ class Beacons:
             verdict=None if verdict is None else verdict.as_dict(),
             verdict_name=None if verdict is None else str(verdict),
         )
+        if verdict is None:
+            with self._awaiting_lock:
+                self._awaiting[ledger] = record
+            if self._listening is not rt:
+                self._listening = rt
+                rt.add_verdict_listener(self._verdict_drawn)
         early = self.streams.finish(ident, record)
         if early is not None:
             record_browser(rt, record, early)
+
+    def _verdict_drawn(self, verdict: Verdict, ledger: Ledger, span: Any) -> None:
+        if not self._awaiting:
+            return
+        with self._awaiting_lock:
+            record = self._awaiting.pop(ledger, None)
+        if record is not None:
+            record.verdict, record.verdict_name = verdict.as_dict(), str(verdict)
 
     # -- the endpoint -----------------------------------------------------------------------
 
