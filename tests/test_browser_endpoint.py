@@ -155,7 +155,7 @@ def test_refusals_have_their_status_and_counter(service: Service) -> None:
         ("malformed", 400, service.post(b'{"v":1,"duration_ms":Infinity}')),
         ("malformed", 400, service.post(beacon(token, end="exploded"))),
         ("malformed", 400, service.post(beacon(token, v=2))),
-        ("forged", 403, service.post(beacon(f"{v}.{ident}.{expiry}.{mac[:-2]}AA"))),
+        ("forged", 403, service.post(beacon(f"{v}.{ident}.{expiry}.{mac[::-1]}"))),
         ("forged", 403, service.post(beacon("v1.x.1.y"))),
         ("origin", 403, service.post(beacon(token), Origin="https://evil.example")),
     ]
@@ -259,3 +259,15 @@ def test_a_verdict_drawn_later_reaches_the_record() -> None:
         assert record.verdict == verdict.as_dict() and record.verdict_name == str(verdict)
     finally:
         rt.close()
+
+
+def test_behind_a_proxy_that_rewrites_host_x_forwarded_host_is_the_origin(
+    service: Service,
+) -> None:
+    """A proxy rewrote Host (nginx's default) and said the browser's host in
+    X-Forwarded-Host: the page's beacon is same-origin; without it, refused."""
+    token = service.stream()
+    page = "http://chat.example"
+    assert service.post(beacon(token), Origin=page).status_code == 403
+    resp = service.post(beacon(token), Origin=page, **{"X-Forwarded-Host": "chat.example"})
+    assert resp.status_code == 204 and "Access-Control-Allow-Origin" not in resp.headers

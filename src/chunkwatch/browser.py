@@ -258,9 +258,16 @@ class Beacons:
         origin: str | None = environ.get("HTTP_ORIGIN")
         if origin is None:  # not a browser's cross-site request (they all send Origin)
             return None
-        host = (environ.get("HTTP_HOST") or "").lower()
         norm = origin.strip().rstrip("/").lower()
-        if urlsplit(norm).netloc == host and host:
+        # The service's own host, or the one a reverse proxy says the browser asked for
+        # (X-Forwarded-Host: a proxy that rewrites Host, nginx's default, sets it when told
+        # to). A browser cannot put that header on another site's beacon (sendBeacon sets
+        # none; fetch would need a preflight this endpoint never answers), and a client that
+        # is not a browser can send any Origin anyway: the check is against other sites'
+        # pages, the token against everyone.
+        forwarded = (environ.get("HTTP_X_FORWARDED_HOST") or "").split(",")[0]
+        hosts = {(environ.get("HTTP_HOST") or "").lower(), forwarded.strip().lower()} - {""}
+        if urlsplit(norm).netloc in hosts:
             return None  # same origin: no CORS headers needed
         if norm in self.origins:
             return origin.strip()

@@ -54,6 +54,7 @@ import logging
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from chunkwatch_lab._bodies import nginx_page
@@ -198,6 +199,12 @@ class Gateway:
         with self._lock:
             setting = self._setting
         log.debug("%s %s side=downstream fault=%s", req.method, req.path, setting.mode)
+        # As a reverse proxy set up for it does (nginx: proxy_set_header X-Forwarded-Host
+        # $host): the service learns the host the browser asked for, which the pool's
+        # rewritten Host hides (the beacon endpoint's same-origin check reads it).
+        host = next((v for k, v in req.headers if k.lower() == "host"), None)
+        if host is not None and all(k.lower() != "x-forwarded-host" for k, _ in req.headers):
+            req = replace(req, headers=[*req.headers, ("X-Forwarded-Host", host)])
         transform = DOWNSTREAM_TRANSFORMS[setting.mode]
         await self._proxy(Call(req, resp, setting, self._proxy), transform)
 

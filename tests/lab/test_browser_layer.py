@@ -8,7 +8,6 @@ All on loopback."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,37 +60,28 @@ class System:
         raise AssertionError(f"no browser stream recorded: {self.browser_streams()}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def system() -> Iterator[System]:
     """Upstream → service → downstream gateway. The gateway rewrites Host, as a reverse
-    proxy does by default, so its origin is the one CHUNKWATCH_BEACON_ORIGINS allows."""
-    port = free_port()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHUNKWATCH_BEACON_ORIGINS", f"http://127.0.0.1:{port}")
-        with (
-            start_in_thread(Upstream(tokens=TOKENS, token_delay=0.02)) as up,
-            capture() as cap,
-        ):
-            config = ServiceConfig(
-                llm=LLMConfig(url=up.url, api_key="sk-test"),
-                registry=cap.registry,
-                tracer_provider=cap.tracer_provider,
-                deadlines=Deadlines(first_chunk=5.0, idle=5.0, abort=True),
-                guard=False,
-            )
-            service = ServiceThread(create_app(config))
-            try:
-                with start_in_thread(Gateway(service.url, port=port, side="downstream")) as gw:
-                    yield System(service, gw, cap)
-            finally:
-                service.stop()
+    proxy does by default, and says the browser's host in X-Forwarded-Host: the page's
+    beacons through it are same-origin."""
+    with (
+        start_in_thread(Upstream(tokens=TOKENS, token_delay=0.02)) as up,
+        capture() as cap,
+    ):
+        config = ServiceConfig(
+            llm=LLMConfig(url=up.url, api_key="sk-test"),
+            registry=cap.registry,
+            tracer_provider=cap.tracer_provider,
+            deadlines=Deadlines(first_chunk=5.0, idle=5.0, abort=True),
+            guard=False,
+        )
+        service = ServiceThread(create_app(config))
+        try:
+            with start_in_thread(Gateway(service.url, side="downstream")) as gw:
+                yield System(service, gw, cap)
+        finally:
+            service.stop()
 
 
 @pytest.fixture(autouse=True)
