@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright never downloads one here
@@ -38,11 +39,17 @@ def shoot(url: str, out: Path) -> None:
             page.get_by_label("Upstream side").select_option("zero")
             page.get_by_role("button", name="Apply upstream").click()
             page.wait_for_function(
-                "document.getElementById('fault-now-upstream').textContent === 'zero'"
+                "() => document.getElementById('fault-now-upstream').textContent === 'zero'"
             )
             page.get_by_label("Your message").fill("Why did the stream carry no data?")
             page.get_by_role("button", name="Send").click()
             page.wait_for_selector('body[data-state="error"]', state="attached")
+            try:  # the funnel's server rows: filled once the service reports the request
+                page.wait_for_selector(
+                    "body[data-browser-outcome]", state="attached", timeout=10_000
+                )
+            except PlaywrightTimeout:
+                print("the service reported no funnel within 10 s: shot without it")
             page.screenshot(path=str(out), full_page=True)  # the panel, chat and verdict
         finally:
             browser.close()
