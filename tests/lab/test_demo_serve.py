@@ -151,14 +151,18 @@ def test_serve_prints_the_url_and_the_page_shows_both_gateways(
 def test_upstream_zero_from_the_page_turns_the_next_answer_into_the_verdict(
     demo: Demo, open_tab: OpenTab
 ) -> None:
-    """Upstream `zero` switched on the page: the next answer fails and the page says where
-    the data stopped (the gateway, empty); `pass` again: the next answer comes whole."""
+    """Upstream `zero` switched on the page: the next answer fails, the page says where the
+    data stopped and its funnel stops at the gateway (0 units, empty); `pass` again: the
+    next answer comes whole."""
     tab = open_tab(demo.url)
     tab.open()
     _switch(tab, "upstream", "zero")
     tab.ask("Where did it stop?")
     assert tab.wait_for_state("done", "error", "stopped") == "error"
     assert "at the gateway layer (empty)" in tab.text("#error")
+    # the funnel, from the service's report of the request: the data stopped at the gateway
+    tab.page.wait_for_selector("body[data-browser-outcome]", state="attached")
+    assert tab.text('tr[data-layer="gateway"]').split() == ["gateway", "0", "empty"]
     _switch(tab, "upstream", "pass")
     tab.ask("And now?")
     assert tab.wait_for_state("done", "error", "stopped") == "done"
@@ -170,7 +174,7 @@ def test_downstream_buffering_from_the_page_makes_the_answer_arrive_at_once(
 ) -> None:
     """Healthy, 16 tokens 40 ms apart appear over most of their 640 ms; with the downstream
     gateway on `buffer-until-end` (nginx's proxy_buffering), switched on the page, the same
-    answer appears in one go at the end."""
+    answer appears in one go at the end, and the service's browser layer says `buffered`."""
     tab = open_tab(demo.url)
     tab.open()
     spreads = []
@@ -181,6 +185,10 @@ def test_downstream_buffering_from_the_page_makes_the_answer_arrive_at_once(
         assert tab.wait_for_state("done", "error", "stopped") == "done"
         changes = [c for c in tab.evaluate("window.changes") if c[1] > 0]
         spreads.append(changes[-1][0] - changes[0][0])
+        outcome = "ok" if fault == "pass" else "buffered"  # the service's browser layer
+        tab.page.wait_for_function(
+            "(outcome) => document.body.dataset.browserOutcome === outcome", arg=outcome
+        )
     _switch(tab, "downstream", "pass")
     healthy, buffered = spreads
     assert healthy >= 300, spreads
