@@ -161,7 +161,11 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     server = BoundedServer(args.host, args.port, app, limits)
     # SIGTERM (docker stop, systemd, Kubernetes) stops it as SIGINT does: with the flush.
+    # SIGINT explicitly too, as gunicorn does: a process started in the background by a
+    # non-interactive shell (a CI script's `cmd &`, nohup) inherits SIGINT ignored, and a
+    # server must still stop on it (docker stop --signal SIGINT, a supervisor).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     print(f"chunkwatch serve listening on http://{args.host}:{server.server_port}", flush=True)
     if args.metrics_port is not None:
         from prometheus_client import start_http_server

@@ -194,3 +194,23 @@ def test_gunicorn_worker_exits_promptly_on_sigterm_when_the_otlp_endpoint_never_
     print(f"gunicorn, black hole: exit {took:.2f} s after SIGTERM")
     assert took < GUNICORN_EXIT_WITHIN, f"took {took:.1f} s to exit:\n{log.read_text()}"
     assert "spans still batched are lost" in log.read_text()
+
+
+def test_serve_stops_on_sigint_even_when_started_with_sigint_ignored(
+    upstream: Running[Upstream], tmp_path: Path
+) -> None:
+    """A background job of a non-interactive shell inherits SIGINT ignored; ``chunkwatch
+    serve`` still stops on it (as gunicorn does), with the flush."""
+    log = tmp_path / "serve.log"
+    launcher = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "sys.argv = sys.argv[1:]; runpy.run_module('chunkwatch', run_name='__main__')"
+    )
+    cmd = [
+        sys.executable, "-c", launcher, "chunkwatch", "serve",
+        "--llm-url", upstream.url, "--port", "0", "--no-guard",
+    ]  # fmt: skip
+    with child(cmd, child_env(), log, stop=signal.SIGKILL) as proc:
+        wait_for_line(log, r"listening on (http://\S+)", proc, 20)
+        took = time_to_exit(proc, signal.SIGINT)
+    assert took < EXIT_WITHIN and proc.returncode == 0, log.read_text()
