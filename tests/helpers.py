@@ -100,7 +100,7 @@ def instrumented_system(
         ):
             config = ServiceConfig(
                 llm=LLMConfig(url=gw.url, api_key=API_KEY),
-                mode=mode,  # type: ignore[arg-type]
+                mode=mode,
                 registry=cap.registry,  # create_app's instrument() reuses the capture's
                 tracer_provider=cap.tracer_provider,
                 deadlines=deadlines or Deadlines(first_chunk=1.0, idle=1.0, abort=True),
@@ -136,3 +136,28 @@ def read_until(sock: socket.socket, marker: bytes, count: int = 1) -> bytes:
         assert chunk, f"the stream ended before {count} x {marker!r}"
         got += chunk
     return got
+
+
+@contextmanager
+def downstream_system(
+    *, tokens: int, token_delay: float
+) -> Iterator[tuple[Running[Upstream], ServiceThread, Running[Gateway], Capture]]:
+    """Model endpoint -> instrumented service (guard off) -> a gateway in front of it
+    (``side="downstream"``: the proxies' faults between the service and its clients)."""
+    with (
+        start_in_thread(Upstream(tokens=tokens, token_delay=token_delay)) as up,
+        capture() as cap,
+    ):
+        config = ServiceConfig(
+            llm=LLMConfig(url=up.url, api_key="sk-test"),
+            registry=cap.registry,
+            tracer_provider=cap.tracer_provider,
+            deadlines=Deadlines(first_chunk=5.0, idle=5.0, abort=True),
+            guard=False,
+        )
+        service = ServiceThread(create_app(config))
+        try:
+            with start_in_thread(Gateway(service.url, side="downstream")) as gw:
+                yield up, service, gw, cap
+        finally:
+            service.stop()

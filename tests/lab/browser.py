@@ -138,3 +138,17 @@ def open_tab(chromium: Browser) -> Iterator[Callable[[str], Tab]]:
     """``open_tab(base_url)`` → a :class:`Tab`; all of them closed and checked at teardown."""
     with ExitStack() as stack:
         yield lambda base_url: stack.enter_context(tab_on(chromium, base_url))
+
+
+def record_answer_changes(tab: Tab) -> None:
+    """From now on, ``window.changes`` gets ``[time, length]`` at each change of the page's
+    answer box: when the answer grew, and to what."""
+    tab.evaluate(
+        """() => {
+            const box = document.getElementById('answer');
+            window.changes = [];
+            new MutationObserver(() => {
+              window.changes.push([performance.now(), box.textContent.length]);
+            }).observe(box, {childList: true, characterData: true, subtree: true});
+        }"""
+    )

@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from chunkwatch import semconv as sc
-from chunkwatch.testing import Capture, capture
-from chunkwatch.watchdog import Deadlines
-from chunkwatch_lab.agent import LLMConfig
+from chunkwatch.testing import Capture
 from chunkwatch_lab.fault_gateway import Gateway
-from chunkwatch_lab.service import ServiceConfig, create_app
 from chunkwatch_lab.serving import ServiceThread
-from chunkwatch_lab.threaded import Running, start_in_thread
-from chunkwatch_lab.upstream import Upstream
+from chunkwatch_lab.threaded import Running
+
+from ..helpers import downstream_system
 
 if TYPE_CHECKING:
     from .browser import Tab
@@ -65,23 +63,8 @@ def system() -> Iterator[System]:
     """Upstream → service → downstream gateway. The gateway rewrites Host, as a reverse
     proxy does by default, and says the browser's host in X-Forwarded-Host: the page's
     beacons through it are same-origin."""
-    with (
-        start_in_thread(Upstream(tokens=TOKENS, token_delay=0.02)) as up,
-        capture() as cap,
-    ):
-        config = ServiceConfig(
-            llm=LLMConfig(url=up.url, api_key="sk-test"),
-            registry=cap.registry,
-            tracer_provider=cap.tracer_provider,
-            deadlines=Deadlines(first_chunk=5.0, idle=5.0, abort=True),
-            guard=False,
-        )
-        service = ServiceThread(create_app(config))
-        try:
-            with start_in_thread(Gateway(service.url, side="downstream")) as gw:
-                yield System(service, gw, cap)
-        finally:
-            service.stop()
+    with downstream_system(tokens=TOKENS, token_delay=0.02) as (_, service, gw, cap):
+        yield System(service, gw, cap)
 
 
 @pytest.fixture(autouse=True)

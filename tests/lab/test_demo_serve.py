@@ -114,18 +114,6 @@ def _switch(tab: Tab, side: str, fault: str) -> None:
     )
 
 
-def _record_answer_changes(tab: Tab) -> None:
-    tab.evaluate(
-        """() => {
-            const box = document.getElementById('answer');
-            window.changes = [];
-            new MutationObserver(() => {
-              window.changes.push([performance.now(), box.textContent.length]);
-            }).observe(box, {childList: true, characterData: true, subtree: true});
-        }"""
-    )
-
-
 def test_serve_prints_the_url_and_the_page_shows_both_gateways(
     demo: Demo, open_tab: OpenTab
 ) -> None:
@@ -180,7 +168,9 @@ def test_downstream_buffering_from_the_page_makes_the_answer_arrive_at_once(
     spreads = []
     for fault in ("pass", "buffer-until-end"):
         _switch(tab, "downstream", fault)
-        _record_answer_changes(tab)
+        from .browser import record_answer_changes  # the plugin's module
+
+        record_answer_changes(tab)
         tab.ask("Stream it, please.")
         assert tab.wait_for_state("done", "error", "stopped") == "done"
         changes = [c for c in tab.evaluate("window.changes") if c[1] > 0]

@@ -20,8 +20,7 @@ import pytest
 
 from chunkwatch.outcomes import Outcome
 from chunkwatch.sse import Event, SSEParser
-from chunkwatch.testing import Capture, RequestVerdict, capture
-from chunkwatch.watchdog import Deadlines
+from chunkwatch.testing import Capture, RequestVerdict
 from chunkwatch_lab.agent import LLMConfig
 from chunkwatch_lab.downstream import DOWNSTREAM_MODES, MAX_BUFFER
 from chunkwatch_lab.fault_gateway import Gateway
@@ -29,6 +28,8 @@ from chunkwatch_lab.service import ServiceConfig, create_app
 from chunkwatch_lab.serving import ServiceThread
 from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
+
+from ..helpers import downstream_system
 
 TOKENS = 100  # about 5 KB of token events, written over about half a second
 SECOND = 1_000_000_000  # perf_counter_ns per second
@@ -130,24 +131,9 @@ class Downstream:
 
 @pytest.fixture(scope="module")
 def system() -> Iterator[Downstream]:
-    with (
-        start_in_thread(Upstream(tokens=TOKENS, token_delay=0.005)) as up,
-        capture() as cap,
-    ):
-        config = ServiceConfig(
-            llm=LLMConfig(url=up.url, api_key="sk-test"),
-            registry=cap.registry,
-            tracer_provider=cap.tracer_provider,
-            deadlines=Deadlines(first_chunk=5.0, idle=5.0, abort=True),
-            guard=False,
-        )
-        service = ServiceThread(create_app(config))
-        try:
-            with start_in_thread(Gateway(service.url, side="downstream")) as gw:
-                ask(gw.url)  # warm the agent up: the first run is slower than the rest
-                yield Downstream(up, service, gw, cap)
-        finally:
-            service.stop()
+    with downstream_system(tokens=TOKENS, token_delay=0.005) as (up, service, gw, cap):
+        ask(gw.url)  # warm the agent up: the first run is slower than the rest
+        yield Downstream(up, service, gw, cap)
 
 
 def sse_tally(verdict: RequestVerdict) -> tuple[int, int, int, Outcome | None]:

@@ -73,16 +73,9 @@ def test_healthy_the_page_shows_the_answer_as_it_streams_and_counts_what_sse_wro
     with instrumented_system(tokens=12, token_delay=0.04) as system:
         tab = open_tab(system.service.url)
         tab.open()
-        # When the answer box changed, and to what length.
-        tab.evaluate(
-            """() => {
-                const box = document.getElementById('answer');
-                window.changes = [];
-                new MutationObserver(() => {
-                  window.changes.push([performance.now(), box.textContent.length]);
-                }).observe(box, {childList: true, characterData: true, subtree: true});
-            }"""
-        )
+        from .browser import record_answer_changes  # the plugin's module
+
+        record_answer_changes(tab)
         tab.ask(PROMPT)
         assert tab.wait_for_state("done", "error", "stopped") == "done"
         assert tab.text("#answer") == ANSWER
