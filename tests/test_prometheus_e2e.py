@@ -77,8 +77,8 @@ ALLOWED_EMPTY = {
         "bookkeeping failed; a healthy run has none"
     ),
     "Browser streams by outcome": (
-        "the browser layer is counted from chunkwatch.js's beacon; this run's client is "
-        "not a browser"
+        "the browser layer is counted from chunkwatch.js's beacon and this run's client is "
+        "not a browser; tests/test_prometheus_downstream.py runs this panel with Chromium"
     ),
 }
 # The guard: a fallback per broken call; after 3 the breaker opens; a probe every 2 s.
