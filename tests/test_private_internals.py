@@ -344,17 +344,20 @@ def test_langgraph_without_the_v2_event_stream(
 def test_no_op_tracer_check_without_the_proxys_internals_writes_every_span(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``probes._tracing`` reads two private names of opentelemetry-api to skip span work
+    """``spans.tracing`` reads two private names of opentelemetry-api to skip span work
     for the no-op tracer; without them it says "tracing", so nothing is dropped."""
     from opentelemetry import trace
 
-    from chunkwatch.probes._tracing import tracing
     from chunkwatch.runtime import Runtime
+    from chunkwatch.spans import keeps_spans, tracing
 
     rt = Runtime(registry=CollectorRegistry())
     try:
-        rt.tracer = trace.ProxyTracer("chunkwatch")  # the API's, whatever this process set
+        proxy = trace.ProxyTracer("chunkwatch")  # the API's, whatever this process set
         monkeypatch.delattr(trace, "_TRACER_PROVIDER", raising=False)
+        rt.tracer = proxy
+        rt.traces, rt.noop_proxy = keeps_spans(proxy)
+        assert (rt.traces, rt.noop_proxy) == (True, None)
         assert tracing(rt) is True
     finally:
         rt.close()

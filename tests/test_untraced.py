@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
 
-from chunkwatch.probes._tracing import tracing
 from chunkwatch.probes.http_in import ChunkwatchMiddleware
 from chunkwatch.runtime import Runtime
+from chunkwatch.spans import tracing
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"

@@ -76,7 +76,7 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
             span.end()
         return None
     upstream = ledger.upstream or "none"
-    from chunkwatch.runtime import trace_id_of
+    from chunkwatch.spans import trace_id_of
 
     trace_id = trace_id_of(span)
     try:

@@ -21,17 +21,18 @@ from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry
 
 from chunkwatch import semconv as sc
+from chunkwatch import spans as _spans
 from chunkwatch.config import UNSET, Settings
 from chunkwatch.ledger import Ledger, Tally, current_ledger
 from chunkwatch.metrics import Metrics
 from chunkwatch.naming import Names
-from chunkwatch.outcomes import FAULT_OUTCOMES, Outcome
 from chunkwatch.probes import model_layers
-from chunkwatch.verdict import Verdict, describe
+from chunkwatch.spans import end_stream_span, trace_id_of
+from chunkwatch.verdict import Verdict
 from chunkwatch.watchdog import Deadlines, Watchdog
 
 __all__ = ["Runtime", "activate", "active"]
@@ -41,15 +42,6 @@ log = logging.getLogger("chunkwatch")
 VerdictListener = Callable[[Verdict, Ledger, Span | None], None]
 
 CONTENT_LIMIT = 1000  # characters of prompt / completion kept when capture is on
-
-
-def trace_id_of(span: Span | None) -> str | None:
-    if span is None:
-        return None
-    ctx = span.get_span_context()
-    if not ctx.is_valid or not ctx.trace_flags.sampled:
-        return None
-    return format(ctx.trace_id, "032x")
 
 
 class Runtime:
@@ -103,12 +95,16 @@ class Runtime:
         self.tracer = trace.get_tracer(
             "chunkwatch", __version__, tracer_provider=tracer_provider, schema_url=sc.SCHEMA_URL
         )
+        # Whether it keeps spans (once True, stays), else the proxy to ask per stream
+        # (chunkwatch.spans.tracing).
+        self.traces, self.noop_proxy = _spans.keeps_spans(self.tracer)
 
     def _apply(self, settings: Settings) -> None:
         self.settings = settings
         self.upstreams = dict(settings.upstreams)
         self.names = Names(settings.upstreams)
         self.deadlines = settings.deadlines
+        self._deadlines_of: dict[str, tuple[float | None, float | None]] = {}  # by layer
         self.capture_content = settings.capture_content
         self.translate_errors = settings.translate_errors
         self.agent_name = settings.agent_name
@@ -179,39 +175,9 @@ class Runtime:
                 )
         return own
 
-    def start_span(
-        self,
-        name: str,
-        layer: str,
-        *,
-        kind: SpanKind = SpanKind.INTERNAL,
-        context: Any = None,
-        attributes: Mapping[str, Any] | None = None,
-        links: Any = None,
-        ledger: Ledger | None = None,
-    ) -> Span | None:
-        """A span of ``layer``. With ``ledger`` and no explicit ``context``, a span that would
-        start a trace of its own (nothing current here: a thread nobody propagated the
-        context to) is parented to the request instead; an unlinked stream says so."""
-        try:
-            attrs: dict[str, Any] = {sc.A_LAYER: layer}
-            if attributes:
-                attrs.update(attributes)
-            if ledger is not None:
-                if ledger.unlinked:
-                    attrs[sc.A_LINKED] = False
-                elif (
-                    context is None
-                    and ledger.parent_context is not None
-                    and trace.get_current_span() is INVALID_SPAN  # no span in this context
-                ):
-                    context = ledger.parent_context
-            return self.tracer.start_span(
-                name, context=context, kind=kind, attributes=attrs, links=links
-            )
-        except Exception:
-            self.bookkeeping_error(layer, "span")
-            return None
+    # A span of a layer (:func:`chunkwatch.spans.start_span`): a method without a frame
+    # of its own, as every stream of every probe starts one.
+    start_span = _spans.start_span
 
     def open(
         self,
@@ -240,7 +206,10 @@ class Runtime:
         except Exception:
             self.bookkeeping_error(layer, "open")
         if watch:
-            first, idle = self.deadlines.for_layer(layer)
+            pair = self._deadlines_of.get(layer)
+            if pair is None:
+                pair = self._deadlines_of[layer] = self.deadlines.for_layer(layer)
+            first, idle = pair
             if first is not None or idle is not None:
                 self.watchdog.watch(tally, first, idle)
                 tally.watched = True
@@ -278,31 +247,8 @@ class Runtime:
                 self.metrics.series.closed(t.layer, opened_as)
         except Exception:
             self.bookkeeping_error(t.layer, "metrics")
-        if span is None or not span.is_recording():  # unsampled, or the API's no-op tracer
-            return
-        try:
-            outcome = t.outcome or Outcome.OK
-            attrs: dict[str, Any] = {
-                sc.A_CHUNKS: t.units,
-                sc.A_OUTCOME: str(outcome),
-                sc.A_UPSTREAM: t.upstream,
-            }
-            if t.end is not None:
-                attrs[sc.A_END] = str(t.end)
-            if t.t_first is not None and t.genai is None:  # a chat span has the GenAI one
-                attrs[sc.A_TTFC] = (t.t_first - t.t_start) / 1e9
-            if t.units > 1:
-                attrs[sc.A_GAP_MAX] = t.max_gap_ns / 1e9
-            if outcome is not Outcome.OK:
-                attrs[sc.ERROR_TYPE] = str(outcome)
-                attrs[sc.A_DETAIL] = describe(t)
-            span.set_attributes(attrs)
-            if outcome in FAULT_OUTCOMES:
-                span.set_status(Status(StatusCode.ERROR, str(outcome)))
-            if not t.keep_span:
-                span.end()
-        except Exception:
-            self.bookkeeping_error(t.layer, "span")
+        if span is not None and span.is_recording():  # not unsampled, not the no-op tracer's
+            end_stream_span(self, t, span)
 
     def on_stall(self, t: Tally, kind: str, after: float) -> None:
         """A stall of ``t``, found now (watchdog, request end): count it, note it on the

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -104,6 +105,12 @@ class Deadlines:
         return None, None
 
 
+def _after_fork(ref: weakref.ref[Watchdog]) -> None:
+    watchdog = ref()
+    if watchdog is not None:
+        watchdog._forked()
+
+
 MAX_TICK = 0.5  # seconds between passes when every deadline is long
 MIN_TICK = 0.01
 
@@ -128,36 +135,52 @@ class Watchdog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # started by the first watch
+        self._plans: dict[tuple[float | None, float | None], tuple[int | None, int | None, float]]
+        self._plans = {}
+        if hasattr(os, "register_at_fork"):  # threads do not survive a fork (gunicorn's)
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _after_fork(ref))
 
     def watch(self, tally: Tally, first_chunk: float | None, idle: float | None) -> None:
-        if first_chunk is None and idle is None:
-            return
-        first_ns = None if first_chunk is None else int(first_chunk * 1e9)
-        idle_ns = None if idle is None else int(idle * 1e9)
-        shortest = min(d for d in (first_chunk, idle) if d is not None)
-        tick = max(MIN_TICK, min(MAX_TICK, shortest / 10))
+        plan = self._plans.get((first_chunk, idle))
+        if plan is None:  # a pair of deadlines not seen before: its nanoseconds and tick, once
+            if first_chunk is None and idle is None:
+                return
+            shortest = min(d for d in (first_chunk, idle) if d is not None)
+            plan = self._plans[(first_chunk, idle)] = (
+                None if first_chunk is None else int(first_chunk * 1e9),
+                None if idle is None else int(idle * 1e9),
+                max(MIN_TICK, min(MAX_TICK, shortest / 10)),
+            )
+        first_ns, idle_ns, tick = plan
         with self._lock:
             self._watched[id(tally)] = (tally, first_ns, idle_ns)
             if tick < self._tick and not self._fixed_tick:
                 self._tick = tick
                 self._wake.set()  # the thread may be asleep for the longer tick
-            self._ensure_thread()
+            if self._thread is None:
+                self._ensure_thread()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Call ``fn`` from the watchdog's thread about ``delay`` seconds from now (within
         a tick): for deadlines that are not a stream's (orphaned streams)."""
         with self._lock:
             self._timers.append((time.perf_counter_ns() + int(delay * 1e9), fn))
-            self._ensure_thread()
+            if self._thread is None:
+                self._ensure_thread()
 
     def _ensure_thread(self) -> None:
-        # not alive: never started, or started before a fork (threads do not survive it)
-        if (self._thread is None or not self._thread.is_alive()) and not self._stopped:
+        if self._thread is None and not self._stopped:
             self._thread = threading.Thread(
                 target=self._run, name="chunkwatch-watchdog", daemon=True
             )
             self._thread.start()
+
+    def _forked(self) -> None:
+        """In a child after fork: the thread did not come along; the next watch starts one."""
+        self._lock = threading.Lock()  # it may have been held by a thread that is gone
+        self._thread = None
 
     def forget(self, tally: Tally) -> None:
         with self._lock:

@@ -48,9 +48,9 @@ from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._gateway_body import async_body, cancelled, sync_body, watch_body
-from chunkwatch.probes._tracing import tracing
 from chunkwatch.probes._wire import Reader
 from chunkwatch.runtime import Runtime, active
+from chunkwatch.spans import tracing
 
 __all__ = ["instrument", "uninstrument"]
 

@@ -28,10 +28,10 @@ from chunkwatch.browser import Beacons, terminal_written
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
-from chunkwatch.probes._tracing import tracing
 from chunkwatch.probes.lifecycle import Ending, closing
 from chunkwatch.probes.sse_out import SSEBody
 from chunkwatch.runtime import Runtime, active
+from chunkwatch.spans import tracing
 
 __all__ = ["ChunkwatchMiddleware", "request_ledger"]
 

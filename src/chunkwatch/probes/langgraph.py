@@ -51,9 +51,9 @@ from chunkwatch.ledger import Tally, current_ledger
 from chunkwatch.ledger import _current as _current_ledger_var
 from chunkwatch.outcomes import End
 from chunkwatch.patching import patch, unpatch
-from chunkwatch.probes._tracing import tracing
 from chunkwatch.probes.lifecycle import Ending
 from chunkwatch.runtime import Runtime, active
+from chunkwatch.spans import tracing
 from chunkwatch.verdict import judge
 
 __all__ = ["instrument", "translate", "uninstrument"]

@@ -28,8 +28,8 @@ from opentelemetry.trace import Link, SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.outcomes import End
-from chunkwatch.probes._tracing import tracing
 from chunkwatch.runtime import Runtime, active
+from chunkwatch.spans import tracing
 
 __all__ = ["WatchedQueue"]
 

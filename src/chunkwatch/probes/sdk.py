@@ -47,8 +47,8 @@ from chunkwatch.probes._sdk_stream import (
     _watch_public,
     _watch_sync,
 )
-from chunkwatch.probes._tracing import tracing
 from chunkwatch.runtime import Runtime, active, extra_span_attributes
+from chunkwatch.spans import tracing
 
 __all__ = ["instrument", "uninstrument"]
 
