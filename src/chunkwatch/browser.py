@@ -9,7 +9,7 @@ stream; the endpoint then takes one beacon per stream and records the ``browser`
 
 Configuration:
 
-* ``CHUNKWATCH_BEACON_SECRET`` — the HMAC key of stream tokens. Replicas behind one load
+* ``CHUNKWATCH_BEACON_SECRET`` — the MAC key of stream tokens. Replicas behind one load
   balancer must share it (a beacon may reach another replica than the stream; it then
   answers ``unknown_stream``, not ``forged``). Unset: random per process.
 * ``CHUNKWATCH_BEACON_ORIGINS`` — comma-separated origins (``https://app.example.com``)
@@ -18,7 +18,7 @@ Configuration:
 
 The endpoint is hostile input. ``POST {path}``: rate limit, origin, size (≤ 1 KiB, told
 by ``Content-Length``: 413 without reading more), the contract's exact fields and types,
-the token (HMAC, expiry), the record (unknown: 404; already claimed: 409). ``GET
+the token (MAC, expiry), the record (unknown: 404; already claimed: 409). ``GET
 {path}/<token>``: the funnel and verdict of that request, for the holder of its token.
 Every refusal is a 4xx ``{"error": reason}`` and ``chunkwatch_beacons_refused_total
 {reason}``, ``reason`` from :data:`chunkwatch.semconv.BEACON_REFUSALS`: nothing a client
