@@ -22,3 +22,23 @@ def test_a_ledger_tally_is_the_dataclass_tally() -> None:
     assert other.facts is not made.facts and other.finish_reasons is not made.finish_reasons
     assert (other.stream_requested, other.upstream) == (False, "azure")
     assert ledger.tallies == [made, other]
+
+
+def test_the_funnel_is_bottom_up_whatever_order_the_streams_opened_in() -> None:
+    """Units per layer, lowest layer first, for any opening order (a request opens its
+    streams top-down); layers outside the probe table come last, in the order seen."""
+    import itertools
+
+    from chunkwatch.probes import layer_order
+
+    layers = ["gateway", "sdk", "langgraph", "queue", "sse", "http"]
+    for opened in itertools.permutations([*layers[:4], "custom", "other"]):
+        ledger = Ledger()
+        for n, layer in enumerate(opened, start=1):
+            ledger.open(layer).units = n
+            ledger.open(layer).units = 1  # two streams of a layer add up
+        funnel = ledger.funnel()
+        known = [x for x in funnel if x in layer_order()]
+        assert known == sorted(known, key=layer_order().__getitem__)
+        assert list(funnel)[4:] == [x for x in opened if x not in layer_order()]
+        assert funnel == {layer: n + 1 for n, layer in enumerate(opened, start=1)}

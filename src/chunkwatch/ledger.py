@@ -222,12 +222,15 @@ class Ledger:
         return sum(t.units for t in self.tallies if t.layer == layer)
 
     def funnel(self) -> dict[str, int]:
-        """Units each layer passed on, bottom to top, for the layers that saw this request."""
+        """Units each layer passed on, bottom to top, for the layers that saw this request.
+        (A new dict each call: the caller may keep or change it.)"""
         seen: dict[str, int] = {}
         for t in self.tallies:
-            seen[t.layer] = seen.get(t.layer, 0) + t.units
-        out = {layer: seen.pop(layer) for layer in layer_order() if layer in seen}
-        out.update(seen)  # layers not in the table, above all
+            layer = t.layer
+            seen[layer] = seen.get(layer, 0) + t.units
+        out = {layer: seen[layer] for layer in layer_order() if layer in seen}
+        if len(out) < len(seen):  # layers not in the table, above all
+            out.update(seen)
         return out
 
 

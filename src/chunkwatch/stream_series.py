@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.samples import Sample
 
 from chunkwatch import semconv as sc
-from chunkwatch.collected import Example, buckets, exemplar, observe
+from chunkwatch.collected import Example, buckets, exemplar
 from chunkwatch.collected import Histogram as Kept
 
 if TYPE_CHECKING:
@@ -140,29 +141,52 @@ class InProcessSeries(StreamSeries):
             series[1] = example
 
     def finished(self, t: Tally, trace_id: str | None, counted: bool, opened_as: str) -> None:
+        # Every stream of every request ends here: observe() is inlined, three times (a call
+        # is a large share of one observation; bench/RESULTS.md).
         layer, upstream, units, start, first = t.layer, t.upstream, t.units, t.t_start, t.t_first
         end = t.t_end if t.t_end is not None else time.perf_counter_ns()
-        now = None if trace_id is None else time.time()
+        duration = (end - start) / 1e9
+        ttfc = None if first is None else (first - start) / 1e9
+        gap = t.max_gap_ns / 1e9 if units > 1 else None
+        key = (layer, upstream)
+        opened = key if opened_as == upstream else (layer, opened_as)
         with self._lock:
-            opened = (layer, opened_as)
             self._open[opened] = self._open.get(opened, 0) - 1
             if not counted:
-                key = (layer, t.outcome, upstream)  # an Outcome is its str as a key
-                count = self._streams.get(key)  # type: ignore[arg-type]
+                outcome_key = (layer, t.outcome, upstream)  # an Outcome is its str as a key
+                count = self._streams.get(outcome_key)  # type: ignore[arg-type]
                 if count is None:
-                    count = self._streams[key] = [0, None]  # type: ignore[index]
+                    count = self._streams[outcome_key] = [0, None]  # type: ignore[index]
                 count[0] += 1
-                if now is not None:
-                    count[1] = (trace_id, 1.0, now)
-            series = self._layers.get((layer, upstream))
+            else:
+                count = None
+            series = self._layers.get(key)
             if series is None:
-                series = self._layers[(layer, upstream)] = _Layer()
+                series = self._layers[key] = _Layer()
             series.chunks += units
-            observe(series.duration, (end - start) / 1e9, trace_id, now)
-            if first is not None:
-                observe(series.ttfc, (first - start) / 1e9, trace_id, now)
-            if units > 1:
-                observe(series.gap, t.max_gap_ns / 1e9, trace_id, now)
+            h = series.duration
+            i = bisect_left(h.bounds, duration)
+            h.counts[i] += 1
+            h.sum += duration
+            if ttfc is not None:
+                h = series.ttfc
+                j = bisect_left(h.bounds, ttfc)
+                h.counts[j] += 1
+                h.sum += ttfc
+            if gap is not None:
+                h = series.gap
+                k = bisect_left(h.bounds, gap)
+                h.counts[k] += 1
+                h.sum += gap
+            if trace_id is not None:  # sampled: the stream's exemplars
+                now = time.time()
+                if count is not None:
+                    count[1] = (trace_id, 1.0, now)
+                series.duration.examples[i] = (trace_id, duration, now)
+                if ttfc is not None:
+                    series.ttfc.examples[j] = (trace_id, ttfc, now)
+                if gap is not None:
+                    series.gap.examples[k] = (trace_id, gap, now)
 
     # -- exposition ----------------------------------------------------------------------------
 

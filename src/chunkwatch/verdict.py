@@ -146,7 +146,7 @@ def _lost_between_layers(ledger: Ledger) -> Verdict | None:
 
 
 def _ok_detail(ledger: Ledger) -> str:
-    funnel = ", ".join(f"{layer} {n}" for layer, n in ledger.funnel().items())
+    funnel = ", ".join([f"{layer} {n}" for layer, n in ledger.funnel().items()])
     return f"every layer passed its data on ({funnel})" if funnel else "no streams seen"
 
 
