@@ -361,3 +361,53 @@ def test_no_op_tracer_check_without_the_proxys_internals_writes_every_span(
         assert tracing(rt) is True
     finally:
         rt.close()
+
+
+def test_request_context_is_extracted_unless_the_default_propagators_have_no_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The http probe skips ``propagate.extract`` only for the API's default propagators
+    (W3C trace context and baggage) and a request with none of their headers; another
+    propagator, or a composite whose private member list is gone, is always asked."""
+    from opentelemetry import propagate
+    from opentelemetry.context import Context
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.propagators.textmap import TextMapPropagator
+    from opentelemetry.trace import get_current_span
+
+    from chunkwatch.probes import http_in
+
+    asked: list[dict[str, Any]] = []
+
+    class Custom(TextMapPropagator):
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+            asked.append(carrier)
+            return Context()
+
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            pass
+
+        @property
+        def fields(self) -> set[str]:
+            return {"x-custom"}
+
+    default = propagate.get_global_textmap()
+    assert type(default) is CompositePropagator  # the API's default, as in a plain service
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    try:
+        assert http_in._extract({"PATH_INFO": "/chat"}) is http_in._NOTHING
+        parent = http_in._extract({"HTTP_TRACEPARENT": traceparent})
+        assert format(get_current_span(parent).get_span_context().trace_id, "032x") == (
+            traceparent.split("-")[1]
+        )
+        propagate.set_global_textmap(Custom())
+        http_in._extract({"HTTP_X_CUSTOM": "1"})
+        http_in._extract({"PATH_INFO": "/chat"})
+        assert len(asked) == 2
+        bare = CompositePropagator([Custom()])
+        monkeypatch.delattr(bare, "_propagators")
+        propagate.set_global_textmap(bare)
+        with pytest.raises(AttributeError):  # asked (and the composite, broken, says so)
+            http_in._extract({"PATH_INFO": "/chat"})
+    finally:
+        propagate.set_global_textmap(default)

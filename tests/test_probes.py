@@ -197,8 +197,13 @@ def test_gateway_notes_the_named_headers_once_and_no_others() -> None:
             ("api-key", "secret-key"),
         ],
     )
+    rt = Runtime(registry=CollectorRegistry())
+    untraced = Ledger().open("gateway", stream_requested=True)
+    assert note_headers(rt, untraced, response) is not None  # a stream was asked for
+    assert untraced.status == 200 and "span_attributes" not in untraced.facts  # nobody reads
     tally = Ledger().open("gateway", stream_requested=True)
-    parser = note_headers(Runtime(registry=CollectorRegistry()), tally, response)
+    tally.span = TracerProvider().get_tracer("test").start_span("POST chat")  # recording
+    parser = note_headers(rt, tally, response)
     assert parser is not None  # a stream was asked for: the body is parsed
     assert (tally.status, tally.content_type) == (200, "text/event-stream")
     assert (tally.content_length, tally.content_encoding) == (None, "identity")

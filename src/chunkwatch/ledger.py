@@ -210,8 +210,9 @@ class Ledger:
         if upstream and self.upstream is None:
             self.upstream = upstream
         tally = _new_tally(layer, _now(), name, on_finish, self)
-        for key, value in fields.items():
-            setattr(tally, key, value)
+        if fields:
+            for key, value in fields.items():
+                setattr(tally, key, value)
         self.tallies.append(tally)
         return tally
 

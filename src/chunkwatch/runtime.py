@@ -242,7 +242,12 @@ class Runtime:
         span = t.span
         try:
             if t.stream_metrics:
-                self.metrics.series.finished(t, self.trace_id(t), t.stalled is not None, opened_as)
+                ledger = t.ledger  # Runtime.trace_id, without its call once the request's is known
+                if ledger is not None and ledger.trace_known:
+                    trace_id = ledger.trace_id
+                else:
+                    trace_id = self.trace_id(t)
+                self.metrics.series.finished(t, trace_id, t.stalled is not None, opened_as)
             else:
                 self.metrics.series.closed(t.layer, opened_as)
         except Exception:

@@ -60,7 +60,17 @@ def note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
     cl = headers.get("content-length")
     tally.content_length = int(cl) if cl and cl.isdigit() else None
     tally.content_encoding = headers.get("content-encoding")
-    facts = {
+    span = tally.span
+    if span is not None and span.is_recording():  # else nobody reads them (_span_facts)
+        tally.facts["span_attributes"] = _header_facts(tally, headers)
+    if not tally.stream_requested:
+        return None
+    return SSEParser()
+
+
+def _header_facts(tally: Tally, headers: dict[str, str]) -> dict[str, Any]:
+    """The response's head, as the model call's span attributes."""
+    facts: dict[str, Any] = {
         sc.HTTP_RESPONSE_STATUS_CODE: tally.status,
         "chunkwatch.http.content_type": tally.content_type or "",
         "chunkwatch.http.transfer_encoding": headers.get("transfer-encoding", ""),
@@ -75,10 +85,7 @@ def note_headers(rt: Runtime, tally: Tally, response: Any) -> SSEParser | None:
     for name in _SEMCONV_HEADERS:  # http.response.header.<name>: string[] (HTTP semconv)
         if name in headers:
             facts[sc.HTTP_RESPONSE_HEADER_PREFIX + name] = (headers[name][:256],)
-    tally.facts["span_attributes"] = facts
-    if not tally.stream_requested:
-        return None
-    return SSEParser()
+    return facts
 
 
 class Reader(Ending):

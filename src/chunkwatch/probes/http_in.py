@@ -20,8 +20,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from chunkwatch import semconv as sc
 from chunkwatch.browser import Beacons, terminal_written
@@ -65,6 +69,31 @@ class _EnvironGetter(Getter[dict[str, Any]]):
 
 
 _GETTER = _EnvironGetter()
+
+# The API's default propagators (W3C trace context and baggage) read only these headers: a
+# request without any has nothing to extract, and most requests have none.
+_W3C_KEYS = ("HTTP_TRACEPARENT", "HTTP_TRACESTATE", "HTTP_BAGGAGE")
+_W3C_TYPES = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+_NOTHING = Context()  # what extract() answers for no headers: a root context (immutable)
+_w3c_only: tuple[object, bool] = (None, False)  # (the global propagator, it is the default)
+
+
+def _extract(environ: dict[str, Any]) -> Context:
+    """``propagate.extract(environ)``, without the propagators' calls for a request that
+    carries none of their headers, when they are the default ones."""
+    global _w3c_only
+    textmap = propagate.get_global_textmap()
+    seen, w3c = _w3c_only
+    if seen is not textmap:
+        # CompositePropagator._propagators is private (opentelemetry-api, checked 1.30 ..
+        # 1.45): without it every request is extracted, as before.
+        members = getattr(textmap, "_propagators", None)
+        w3c = type(textmap) is CompositePropagator and bool(members)
+        w3c = w3c and all(type(m) in _W3C_TYPES for m in members or ())
+        _w3c_only = (textmap, w3c)
+    if w3c and not any(key in environ for key in _W3C_KEYS):
+        return _NOTHING
+    return propagate.extract(environ, getter=_GETTER)
 
 
 class ChunkwatchMiddleware:
@@ -128,7 +157,7 @@ class ChunkwatchMiddleware:
     def _open(self, rt: Runtime, environ: dict[str, Any]) -> tuple[Ledger, Tally]:
         ledger = Ledger()
         environ[ENVIRON_KEY] = ledger
-        parent: Any = propagate.extract(environ, getter=_GETTER)
+        parent: Any = _extract(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/")
         kind = SpanKind.SERVER
