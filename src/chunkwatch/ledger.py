@@ -196,6 +196,7 @@ class Ledger:
         self.route: str | None = None  # the matched route (Flask's url_rule), when known
         self.trace_id: str | None = None  # its sampled trace id, for exemplars ...
         self.trace_known = False  # ... once a span of it was asked (Runtime.trace_id)
+        self._funnel: dict[str, int] | None = None  # kept once the request ended (funnel)
 
     def open(
         self,
@@ -224,7 +225,12 @@ class Ledger:
 
     def funnel(self) -> dict[str, int]:
         """Units each layer passed on, bottom to top, for the layers that saw this request.
-        (A new dict each call: the caller may keep or change it.)"""
+        (A new dict each call: the caller may keep or change it.) Once the request ended
+        with no stream left running for a departed client, it is the funnel its verdict
+        was drawn from: the verdict, its span and the browser's record read it once."""
+        kept = self._funnel
+        if kept is not None:
+            return dict(kept)
         seen: dict[str, int] = {}
         for t in self.tallies:
             layer = t.layer
@@ -232,6 +238,8 @@ class Ledger:
         out = {layer: seen[layer] for layer in layer_order() if layer in seen}
         if len(out) < len(seen):  # layers not in the table, above all
             out.update(seen)
+        if self.closed and self.orphans is None:
+            self._funnel = dict(out)
         return out
 
 

@@ -61,16 +61,29 @@ class Verdict:
 def judge(ledger: Ledger) -> Verdict:
     """The verdict over what ``ledger``'s finished streams saw (the module doc)."""
     # Every request ends here, most of them healthy: one pass finds whether any stream
-    # failed or left; the layer order is applied only when one did.
+    # failed or left, and adds up the units of the layers that count the same unit (for
+    # the loss check); the layer order is applied only when a stream failed or left.
     fault = gone = False
+    gateway = sdk = tokens = -1  # -1: no such stream
+    open_layers: set[str] = set()
     for t in ledger.tallies:
         outcome = t.outcome
-        if outcome is None or outcome is Outcome.OK:
-            continue
-        if outcome in FAULT_OUTCOMES:
-            fault = True
-            break
-        gone = True
+        layer = t.layer
+        if outcome is None:
+            open_layers.add(layer)
+        elif outcome is not Outcome.OK:
+            if outcome in FAULT_OUTCOMES:
+                fault = True
+                break
+            gone = True
+        if layer == sc.GATEWAY:
+            if t.stream_requested:
+                gateway = max(gateway, 0) + t.units
+        elif layer == sc.SDK:
+            if t.stream_requested:
+                sdk = max(sdk, 0) + t.units
+        elif layer == sc.LANGGRAPH and t.unit_kind == "token":
+            tokens = max(tokens, 0) + t.units
     if fault:
         tallies = _bottom_up(ledger)
         t = next(t for t in tallies if t.outcome in FAULT_OUTCOMES)
@@ -79,7 +92,7 @@ def judge(ledger: Ledger) -> Verdict:
         return Verdict(
             t.outcome or Outcome.ERROR, t.layer, detail, public if public != detail else None
         )
-    lost = _lost_between_layers(ledger)
+    lost = _lost_between_layers(gateway, sdk, tokens, open_layers)
     if lost is not None:
         return lost
     if gone:
@@ -108,25 +121,12 @@ def _said(tallies: list[Tally]) -> str | None:
     return next((t.upstream_said for t in tallies if t.upstream_said is not None), None)
 
 
-def _lost_between_layers(ledger: Ledger) -> Verdict | None:
-    # One pass (it runs at every request's end): the units of the streams that count the
-    # same unit, and the layers with a stream still open.
-    gateway = sdk = tokens = 0
-    has_gateway = has_sdk = has_tokens = False
-    open_layers: set[str] = set()
-    for t in ledger.tallies:
-        layer = t.layer
-        if t.outcome is None:
-            open_layers.add(layer)
-        if layer == sc.GATEWAY and t.stream_requested:
-            gateway += t.units
-            has_gateway = True
-        elif layer == sc.SDK and t.stream_requested:
-            sdk += t.units
-            has_sdk = True
-        elif layer == sc.LANGGRAPH and t.unit_kind == "token":
-            tokens += t.units
-            has_tokens = True
+def _lost_between_layers(
+    gateway: int, sdk: int, tokens: int, open_layers: set[str]
+) -> Verdict | None:
+    """Units lost between two layers that count the same unit (gateway data events, sdk
+    chunks, langgraph token events; -1: no such stream), between finished streams only."""
+    has_gateway, has_sdk, has_tokens = gateway >= 0, sdk >= 0, tokens >= 0
     pairs: list[tuple[str, int, str, int]] = []
     if has_gateway and has_sdk:
         pairs.append((sc.GATEWAY, gateway, sc.SDK, sdk))
