@@ -19,6 +19,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.probes import _gateway_body as gateway_body
 from chunkwatch.probes import langgraph as langgraph_probe
 from chunkwatch.probes import sdk as sdk_probe
+from chunkwatch.request_series import RequestSeries
 from chunkwatch.runtime import Runtime
 from chunkwatch.stream_series import StreamSeries
 from chunkwatch_lab.agent import LLMConfig, build_graph, make_model
@@ -431,10 +432,13 @@ class RaisingExporter(SpanExporter):
         pass
 
 
-class BrokenFamily:
-    """A metric whose every use raises: a registry gone wrong."""
+class BrokenRequests(RequestSeries):
+    """Per-request metrics whose every write raises."""
 
-    def labels(self, *a: Any, **k: Any) -> Any:
+    def verdict(self, *a: Any, **k: Any) -> None:
+        raise RuntimeError("registry broken")
+
+    def queue(self, *a: Any, **k: Any) -> None:
         raise RuntimeError("registry broken")
 
 
@@ -456,7 +460,7 @@ def test_telemetry_failures_do_not_change_what_the_client_receives() -> None:
         rt = chunkwatch.runtime.active()
         assert rt is not None
         rt.metrics.series = BrokenSeries()
-        rt.metrics.requests = BrokenFamily()  # type: ignore[assignment]
+        rt.metrics.per_request = BrokenRequests()
         r = system.ask("still answered?")
         assert r.done and r.text == "".join(answer_tokens("still answered?", 12))
         assert (

@@ -22,15 +22,15 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from chunkwatch import semconv as sc
 from chunkwatch.genai_metrics import GenAIMetrics
 from chunkwatch.naming import redact_url, upstream_name  # re-exported: they lived here
+from chunkwatch.request_series import ClientRequests, InProcessRequests, RequestSeries
 from chunkwatch.stream_series import (
-    GAP_BUCKETS,
     LATENCY_BUCKETS,
     ClientSeries,
     InProcessSeries,
@@ -45,7 +45,6 @@ __all__ = ["LATENCY_BUCKETS", "Metrics", "redact_url", "upstream_name"]
 
 # client left -> model stream stopped: a cancel takes effect within a token interval or two
 ORPHAN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-DEPTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 _lock = threading.Lock()
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
@@ -72,27 +71,13 @@ class Metrics:
         reg = REGISTRY if registry is None else registry
         self.registry = reg
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
-        self.requests = Counter(
-            sc.REQUESTS,
-            "Requests by verdict: outcome and the lowest layer where data stopped (none when ok).",
-            (sc.L_OUTCOME, sc.L_LAYER, sc.L_UPSTREAM),
-            registry=reg,
+        # the per-request families (requests_total, the queue's histograms), written once
+        # a request: kept by chunkwatch in one process (chunkwatch.request_series)
+        self.per_request: RequestSeries = (
+            ClientRequests(reg, exemplars=False) if self.multiprocess else InProcessRequests(reg)
         )
-        self._requests: dict[tuple[str, str, str], Any] = {}  # its children, by labels
         self.series: StreamSeries = (
             ClientSeries(reg, exemplars=False) if self.multiprocess else InProcessSeries(reg)
-        )
-        self.queue_wait = Histogram(
-            sc.QUEUE_WAIT,
-            "Time items waited in the agent-to-WSGI queue.",
-            buckets=GAP_BUCKETS,
-            registry=reg,
-        )
-        self.queue_depth_max = Histogram(
-            sc.QUEUE_DEPTH_MAX,
-            "Each request's queue depth high-water mark.",
-            buckets=DEPTH_BUCKETS,
-            registry=reg,
         )
         self.sse_disconnects = Counter(
             sc.SSE_DISCONNECTS,
@@ -175,11 +160,11 @@ class Metrics:
     def request_finished(
         self, verdict: Verdict, upstream: str, trace_id: str | None = None
     ) -> None:
-        key = (verdict.outcome, verdict.layer, upstream)
-        child = self._requests.get(key)  # labels() takes a lock and validates: once a key
-        if child is None:
-            child = self._requests[key] = self.requests.labels(str(key[0]), key[1], upstream)
-        child.inc(exemplar=self.exemplar(trace_id))
+        self.per_request.verdict(verdict.outcome, verdict.layer, upstream, trace_id)
+
+    def queue_finished(self, wait: float, depth: int, trace_id: str | None = None) -> None:
+        """One request's queue: its longest wait in seconds and its deepest depth."""
+        self.per_request.queue(wait, depth, trace_id)
 
     def set_stream_mode(self, upstream: str, mode: str) -> None:
         """``chunkwatch_stream_mode{upstream,mode}``: 1 for ``mode``, 0 for the others."""

@@ -165,9 +165,8 @@ class WatchedQueue(queue.Queue[T]):
                 return
         try:
             tally.units_in = put
-            ex = rt.metrics.exemplar(rt.trace_id(tally))  # the request's, found once
-            rt.metrics.queue_wait.observe(self._wait_max / 1e9, exemplar=ex)
-            rt.metrics.queue_depth_max.observe(self._depth_max, exemplar=ex)
+            trace_id = rt.trace_id(tally)  # the request's, found once
+            rt.metrics.queue_finished(self._wait_max / 1e9, self._depth_max, trace_id)
             if tally.span is not None and tally.span.is_recording():
                 tally.span.set_attributes(
                     {
