@@ -397,8 +397,9 @@ def test_request_context_is_extracted_unless_the_default_propagators_have_no_hea
     try:
         assert http_in._extract({"PATH_INFO": "/chat"}) is http_in._NOTHING
         parent = http_in._extract({"HTTP_TRACEPARENT": traceparent})
-        assert format(get_current_span(parent).get_span_context().trace_id, "032x") == (
-            traceparent.split("-")[1]
+        assert (
+            format(get_current_span(parent).get_span_context().trace_id, "032x")
+            == (traceparent.split("-")[1])
         )
         propagate.set_global_textmap(Custom())
         http_in._extract({"HTTP_X_CUSTOM": "1"})

@@ -48,3 +48,38 @@ def test_an_incoming_trace_is_current_in_the_view_without_an_sdk() -> None:
     environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/chat", "HTTP_TRACEPARENT": TRACEPARENT}
     assert _serve(rt, environ) == [TRACE_ID]
     assert _serve(rt, {"REQUEST_METHOD": "POST", "PATH_INFO": "/chat"}) == [""]
+
+
+def test_streams_without_spans_carry_the_incoming_trace_as_their_exemplar() -> None:
+    """No SDK: the queue and sse probes start no span at all, yet each stream's exemplar is
+    the client's sampled trace (its request's), as a span of the request would have said."""
+    from chunkwatch.probes.queue import WatchedQueue
+
+    registry = CollectorRegistry()
+    rt = Runtime(registry=registry, tracer_provider=NoOpTracerProvider())
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        q: WatchedQueue[bytes] = WatchedQueue(environ["chunkwatch.ledger"], runtime=rt)
+        for item in (b'data: {"a": 1}\n\n', b"data: [DONE]\n\n"):
+            q.put(item)
+        q.producer_done()
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+
+        def body() -> Any:
+            yield q.get()
+            yield q.get()
+            q.consumer_done(complete=True)
+
+        return body()
+
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/chat", "HTTP_TRACEPARENT": TRACEPARENT}
+    body = ChunkwatchMiddleware(app, rt)(environ, lambda *a: None)
+    assert len(list(body)) == 2
+    body.close()
+    exemplars = {
+        s.labels["layer"]: s.exemplar.labels["trace_id"]
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "chunkwatch_streams_total" and s.exemplar is not None
+    }
+    assert exemplars == {"queue": TRACE_ID, "sse": TRACE_ID, "http": TRACE_ID}

@@ -219,10 +219,15 @@ class Runtime:
         """The sampled trace id of ``t``'s span, for exemplars: its request's, found once
         per request (every span of a request is in the request's trace)."""
         ledger = t.ledger
-        if ledger is None or ledger.unlinked or t.span is None:
+        if ledger is None or ledger.unlinked:
             return trace_id_of(t.span)
         if not ledger.trace_known:
-            ledger.trace_id, ledger.trace_known = trace_id_of(t.span), True
+            span = t.span
+            if span is None and ledger.parent_context is not None:
+                # a stream the no-op tracer gave no span (the probes do not ask for one):
+                # its request's span, whose trace holds the caller's propagated context
+                span = trace.get_current_span(ledger.parent_context)
+            ledger.trace_id, ledger.trace_known = trace_id_of(span), True
         return ledger.trace_id
 
     def _finish(self, t: Tally) -> None:

@@ -131,8 +131,8 @@ async def _watch(
         attrs = _agent_attributes(rt, graph, config)
         name = f"{sc.SPAN_AGENT} {attrs[sc.GEN_AI_AGENT_NAME]}"
         span = rt.start_span(name, sc.LANGGRAPH, attributes=attrs, ledger=ledger)
-    else:  # the no-op tracer drops the name and attributes
-        span = rt.start_span(sc.SPAN_AGENT, sc.LANGGRAPH, ledger=ledger)
+    else:  # the no-op tracer: no span (its would be the request's, which adds nothing)
+        span = None
     own = ledger is not current_ledger()  # outside a request: this run's own ledger
     tally = rt.open(sc.LANGGRAPH, ledger=ledger, span=span)
     tally.unit_kind = unit

@@ -185,14 +185,16 @@ class WatchedQueue(queue.Queue[T]):
     def _start_publish(self) -> None:
         rt = self._rt
         assert rt is not None
+        if not tracing(rt):  # the no-op tracer: no span (see Runtime.trace_id)
+            return
         self._publish = rt.start_span(
             sc.SPAN_QUEUE_PUBLISH,
             sc.QUEUE,
             kind=SpanKind.PRODUCER,
             attributes=_SEND,
         )
-        # kept for the receive span, even if publishing ended (the no-op tracer drops links)
-        if self._publish is not None and tracing(rt):
+        # kept for the receive span, even if publishing ended
+        if self._publish is not None:
             self._links = [Link(self._publish.get_span_context())]
 
     def _start_receive(self) -> Tally:
@@ -201,14 +203,16 @@ class WatchedQueue(queue.Queue[T]):
         links = self._links
         ledger = self._ledger
         parent = ledger.parent_context if ledger is not None else None
-        span = rt.start_span(
-            sc.SPAN_QUEUE_RECEIVE,
-            sc.QUEUE,
-            kind=SpanKind.CONSUMER,
-            context=parent,
-            attributes=_RECEIVE,
-            links=links,
-        )
+        span = None
+        if tracing(rt):  # else no span (see Runtime.trace_id)
+            span = rt.start_span(
+                sc.SPAN_QUEUE_RECEIVE,
+                sc.QUEUE,
+                kind=SpanKind.CONSUMER,
+                context=parent,
+                attributes=_RECEIVE,
+                links=links,
+            )
         self._tally = rt.open(sc.QUEUE, ledger=ledger, span=span, watch=False)
         return self._tally
 

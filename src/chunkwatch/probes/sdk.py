@@ -72,9 +72,8 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     upstream = rt.upstream_for(str(base_url or "unknown"))
     rt.provider = provider  # the agent spans of later requests name it at their start
     ledger = rt.ledger(sc.SDK)
-    if not tracing(rt):  # the no-op tracer: no attributes to build, nor a prompt to read
-        span = rt.start_span("chat", sc.SDK, kind=SpanKind.CLIENT, ledger=ledger)
-        return _open_tally(rt, ledger, upstream, span, stream, (provider, model))
+    if not tracing(rt):  # the no-op tracer: no span, no attributes, no prompt to read
+        return _open_tally(rt, ledger, upstream, None, stream, (provider, model))
     attrs: dict[str, Any] = {
         sc.GEN_AI_OPERATION_NAME: "chat",
         sc.GEN_AI_PROVIDER_NAME: provider,

@@ -31,6 +31,7 @@ from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
 from chunkwatch.probes.lifecycle import Ending, closing
 from chunkwatch.runtime import Runtime
+from chunkwatch.spans import tracing
 from chunkwatch.sse import SSEParser, WholeEvent
 
 __all__ = ["SSEBody"]
@@ -61,10 +62,11 @@ class SSEBody(Ending):
         self._on_end = on_end
         self._parser = SSEParser()
         self._outer_context = ledger.parent_context  # the request's, again once this ends
-        span = rt.start_span(sc.SPAN_SSE, sc.SSE, context=ledger.parent_context)
-        # (the no-op tracer hands back the request's span: its context is the parent already)
-        if span is not None and span is not trace.get_current_span(ledger.parent_context):
-            ledger.parent_context = trace.set_span_in_context(span)
+        span = None  # the no-op tracer's would be the request's: none (see Runtime.trace_id)
+        if tracing(rt):
+            span = rt.start_span(sc.SPAN_SSE, sc.SSE, context=ledger.parent_context)
+            if span is not None:
+                ledger.parent_context = trace.set_span_in_context(span)
         super().__init__(rt.open(sc.SSE, ledger=ledger, span=span, watch=False), rt)
         self._gen: Generator[bytes, None, None] | None = None
         self.last_chunk: bytes = b""  # the last chunk passed on, once the body ended
