@@ -40,8 +40,8 @@ class Service:
         return beacons
 
     def stream(self, n: int = 3) -> str:
-        """GET /chat: n token events and `done`; the stream token it carried."""
-        resp = self.client.get(f"/chat?n={n}", headers={"Host": HOST})
+        """GET /chat from a browser: n token events and `done`; the stream token it carried."""
+        resp = self.client.get(f"/chat?n={n}", headers={"Host": HOST, "Sec-Fetch-Mode": "cors"})
         assert resp.status_code == 200 and resp.get_data().count(b"event: token") == n
         token = resp.headers.get(STREAM_HEADER)
         assert token is not None
@@ -217,11 +217,12 @@ def test_cors_only_for_configured_origins(service: Service) -> None:
     """With an allowed origin: its beacons are accepted with CORS headers, and SSE
     responses expose the stream header; a same-origin service exposes nothing."""
     token = service.stream()
-    resp = service.client.get("/chat?n=1", headers={"Host": HOST})
+    browser = {"Host": HOST, "Origin": "https://app.example", "Sec-Fetch-Mode": "cors"}
+    resp = service.client.get("/chat?n=1", headers=browser)
     assert "Access-Control-Expose-Headers" not in resp.headers
     resp.close()
     service.beacons.origins = frozenset({"https://app.example"})
-    resp = service.client.get("/chat?n=1", headers={"Host": HOST})
+    resp = service.client.get("/chat?n=1", headers=browser)
     assert resp.headers["Access-Control-Expose-Headers"] == STREAM_HEADER
     resp.close()
     ok = service.post(beacon(token), Origin="https://app.example")
@@ -232,10 +233,32 @@ def test_cors_only_for_configured_origins(service: Service) -> None:
 def test_no_beacon_path_no_token(service: Service) -> None:
     """beacon_path=None: SSE responses carry no token and the path is the app's (404)."""
     instrument_app(service.app, service.rt, metrics_path=None, beacon_path=None)
-    resp = service.client.get("/chat?n=1", headers={"Host": HOST})
+    resp = service.client.get("/chat?n=1", headers={"Host": HOST, "Sec-Fetch-Mode": "cors"})
     assert STREAM_HEADER not in resp.headers
     resp.close()
     assert service.client.post(PATH, data=b"{}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("headers", "token"),
+    [
+        ({}, False),  # an API client, curl, another service: nobody will send a beacon
+        ({"Sec-Fetch-Mode": "cors"}, True),  # every browser's fetch
+        ({"Origin": f"http://{HOST}"}, True),  # a browser's POST (before Sec-Fetch-*)
+        ({"X-Chunkwatch-Beacon": "1"}, True),  # a client that keeps the contract, asking
+    ],
+)
+def test_only_clients_that_can_beacon_get_a_token(
+    service: Service, headers: dict[str, str], token: bool
+) -> None:
+    """A stream token (and the record kept for it) only for a browser, or a client that asks:
+    for any other client the browser layer does no work at all."""
+    before = len(service.beacons.streams)
+    resp = service.client.get("/chat?n=1", headers={"Host": HOST, **headers})
+    assert resp.get_data().count(b"event: token") == 1
+    assert (STREAM_HEADER in resp.headers) is token
+    resp.close()
+    assert len(service.beacons.streams) - before == (1 if token else 0)
 
 
 def test_a_verdict_drawn_later_reaches_the_record() -> None:

@@ -3,7 +3,8 @@
 Usage: ``chunkwatch.instrument(app)`` serves it at ``/chunkwatch/beacon``
 (``beacon_path=`` / ``CHUNKWATCH_BEACON_PATH``; ``None`` or empty: off, and SSE responses
 carry no stream token). The http probe asks :class:`Beacons` for a token per
-``text/event-stream`` response (``X-Chunkwatch-Stream``) and hands it the finished
+``text/event-stream`` response to a browser (:func:`from_browser`; ``X-Chunkwatch-Stream``)
+and hands it the finished
 stream; the endpoint then takes one beacon per stream and records the ``browser`` layer
 (:mod:`chunkwatch.browser_layer`).
 
@@ -51,6 +52,17 @@ __all__ = ["MAX_BODY", "STREAM_HEADER", "Beacons", "Refused", "parse_beacon"]
 log = logging.getLogger("chunkwatch")
 
 STREAM_HEADER = "X-Chunkwatch-Stream"
+# Only a browser sends beacons, and every browser sends Sec-Fetch-Mode with a fetch (or, for a
+# POST, Origin): a response to any other client gets no token, and costs nothing here. A
+# client that is not a browser and keeps the contract asks with X-Chunkwatch-Beacon.
+_FROM_BROWSER = ("HTTP_SEC_FETCH_MODE", "HTTP_ORIGIN", "HTTP_X_CHUNKWATCH_BEACON")
+
+
+def from_browser(environ: dict[str, Any]) -> bool:
+    """Whether the request's SSE response gets a stream token (see ``_FROM_BROWSER``)."""
+    return any(key in environ for key in _FROM_BROWSER)
+
+
 MAX_BODY = 1024  # bytes: chunkwatch.js's beacons stay under 512
 MAX_EVENTS = 10_000_000
 MAX_MS = 3_600_000.0  # an hour: no stream the browser layer judges is longer

@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from chunkwatch import semconv as sc
-from chunkwatch.browser import Beacons, terminal_written
+from chunkwatch.browser import Beacons, from_browser, terminal_written
 from chunkwatch.ledger import Ledger, Tally
 from chunkwatch.ledger import _current as _current_ledger
 from chunkwatch.outcomes import End
@@ -129,7 +129,8 @@ class ChunkwatchMiddleware:
             rt.bookkeeping_error(sc.HTTP, "open")
             return self.app(environ, start_response)
         request = _Request(rt, ledger, tally, environ.get("REQUEST_METHOD", "GET"))
-        request.beacons = beacons
+        if beacons is not None and from_browser(environ):  # else no token: nobody beacons
+            request.beacons = beacons
 
         def _start_response(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
             request.started(status, headers)
