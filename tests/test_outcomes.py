@@ -321,3 +321,33 @@ def test_finish_is_once() -> None:
     assert tally.finish(End.ABANDONED) is Outcome.ABANDONED
     assert tally.finish(End.CLEAN) is Outcome.ABANDONED
     assert calls == ["abandoned"]
+
+
+def test_a_healthy_verdict_writes_its_words_when_read_and_is_a_verdict() -> None:
+    """``ok`` over finished streams: the funnel in words only when its detail is read (no
+    INFO log, span or browser asks on most requests), then what eager words would say; equal
+    to, hashed like, replaced and frozen like any Verdict. With a stream still open the words
+    are written at once (units may still come)."""
+    from dataclasses import FrozenInstanceError, replace
+
+    from chunkwatch.ledger import Ledger
+    from chunkwatch.verdict import Verdict
+
+    ledger = Ledger()
+    for layer in ("http", "sse", "queue", "langgraph", "sdk", "gateway"):
+        t = ledger.open(layer, stream_requested=True)
+        t.unit()
+        t.finish(End.CLEAN)
+    ledger.closed = True
+    verdict = judge(ledger)
+    assert "detail" not in verdict.__dict__  # not written yet
+    words = "every layer passed its data on (gateway 1, sdk 1, langgraph 1, queue 1, sse 1, http 1)"
+    eager = Verdict(Outcome.OK, "none", words)
+    assert verdict == eager and eager == verdict and hash(verdict) == hash(eager)
+    assert verdict.detail == words and verdict.as_dict()["detail"] == words
+    assert repr(verdict) == repr(eager) and str(verdict) == "ok" and verdict.ok
+    assert replace(verdict, detail="x").detail == "x"
+    with pytest.raises(FrozenInstanceError):
+        verdict.layer = "sse"  # type: ignore[misc]
+    ledger.open("sdk", stream_requested=True)  # still open when the request ended
+    assert "detail" in judge(ledger).__dict__

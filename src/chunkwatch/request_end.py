@@ -142,6 +142,8 @@ def _report(
     if span is not None:
         span.end()
     level = logging.INFO if verdict.ok and not extra.get(sc.A_ORPHANED) else logging.WARNING
+    if not log.isEnabledFor(level):
+        return  # (the detail of a healthy verdict is written when read: not for nothing)
     log.log(
         level,
         "chunkwatch verdict=%s upstream=%s trace_id=%s detail=%s",

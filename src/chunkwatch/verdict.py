@@ -21,6 +21,7 @@ layer, and what it means.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from chunkwatch import semconv as sc
@@ -56,6 +57,49 @@ class Verdict:
     def as_dict(self) -> dict[str, Any]:
         """The verdict as a client may see it (``event: error``)."""
         return {"layer": self.layer, "outcome": str(self.outcome), "detail": self.client_detail}
+
+
+class _Healthy(Verdict):
+    """``ok``, its detail (the funnel in words) written when first read: most healthy
+    requests are not logged at INFO, traced or watched from a browser, and the words cost
+    more than the rest of the verdict. Drawn only once every stream of the request has
+    finished, so the words say what they would have said at the verdict. A
+    :class:`Verdict` in every other way (``==``, ``hash``, ``repr``, ``replace``)."""
+
+    def __init__(
+        self,
+        outcome: Outcome = Outcome.OK,
+        layer: str = sc.NO_LAYER,
+        detail: str | None = None,
+        public_detail: str | None = None,
+        *,
+        ledger: Ledger | None = None,
+    ) -> None:
+        values = {"outcome": outcome, "layer": layer, "public_detail": public_detail}
+        if detail is not None or ledger is None:
+            values["detail"] = detail or ""
+        self.__dict__.update(values, _ledger=ledger)  # one call: frozen, set as dataclasses do
+
+    @cached_property
+    def detail(self) -> str:
+        ledger = self.__dict__.pop("_ledger", None)
+        return "" if ledger is None else _ok_detail(ledger)
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.outcome, self.layer, self.detail, self.public_detail)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Verdict):
+            return NotImplemented
+        return self._fields() == (other.outcome, other.layer, other.detail, other.public_detail)
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return "Verdict(outcome={!r}, layer={!r}, detail={!r}, public_detail={!r})".format(
+            *self._fields()
+        )
 
 
 def judge(ledger: Ledger) -> Verdict:
@@ -100,7 +144,9 @@ def judge(ledger: Ledger) -> Verdict:
         below_http = [t for t in left if t.layer != sc.HTTP]
         t = (below_http or left)[-1]
         return Verdict(t.outcome or Outcome.DISCONNECTED, t.layer, describe(t))
-    return Verdict(Outcome.OK, sc.NO_LAYER, _ok_detail(ledger))
+    if open_layers or ledger.orphans is not None:  # units may still come: the words now
+        return Verdict(Outcome.OK, sc.NO_LAYER, _ok_detail(ledger))
+    return _Healthy(ledger=ledger)
 
 
 _GONE = (Outcome.DISCONNECTED, Outcome.ABANDONED)
