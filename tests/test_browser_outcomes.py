@@ -11,6 +11,7 @@ from chunkwatch.browser_layer import browser_tally, record_browser
 from chunkwatch.browser_token import StreamRecord
 from chunkwatch.outcomes import Evidence, Outcome, classify
 from chunkwatch.runtime import Runtime
+from chunkwatch.verdict import describe
 
 
 def written(events: int = 13, first_ms: float = 40.0, last_ms: float = 520.0) -> StreamRecord:
@@ -113,3 +114,30 @@ def test_the_relative_buffer_rule_needs_the_layer_below() -> None:
     assert classify(ev) is Outcome.OK
     ev.spread_below = 1_000_000_000
     assert classify(ev) is Outcome.BUFFERED
+
+
+def test_a_wait_the_service_did_not_have_is_stalled() -> None:
+    """The page waited the idle deadline (30 s) longer between two events than the sse layer
+    did, or the first-chunk deadline longer for its first event: stalled, counted as a stall
+    and worded; a wait the service's own stream had too, or a hop's one burst, is not."""
+    registry = CollectorRegistry()
+    rt = Runtime(registry=registry)
+    try:
+        record = written(events=13, first_ms=40, last_ms=40_520)
+        record.gap_ms = 100.0
+        idle = browser_tally(rt, record, seen(gap_max_ms=31_000.0, duration_ms=41_000.0))
+        assert (idle.outcome, idle.stalled, idle.deadline) == (Outcome.STALLED, "idle", 30.0)
+        assert describe(idle).endswith("a hop between the service and the browser held the stream")
+        stalls = {"layer": "browser", "kind": "idle", "upstream": "test-gw"}
+        assert registry.get_sample_value("chunkwatch_stalls_total", stalls) == 1
+        # its first event 35 s late, the rest as they were written (no one burst)
+        late_first = seen(first_event_ms=35_000.0, gap_max_ms=2_000.0, duration_ms=60_000.0)
+        late = browser_tally(rt, record, late_first)
+        assert (late.outcome, late.stalled) == (Outcome.STALLED, "first_chunk")
+        record.gap_ms = 30_500.0  # the model paused too: the service's own wait
+        assert browser_tally(rt, record, seen(gap_max_ms=31_000.0)).outcome is Outcome.OK
+        held = written(events=30, first_ms=50, last_ms=40_050)  # written over 40 s
+        burst = seen(events=30, first_event_ms=40_100.0, gap_max_ms=2.0, duration_ms=40_200.0)
+        assert browser_tally(rt, held, burst).outcome is Outcome.BUFFERED  # not stalled
+    finally:
+        rt.close()

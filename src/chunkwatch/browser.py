@@ -204,6 +204,7 @@ class Beacons:
             events=sse.units,
             first_ms=None if first is None else (first - sse.t_start) / 1e6,
             last_ms=None if last is None else (last - sse.t_start) / 1e6,
+            gap_ms=sse.max_gap_ns / 1e6,
             terminal=terminal,
             parent=ledger.parent_context,
             upstream=sse.upstream,

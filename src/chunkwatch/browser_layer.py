@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind
 from chunkwatch import semconv as sc
 from chunkwatch.browser_token import StreamRecord
 from chunkwatch.ledger import Ledger, Tally
-from chunkwatch.outcomes import End
+from chunkwatch.outcomes import End, is_burst_of_below
 from chunkwatch.runtime import Runtime
 
 __all__ = ["ENDS", "record_browser"]
@@ -67,6 +67,10 @@ def browser_tally(rt: Runtime, record: StreamRecord, beacon: dict[str, Any]) -> 
         tally.max_gap_ns = gap or 0
     if record.first_ms is not None and record.last_ms is not None:
         tally.spread_below = int((record.last_ms - record.first_ms) * _MS)
+    stall = _stall(rt, record, tally, first, gap, duration)
+    if stall is not None:  # counted now, as every layer's stall is when it is found
+        tally.stalled = stall[0]
+        rt.on_stall(tally, *stall)
     if span is not None and span.is_recording():
         try:
             attrs: dict[str, Any] = {
@@ -81,6 +85,35 @@ def browser_tally(rt: Runtime, record: StreamRecord, beacon: dict[str, Any]) -> 
             rt.bookkeeping_error(sc.BROWSER, "span")
     tally.finish(ENDS[beacon["end"]])  # t_end: now, the start + the beacon's duration
     return tally
+
+
+def _stall(
+    rt: Runtime,
+    record: StreamRecord,
+    tally: Tally,
+    first: int | None,
+    gap: int | None,
+    duration: int,
+) -> tuple[str, float] | None:
+    """``(kind, deadline)`` when the page waited a deadline longer than the sse layer did:
+    for its first event (``first_chunk``) or between two (``idle``). The deadlines are the
+    runtime's (``Deadlines.layers["browser"]``, else ``first_chunk`` / ``idle``). A wait the
+    service's own stream had too is not the browser's; nor is a hop's one burst at the end
+    (``buffered`` says more: which setting to change)."""
+    deadlines = rt.deadlines
+    first_limit, idle_limit = deadlines.layers.get(
+        sc.BROWSER, (deadlines.first_chunk, deadlines.idle)
+    )
+    if is_burst_of_below(tally):
+        return None
+    if first_limit is not None and record.first_ms is not None:
+        waited = (first if first is not None and tally.units else duration) / _MS
+        if waited - record.first_ms >= first_limit * 1000:
+            return "first_chunk", first_limit
+    if idle_limit is not None and gap is not None and tally.units > 1:
+        if gap / _MS - (record.gap_ms or 0.0) >= idle_limit * 1000:
+            return "idle", idle_limit
+    return None
 
 
 def record_browser(rt: Runtime, record: StreamRecord, beacon: dict[str, Any]) -> None:

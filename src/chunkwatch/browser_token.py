@@ -109,6 +109,7 @@ class StreamRecord:
     events: int = 0  # events written (the sse tally's units)
     first_ms: float | None = None  # first / last event written, ms from the sse start
     last_ms: float | None = None
+    gap_ms: float | None = None  # the longest gap between two events written
     terminal: bool = False  # the last event written was a terminal one (done / error)
     parent: Any = None  # the request's OpenTelemetry context: the browser span's parent
     upstream: str = "none"

@@ -206,6 +206,7 @@ _MEANING = {
     (sc.GATEWAY, Outcome.STALLED): "the upstream accepted the stream and went silent",
     (sc.GATEWAY, Outcome.MALFORMED): "the bytes are not a valid event stream of JSON chunks",
     (sc.GATEWAY, Outcome.ERROR_EVENT): "the upstream reported an error inside the stream",
+    (sc.BROWSER, Outcome.STALLED): "a hop between the service and the browser held the stream",
 }
 # empty, with data events that carry no completion (ended as a stream should, or cut)
 _NOTHING = "the upstream answered without a completion: the model produced nothing"
