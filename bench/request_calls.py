@@ -42,6 +42,14 @@ def count_calls(requests: int) -> collections.Counter[tuple[str, str]]:
                 code = frame.f_code
                 counts[(code.co_filename.split("/src/")[-1], code.co_name)] += 1
 
+    hooked_chats(requests, hook, threading.setprofile, sys.setprofile)
+    return counts
+
+
+def hooked_chats(requests: int, hook: Any, for_threads: Any, for_this_thread: Any) -> None:
+    """``requests`` one-token chats of the in-process reference service, after a warm-up,
+    with ``hook`` set (``for_threads``: threading.setprofile / settrace) on the threads
+    started from then on (the WSGI requests) and on the agent loop's thread."""
     with start_in_thread(Upstream(tokens=1, token_delay=0.001)) as up:
         config = ServiceConfig(llm=LLMConfig(url=up.url), registry=CollectorRegistry(), guard=False)
         svc = ServiceThread(create_app(config))
@@ -49,16 +57,16 @@ def count_calls(requests: int) -> collections.Counter[tuple[str, str]]:
             for _ in range(5):  # warm-up: metric children, the watchdog, caches
                 chat(svc.url, "hi")
             loop = svc.app.extensions["chunkwatch.chat"].loop.loop
-            threading.setprofile(hook)  # threads started from now on (WSGI requests)
-            loop.call_soon_threadsafe(sys.setprofile, hook)  # the agent loop's thread
+            for_threads(hook)  # threads started from now on (WSGI requests)
+            loop.call_soon_threadsafe(for_this_thread, hook)  # the agent loop's thread
             time.sleep(0.2)
             for _ in range(requests):
                 chat(svc.url, "hi")
-            loop.call_soon_threadsafe(sys.setprofile, None)
-            threading.setprofile(None)  # type: ignore[arg-type]
+            loop.call_soon_threadsafe(for_this_thread, None)
+            for_threads(None)
+            time.sleep(0.2)
         finally:
             svc.stop()
-    return counts
 
 
 def main() -> None:

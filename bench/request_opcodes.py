@@ -20,18 +20,10 @@ import argparse
 import collections
 import sys
 import threading
-import time
 from types import FrameType
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
-from chunkwatch_lab.agent import LLMConfig
-from chunkwatch_lab.client import chat
-from chunkwatch_lab.service import ServiceConfig, create_app
-from chunkwatch_lab.serving import ServiceThread
-from chunkwatch_lab.threaded import start_in_thread
-from chunkwatch_lab.upstream import Upstream
+from request_calls import hooked_chats  # bench/ is the script's directory
 
 # Whose code a file is: ours (a label), the host's (None), or neutral (look further up).
 NEUTRAL = ("/opentelemetry/", "/prometheus_client/", "/wrapt/", "/python3.11/")
@@ -82,23 +74,7 @@ def count_opcodes(requests: int) -> collections.Counter[str]:
             known.pop(id(frame), None)
         return tracer
 
-    with start_in_thread(Upstream(tokens=1, token_delay=0.001)) as up:
-        config = ServiceConfig(llm=LLMConfig(url=up.url), registry=CollectorRegistry(), guard=False)
-        svc = ServiceThread(create_app(config))
-        try:
-            for _ in range(5):
-                chat(svc.url, "hi")
-            loop = svc.app.extensions["chunkwatch.chat"].loop.loop
-            threading.settrace(tracer)
-            loop.call_soon_threadsafe(sys.settrace, tracer)
-            time.sleep(0.2)
-            for _ in range(requests):
-                chat(svc.url, "hi")
-            loop.call_soon_threadsafe(sys.settrace, None)
-            threading.settrace(None)  # type: ignore[arg-type]
-            time.sleep(0.2)
-        finally:
-            svc.stop()
+    hooked_chats(requests, tracer, threading.settrace, sys.settrace)
     return counts
 
 

@@ -49,6 +49,12 @@ _DURATION = re.compile(r"^(\d+)([smhd])$")
 _RANGE = re.compile(r"\[(\d+)([smhd])\]")
 
 
+def shipped_rules() -> set[str]:
+    """The name of every recording rule and alert in the shipped rules file."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {r.get("record") or r["alert"] for g in groups for r in g["rules"]}
+
+
 def binary(name: str) -> str:
     """The path of ``name`` (``prometheus`` or ``promtool``), or fail with how to get it."""
     path = shutil.which(name)

@@ -3,10 +3,7 @@ prometheus_client's objects (multiprocess mode) expose the same series."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry
-from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from chunkwatch.outcomes import Outcome
 from chunkwatch.request_series import (
@@ -15,6 +12,8 @@ from chunkwatch.request_series import (
     InProcessRequests,
     RequestSeries,
 )
+
+from .registry import assert_plain_openmetrics, family_types, registry_samples
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
@@ -27,23 +26,12 @@ def write(series: RequestSeries) -> None:
     series.queue(45.0, 2000, None)  # beyond the last bounds: +Inf
 
 
-def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], Any]:
-    out = {}
-    for family in registry.collect():
-        for s in family.samples:
-            if s.name.endswith("_created"):
-                continue
-            ex = None if s.exemplar is None else (dict(s.exemplar.labels), s.exemplar.value)
-            out[(s.name, tuple(sorted(s.labels.items())))] = (s.value, ex)
-    return out
-
-
 def test_both_writers_expose_the_same_series_values_and_exemplars() -> None:
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     write(InProcessRequests(ours))
     write(ClientRequests(theirs, exemplars=True))
-    mine = samples(ours)
-    assert mine == samples(theirs)
+    mine = registry_samples(ours)
+    assert mine == registry_samples(theirs)
     ok = (
         "chunkwatch_requests_total",
         (("layer", "none"), ("outcome", "ok"), ("upstream", "azure")),
@@ -60,13 +48,10 @@ def test_both_writers_expose_the_same_series_values_and_exemplars() -> None:
 def test_the_in_process_writer_has_no_created_series_and_valid_openmetrics() -> None:
     registry = CollectorRegistry()
     write(InProcessRequests(registry))
-    text = openmetrics(registry).decode()
-    assert "_created" not in text
-    assert f'# {{trace_id="{TRACE}"}} 1.0' in text
-    assert text.endswith("# EOF\n")
+    assert_plain_openmetrics(registry, TRACE)
 
 
 def test_the_families_table_names_what_is_exposed() -> None:
     registry = CollectorRegistry()
     InProcessRequests(registry)
-    assert {f.name: f.type for f in registry.collect()} == {n: k for n, (k, _) in FAMILIES.items()}
+    assert family_types(registry) == {n: k for n, (k, _) in FAMILIES.items()}

@@ -4,16 +4,16 @@ scrape) and prometheus_client's objects (multiprocess mode) expose the same thin
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Tally
 from chunkwatch.outcomes import Outcome
 from chunkwatch.stream_series import FAMILIES, ClientSeries, InProcessSeries, StreamSeries
+
+from .registry import assert_plain_openmetrics, family_types, registry_samples
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
@@ -48,23 +48,12 @@ def write(series: StreamSeries) -> None:
     series.counted(sc.SDK, "stalled", "azure", TRACE)  # a stall, found while open
 
 
-def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], Any]:
-    out = {}
-    for family in registry.collect():
-        for s in family.samples:
-            if s.name.endswith("_created"):
-                continue
-            ex = None if s.exemplar is None else (dict(s.exemplar.labels), s.exemplar.value)
-            out[(s.name, tuple(sorted(s.labels.items())))] = (s.value, ex)
-    return out
-
-
 def test_both_writers_expose_the_same_series_values_and_exemplars() -> None:
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     write(InProcessSeries(ours))
     write(ClientSeries(theirs, exemplars=True))
-    mine = samples(ours)
-    assert mine == samples(theirs)
+    mine = registry_samples(ours)
+    assert mine == registry_samples(theirs)
     labels = (("layer", "gateway"), ("outcome", "ok"), ("upstream", "azure"))
     ok = ("chunkwatch_streams_total", labels)
     assert mine[ok] == (2, ({"trace_id": TRACE}, 1))
@@ -83,16 +72,13 @@ def test_both_writers_expose_the_same_series_values_and_exemplars() -> None:
 def test_the_in_process_writer_has_no_created_series_and_valid_openmetrics() -> None:
     registry = CollectorRegistry()
     write(InProcessSeries(registry))
-    text = openmetrics(registry).decode()
-    assert "_created" not in text
-    assert f'# {{trace_id="{TRACE}"}} 1.0' in text
-    assert text.endswith("# EOF\n")
+    assert_plain_openmetrics(registry, TRACE)
 
 
 def test_the_families_table_names_what_is_exposed() -> None:
     registry = CollectorRegistry()
     InProcessSeries(registry)
-    assert {f.name: f.type for f in registry.collect()} == {n: k for n, (k, _) in FAMILIES.items()}
+    assert family_types(registry) == {n: k for n, (k, _) in FAMILIES.items()}
 
 
 def test_a_registry_refuses_the_names_twice() -> None:

@@ -11,15 +11,25 @@ writes them, so the exposition is the same as its own histograms'.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from prometheus_client.metrics_core import CounterMetricFamily
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString as _go_float
 
 from chunkwatch import semconv as sc
 
-__all__ = ["Example", "Histogram", "Snapshot", "buckets", "exemplar", "observe", "samples"]
+__all__ = [
+    "Example",
+    "Histogram",
+    "Snapshot",
+    "buckets",
+    "counter",
+    "exemplar",
+    "observe",
+    "samples",
+]
 
 Example = tuple[str, float, float]  # (trace id, value, unix time): an exemplar, not yet built
 Snapshot = tuple[tuple[float, ...], list[int], float, list[Example | None]]
@@ -73,6 +83,21 @@ def buckets(snapshot: Snapshot) -> list[Any]:
         ex = exemplar(example)
         out.append((le, total) if ex is None else (le, total, ex))
     return out
+
+
+def counter(
+    name: str,
+    help_text: str,
+    label_names: tuple[str, ...],
+    rows: Iterable[tuple[tuple[str, ...], int, Example | None]],
+) -> CounterMetricFamily:
+    """A counter family of ``(label values, count, exemplar)`` rows (``name`` without
+    ``_total``), each with its exemplar."""
+    family = CounterMetricFamily(name, help_text, labels=label_names)
+    for values, count, example in rows:
+        labels = dict(zip(label_names, values, strict=True))
+        family.samples.append(Sample(name + "_total", labels, count, None, exemplar(example)))
+    return family
 
 
 def samples(name: str, labels: dict[str, str], snapshot: Snapshot) -> list[Sample]:

@@ -25,10 +25,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.samples import Sample
 
 from chunkwatch import semconv as sc
-from chunkwatch.collected import Example, buckets, exemplar
+from chunkwatch.collected import Example, buckets, counter
 from chunkwatch.collected import Histogram as Kept
 from chunkwatch.stream_series import GAP_BUCKETS
 
@@ -107,13 +106,7 @@ class InProcessRequests(RequestSeries):
             ]
             histograms = [(sc.QUEUE_WAIT, self._wait.snapshot())]
             histograms.append((sc.QUEUE_DEPTH_MAX, self._depth.snapshot()))
-        family = CounterMetricFamily(sc.REQUESTS, _HELP[sc.REQUESTS], labels=_OLU)
-        for key, count, example in verdicts:
-            labels = dict(zip(_OLU, key, strict=True))
-            family.samples.append(
-                Sample(sc.REQUESTS + "_total", labels, count, None, exemplar(example))
-            )
-        yield family
+        yield counter(sc.REQUESTS, _HELP[sc.REQUESTS], _OLU, verdicts)
         for name, snapshot in histograms:
             hist = HistogramMetricFamily(name, _HELP[name], labels=())
             hist.add_metric((), buckets(snapshot), snapshot[2])

@@ -35,10 +35,9 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.samples import Sample
 
 from chunkwatch import semconv as sc
-from chunkwatch.collected import Example, buckets, exemplar
+from chunkwatch.collected import Example, buckets, counter
 from chunkwatch.collected import Histogram as Kept
 
 if TYPE_CHECKING:
@@ -206,13 +205,7 @@ class InProcessSeries(StreamSeries):
                 (key, s.chunks, [h.snapshot() for h in (s.ttfc, s.duration, s.gap)])
                 for key, s in self._layers.items()
             ]
-        family = CounterMetricFamily(sc.STREAMS, _HELP[sc.STREAMS], labels=_LOU)
-        for outcome_key, count, example in streams:
-            labels = dict(zip(_LOU, outcome_key, strict=True))
-            family.samples.append(
-                Sample(sc.STREAMS + "_total", labels, count, None, exemplar(example))
-            )
-        yield family
+        yield counter(sc.STREAMS, _HELP[sc.STREAMS], _LOU, streams)
         chunks = CounterMetricFamily(sc.CHUNKS, _HELP[sc.CHUNKS], labels=_LU)
         for key, n, _ in layers:
             chunks.add_metric(key, n)
