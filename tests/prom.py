@@ -216,6 +216,7 @@ def emitted_series() -> dict[str, frozenset[str]]:
 
     from chunkwatch.genai_metrics import FAMILIES as GENAI_FAMILIES
     from chunkwatch.metrics import Metrics
+    from chunkwatch.request_series import FAMILIES as REQUEST_FAMILIES
     from chunkwatch.stream_series import FAMILIES
 
     out: dict[str, frozenset[str]] = {}
@@ -233,6 +234,8 @@ def emitted_series() -> dict[str, frozenset[str]]:
         if isinstance(metric, MetricWrapperBase):
             add(metric._name, metric._type, frozenset(metric._labelnames))
     for name, (kind, names) in FAMILIES.items():  # the per-stream families' own collector
+        add(name, kind, frozenset(names))
+    for name, (kind, names) in REQUEST_FAMILIES.items():  # the per-request families' own
         add(name, kind, frozenset(names))
     for name, names in GENAI_FAMILIES.items():  # the GenAI histograms' own collector
         add(name, "histogram", frozenset(names))
