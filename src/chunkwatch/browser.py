@@ -3,10 +3,9 @@
 Usage: ``chunkwatch.instrument(app)`` serves it at ``/chunkwatch/beacon``
 (``beacon_path=`` / ``CHUNKWATCH_BEACON_PATH``; ``None`` or empty: off, and SSE responses
 carry no stream token). The http probe asks :class:`Beacons` for a token per
-``text/event-stream`` response to a browser (:func:`from_browser`; ``X-Chunkwatch-Stream``)
-and hands it the finished
-stream; the endpoint then takes one beacon per stream and records the ``browser`` layer
-(:mod:`chunkwatch.browser_layer`).
+``text/event-stream`` response to a browser (:func:`from_browser`;
+``X-Chunkwatch-Stream``) and hands it the finished stream; the endpoint then takes one
+beacon per stream and records the ``browser`` layer (:mod:`chunkwatch.browser_layer`).
 
 Configuration:
 
