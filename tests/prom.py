@@ -174,6 +174,14 @@ class Prometheus:
         except OSError:
             return "(no log)"
 
+    def rule_health(self) -> dict[str, str]:
+        """Each loaded rule's ``"<health>: <lastError>"`` (``"ok: "`` when it evaluates)."""
+        return {
+            rule["name"]: f"{rule['health']}: {rule.get('lastError', '')}"
+            for group in self.api("rules")["groups"]
+            for rule in group["rules"]
+        }
+
     def api(self, path: str, **params: Any) -> Any:
         """GET ``/api/v1/{path}``; the ``data`` of a success, else an AssertionError."""
         query = urllib.parse.urlencode(params, doseq=True)

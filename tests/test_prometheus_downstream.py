@@ -147,9 +147,7 @@ def _scenario(run: Run, browser: Browser, url: str) -> None:
         _watch(run)
     run.firing = [a for a in _watch(run) if a["state"] == "firing"]
     _query_browser_panels(run)
-    for group in run.prom.api("rules")["groups"]:
-        for rule in group["rules"]:
-            run.rule_health[rule["name"]] = f"{rule['health']}: {rule.get('lastError', '')}"
+    run.rule_health = run.prom.rule_health()
 
 
 @pytest.fixture(scope="module")

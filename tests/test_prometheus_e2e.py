@@ -239,9 +239,7 @@ def _scenario(run: Run, traffic: Traffic) -> None:
     run.trace_ids = {
         format(s.context.trace_id, "032x") for s in run.system.exporter.get_finished_spans()
     }
-    for group in prom.api("rules")["groups"]:
-        for rule in group["rules"]:
-            run.rule_health[rule["name"]] = f"{rule['health']}: {rule.get('lastError', '')}"
+    run.rule_health = prom.rule_health()
 
 
 @pytest.fixture(scope="module")
