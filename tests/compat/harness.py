@@ -244,11 +244,11 @@ def _get(url: str, method: str = "GET") -> bytes:
         return bytes(resp.read())
 
 
-def _chat(port: int) -> str:
+def _chat(port: int, headers: dict[str, str] | None = None) -> str:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/chat",
         data=json.dumps({"message": MESSAGE}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as resp:
         return str(resp.read().decode())

@@ -8,7 +8,9 @@ or as traces that share spans — which one request at a time cannot reveal.
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,3 +68,55 @@ def test_concurrent_requests_each_get_their_own_verdict_and_trace(shape: str) ->
             assert Counter(g.trace_id for g in gateways) == dict.fromkeys(traces, 1)
             ours = [s for s in spans if s.attrs.get(sc.A_LAYER)]
             assert {s.trace_id for s in ours} == traces
+
+
+def _trace_headers(i: int) -> dict[str, str]:
+    """Client ``i``'s trace headers: a sampled W3C trace of its own, none, or junk."""
+    kind = i % 4
+    if kind == 0:
+        return {"traceparent": f"00-{i + 1:032x}-{i + 1:016x}-01"}
+    if kind == 1:  # hostile: not a traceparent, and a baggage header far over any limit
+        return {"traceparent": "00-zz-not-a-trace-01", "baggage": "k=" + "v" * 20_000}
+    if kind == 2:
+        return {"tracestate": "vendor=1"}  # a state without a parent: nothing to continue
+    return {}
+
+
+@pytest.mark.parametrize("shape", ["shared_loop", "sync_stream"])
+def test_a_service_without_tracing_under_many_clients_and_junk_trace_headers(shape: str) -> None:
+    """The one line users try first, no OpenTelemetry SDK at all: 16 clients at once, some
+    with a trace to continue and some with junk trace headers, get 16 `empty@gateway`,
+    then 16 `ok`; no stream is unlinked, chunkwatch counts no error of its own, and every
+    exemplar on /metrics is a trace a client sent (the probes start no spans of their
+    own here: a stream's exemplar is its request's)."""
+    sent = {f"{i + 1:032x}" for i in range(CLIENTS) if i % 4 == 0}
+    with (
+        OTLPReceiver() as receiver,
+        start_in_thread(Upstream(tokens=12, token_delay=0.02)) as up,
+        start_in_thread(Gateway(up.url)) as gw,
+        service_process(shape, "untraced", gw.url, gw.port, receiver) as (port, _log),
+        ThreadPoolExecutor(CLIENTS) as pool,
+    ):
+        for fault, verdict in (("zero", "empty@gateway"), ("pass", "ok")):
+            gw.server.set_fault(fault)
+            before = _request_counts(port)
+            bodies = list(pool.map(lambda i: _chat(port, _trace_headers(i)), range(CLIENTS)))
+            deadline = time.monotonic() + 10
+            grown: list[str] = []
+            while len(grown) < CLIENTS and time.monotonic() < deadline:
+                grown = _new_verdicts(port, before)
+                time.sleep(0.05)
+            assert Counter(grown) == {f"{verdict} {UPSTREAM_NAME}": CLIENTS}, grown
+            if fault == "pass":
+                assert all("data:" in b and "error" not in b for b in bodies)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert "chunkwatch_unlinked_streams_total{" not in metrics
+        assert "chunkwatch_instrumentation_errors_total{" not in metrics
+        exemplars = set(re.findall(r'# \{trace_id="([0-9a-f]{32})"\}', metrics))
+        assert exemplars and exemplars <= sent, exemplars - sent
+        assert receiver.spans() == []  # no SDK: nothing exported

@@ -39,8 +39,9 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname
 
 
 def setup_tracing() -> None:
-    """The SDK set-up users write (``auto``: opentelemetry-instrument did it already)."""
-    if SETUP == "auto":
+    """The SDK set-up users write (``auto``: opentelemetry-instrument did it already;
+    ``untraced``: none at all, the one line users try first)."""
+    if SETUP in ("auto", "untraced"):
         return
     from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
