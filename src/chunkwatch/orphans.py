@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ORPHANED_AFTER", "WAIT", "Orphans", "client_left"]
 
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_CLOSED, _DISCONNECTED = End.CLOSED, Outcome.DISCONNECTED
+
 # A stream still receiving this long after its client left is *orphaned* (the detail says
 # so; the alert counts these): a cancelled stream stops within a token interval or two.
 ORPHANED_AFTER = 1.0
@@ -54,9 +57,9 @@ _now = time.perf_counter_ns
 def client_left(ledger: Ledger) -> bool:
     """The request ended because its client went away (the response was not finished)."""
     for t in ledger.tallies:
-        if t.layer == sc.SSE and t.outcome is Outcome.DISCONNECTED:
+        if t.layer == sc.SSE and t.outcome is _DISCONNECTED:
             return True
-        if t.layer == sc.HTTP and t.end is End.CLOSED:
+        if t.layer == sc.HTTP and t.end is _CLOSED:
             return True
     return False
 

@@ -119,6 +119,18 @@ class End(StrEnum):
     ERROR = "error"  # another exception
 
 
+# The members classify and end_for_exception read, as module globals: on CPython 3.11 a
+# member read through its class (``End.CLEAN``) goes through ``EnumType.__getattr__``'s slot,
+# ~20 times the cost of a global; classify reads a dozen a stream (bench/RESULTS.md, "Enum
+# members").
+_CLEAN, _ABRUPT, _TIMEOUT, _CLOSED = End.CLEAN, End.ABRUPT, End.TIMEOUT, End.CLOSED
+_ABANDONED_END, _ERROR_END = End.ABANDONED, End.ERROR
+_OK, _EMPTY, _TRUNCATED, _STALLED = Outcome.OK, Outcome.EMPTY, Outcome.TRUNCATED, Outcome.STALLED
+_BUFFERED, _HTTP_ERROR, _MALFORMED = Outcome.BUFFERED, Outcome.HTTP_ERROR, Outcome.MALFORMED
+_ERROR_EVENT, _DISCONNECTED = Outcome.ERROR_EVENT, Outcome.DISCONNECTED
+_ABANDONED, _LOST, _ERROR = Outcome.ABANDONED, Outcome.LOST, Outcome.ERROR
+_WRONG_CONTENT_TYPE = Outcome.WRONG_CONTENT_TYPE
+
 BUFFER_MIN_UNITS = 3
 BUFFER_MIN_WAIT = 0.2  # seconds: a shorter stream cannot look "buffered" to a person
 BUFFER_MAX_MEAN_GAP = 0.001  # seconds per unit: memory speed, not model speed
@@ -152,12 +164,12 @@ def end_for_exception(exc: BaseException) -> End:
     """What an exception raised while reading says about how the stream ended."""
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & _CLOSED_NAMES:
-        return End.CLOSED
+        return _CLOSED
     if names & _TIMEOUT_NAMES:
-        return End.TIMEOUT
+        return _TIMEOUT
     if names & _ABRUPT_NAMES:
-        return End.ABRUPT
-    return End.ERROR
+        return _ABRUPT
+    return _ERROR_END
 
 
 def is_parse_error(exc_type: str | None) -> bool:
@@ -288,15 +300,16 @@ def is_burst_of_below(ev: Evidence) -> bool:
 
 def classify(ev: Evidence) -> Outcome:
     """The one outcome of a stream, by the rules in this module's docstring."""
-    if ev.status is not None and ev.status >= 400:
-        return Outcome.HTTP_ERROR
+    status = ev.status
+    if status is not None and status >= 400:
+        return _HTTP_ERROR
     if (
         ev.stream_requested
-        and ev.status is not None
-        and 200 <= ev.status < 300
+        and status is not None
+        and 200 <= status < 300
         and _media_type(ev.content_type) != "text/event-stream"
     ):
-        return Outcome.WRONG_CONTENT_TYPE
+        return _WRONG_CONTENT_TYPE
     exc = ev.exc_type
     if (
         ev.gzip_magic
@@ -304,33 +317,35 @@ def classify(ev: Evidence) -> Outcome:
         or (exc is not None and exc in _MALFORMED_NAMES)  # is_parse_error, inlined
         or (ev.pending_fields and ev.units == 0)
     ):
-        return Outcome.MALFORMED
+        return _MALFORMED
     if ev.error_events:
-        return Outcome.ERROR_EVENT
-    if ev.stalled or ev.end is End.TIMEOUT:
-        return Outcome.STALLED
-    if ev.needs_status and ev.status is None:  # no response: refused, reset, cancelled
-        return Outcome.DISCONNECTED if ev.end is End.CLOSED else Outcome.ERROR
+        return _ERROR_EVENT
+    end = ev.end
+    if ev.stalled or end is _TIMEOUT:
+        return _STALLED
+    if ev.needs_status and status is None:  # no response: refused, reset, cancelled
+        return _DISCONNECTED if end is _CLOSED else _ERROR
     cut_short = not ev.terminal_seen
-    if ev.end is End.ABANDONED and cut_short:
-        return Outcome.ABANDONED
-    if ev.end is End.CLOSED and cut_short:
-        return Outcome.DISCONNECTED
+    if cut_short:
+        if end is _ABANDONED_END:
+            return _ABANDONED
+        if end is _CLOSED:
+            return _DISCONNECTED
     if exc is not None:
         if exc in _EMPTY_NAMES:
-            return Outcome.EMPTY
+            return _EMPTY
         if exc in _TRUNCATED_NAMES:
-            return Outcome.TRUNCATED
-    if ev.end is End.ERROR:  # an exception not classified above
-        return Outcome.ERROR
+            return _TRUNCATED
+    if end is _ERROR_END:  # an exception not classified above
+        return _ERROR
     if ev.units <= ev.annotations:  # no unit at all, or none with a completion
-        return Outcome.EMPTY
-    if cut_short and (ev.end is End.ABRUPT or ev.terminal_known):
-        return Outcome.TRUNCATED
+        return _EMPTY
+    if cut_short and (end is _ABRUPT or ev.terminal_known):
+        return _TRUNCATED
     if ev.units_in is not None and ev.units < ev.units_in:
-        return Outcome.LOST
+        return _LOST
     if ev.units >= BUFFER_MIN_UNITS and (  # most streams: too few to judge
         is_buffered(ev) or (ev.spread_below is not None and is_burst_of_below(ev))
     ):
-        return Outcome.BUFFERED
-    return Outcome.OK
+        return _BUFFERED
+    return _OK

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Verdict", "describe", "judge"]
 
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_OK = Outcome.OK
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -43,7 +46,7 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return self.outcome is Outcome.OK
+        return self.outcome is _OK
 
     @property
     def client_detail(self) -> str:
@@ -115,7 +118,7 @@ def judge(ledger: Ledger) -> Verdict:
         layer = t.layer
         if outcome is None:
             open_layers.add(layer)
-        elif outcome is not Outcome.OK:
+        elif outcome is not _OK:
             if outcome in FAULT_OUTCOMES:
                 fault = True
                 break
@@ -145,7 +148,7 @@ def judge(ledger: Ledger) -> Verdict:
         t = (below_http or left)[-1]
         return Verdict(t.outcome or Outcome.DISCONNECTED, t.layer, describe(t))
     if open_layers or ledger.orphans is not None:  # units may still come: the words now
-        return Verdict(Outcome.OK, sc.NO_LAYER, _ok_detail(ledger))
+        return Verdict(_OK, sc.NO_LAYER, _ok_detail(ledger))
     return _Healthy(ledger=ledger)
 
 

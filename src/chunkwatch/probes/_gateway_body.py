@@ -49,6 +49,8 @@ from chunkwatch.runtime import Runtime, active
 __all__ = ["async_body", "cancelled", "sync_body", "watch_body"]
 
 _now = time.perf_counter_ns
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_CLEAN = End.CLEAN
 
 
 def _stalled(tally: Tally) -> StreamStalledError | None:
@@ -172,7 +174,7 @@ def async_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
             except BaseException as exc:
                 reader.end(end_for_exception(exc), exc, chunk)
                 raise
-            reader.end(End.CLEAN, last=chunk)
+            reader.end(_CLEAN, last=chunk)
 
         async def _close_source(self) -> None:
             await self._source.aclose()
@@ -234,7 +236,7 @@ def sync_body(mod: Any) -> tuple[type | None, type | None, type, str | None]:
             except BaseException as exc:
                 reader.end(end_for_exception(exc), exc, chunk)
                 raise
-            reader.end(End.CLEAN, last=chunk)
+            reader.end(_CLEAN, last=chunk)
 
         def _close_source(self) -> None:
             self._source.close()

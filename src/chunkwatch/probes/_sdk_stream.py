@@ -46,6 +46,9 @@ from chunkwatch.runtime import Runtime
 from chunkwatch.verdict import judge
 
 _now = time.perf_counter_ns
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_CLEAN, _OK, _EMPTY = End.CLEAN, Outcome.OK, Outcome.EMPTY
+_TRUNCATED, _ERROR_EVENT = Outcome.TRUNCATED, Outcome.ERROR_EVENT
 
 
 class _Chunks(Ending):
@@ -125,7 +128,7 @@ class _Chunks(Ending):
         """The stream ran out: finish it (once) and return the error to raise, if any."""
         if self.tally.finished:
             return None
-        self.end(End.CLEAN)
+        self.end(_CLEAN)
         return self.end_error()
 
     def end_error(self) -> ValueError | None:
@@ -137,12 +140,8 @@ class _Chunks(Ending):
             return None
         ledger = tally.ledger
         outcome = tally.outcome
-        cut = outcome is Outcome.TRUNCATED or (
-            outcome is Outcome.ERROR_EVENT and not tally.terminal_seen
-        )
-        if outcome is Outcome.EMPTY or (
-            cut and outcome is Outcome.ERROR_EVENT and not tally.content_units
-        ):
+        cut = outcome is _TRUNCATED or (outcome is _ERROR_EVENT and not tally.terminal_seen)
+        if outcome is _EMPTY or (cut and outcome is _ERROR_EVENT and not tally.content_units):
             return StreamEmptyError(judge(ledger) if ledger is not None else None)
         if cut:
             return StreamTruncatedError(judge(ledger) if ledger else None, tally.units)
@@ -179,7 +178,7 @@ def _genai_metrics(rt: Runtime, tally: Tally) -> None:
         usage = tally.facts.get("usage")
         tokens = (None, None) if usage is None else (usage.prompt_tokens, usage.completion_tokens)
         first = tally.time_to_first if tally.stream_requested else None
-        error = None if tally.outcome is Outcome.OK else str(tally.outcome)
+        error = None if tally.outcome is _OK else str(tally.outcome)
         rt.metrics.genai.record(
             ("chat", provider, model), error, tally.duration, first, tokens, rt.trace_id(tally)
         )

@@ -41,6 +41,8 @@ __all__ = ["ChunkwatchMiddleware", "request_ledger"]
 
 ENVIRON_KEY = "chunkwatch.ledger"
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_CLEAN, _CLOSED, _SERVER = End.CLEAN, End.CLOSED, SpanKind.SERVER
 
 
 def request_ledger() -> Ledger | None:
@@ -161,7 +163,7 @@ class ChunkwatchMiddleware:
         parent: Any = _extract(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/")
-        kind = SpanKind.SERVER
+        kind = _SERVER
         if trace.get_current_span().get_span_context().is_valid:
             # Another tool's server span (OpenTelemetry's WSGI middleware outside ours)
             # is this request's: ours is a child of it, as OTel's own do in that case.
@@ -237,7 +239,7 @@ class _Request(Ending):
         return _PlainBody(body, self)
 
     def _body_ended(self, end: End) -> None:
-        self.end(End.CLOSED if end is End.CLOSED else End.CLEAN)
+        self.end(_CLOSED if end is _CLOSED else _CLEAN)
 
     def _facts(self, end: End, exc: BaseException | None) -> None:
         tally = self.tally

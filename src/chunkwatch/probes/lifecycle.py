@@ -50,6 +50,8 @@ from chunkwatch.runtime import Runtime, active
 __all__ = ["Ending", "aclosing", "closing", "relay", "relay_async"]
 
 T = TypeVar("T")
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_CLEAN, _CLOSED, _ABANDONED = End.CLEAN, End.CLOSED, End.ABANDONED
 
 
 class Ending:
@@ -99,12 +101,12 @@ class Ending:
     def clean(self) -> BaseException | None:
         """The stream ran out: end ``clean``; returns an error to raise in place of
         stopping (None: stop)."""
-        self.end(End.CLEAN)
+        self.end(_CLEAN)
         return None
 
     def abandon(self) -> None:
         """Garbage-collected before it ended (a no-op if it did)."""
-        self.end(End.ABANDONED)
+        self.end(_ABANDONED)
 
     def abandon_with(self, owner: object) -> None:
         """End ``abandoned`` when ``owner`` is collected, if nothing ended it before."""
@@ -124,7 +126,7 @@ class Ending:
             if error is not None:
                 raise error
         elif isinstance(exc, GeneratorExit):
-            self.end(End.CLOSED)
+            self.end(_CLOSED)
         else:
             self.fail(exc)
 
@@ -178,4 +180,4 @@ async def aclosing(ending: Ending, close: Callable[[], Awaitable[object]]) -> No
     try:
         await close()
     finally:
-        ending.end(End.CLOSED)
+        ending.end(_CLOSED)

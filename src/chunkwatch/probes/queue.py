@@ -33,6 +33,9 @@ from chunkwatch.spans import tracing
 
 __all__ = ["WatchedQueue"]
 
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_CLEAN, _CLOSED = End.CLEAN, End.CLOSED
+
 T = TypeVar("T")
 _now = time.perf_counter_ns
 _SEND = {  # the spans' attributes: the same for every request (start_span copies them)
@@ -178,7 +181,7 @@ class WatchedQueue(queue.Queue[T]):
                 )
         except Exception:
             rt.bookkeeping_error(sc.QUEUE, "finish")
-        tally.finish(End.CLEAN if complete else End.CLOSED)
+        tally.finish(_CLEAN if complete else _CLOSED)
 
     # -- spans ------------------------------------------------------------------------------
 

@@ -36,6 +36,9 @@ from chunkwatch.sse import SSEParser, WholeEvent
 
 __all__ = ["SSEBody"]
 
+# Enum members as module globals, read per stream (why: chunkwatch.outcomes).
+_CLOSED = End.CLOSED
+
 _now = time.perf_counter_ns
 
 
@@ -147,7 +150,7 @@ class SSEBody(Ending):
                 first_byte = tally.facts.get("t_first_byte")
                 if first_byte is not None:
                     attrs["chunkwatch.time_to_first_byte"] = (first_byte - tally.t_start) / 1e9
-                if end is End.CLOSED:
+                if end is _CLOSED:
                     attrs[sc.A_DISCONNECTED] = True
                 tally.span.set_attributes(attrs)
         except Exception:
@@ -157,7 +160,7 @@ class SSEBody(Ending):
 
     def _ended(self, end: End) -> None:
         rt = self.rt
-        if end is End.CLOSED:
+        if end is _CLOSED:
             try:
                 rt.metrics.sse_disconnects.labels(self._ledger.upstream or "none").inc()
             except Exception:
