@@ -290,6 +290,9 @@ def _adoptive_classes() -> tuple[type, type]:
         async def close(self) -> None:
             await aclosing(self._chunkwatch, super().close)
 
+        def __del__(self) -> None:  # collected before it ended: abandoned (else a no-op)
+            self._chunkwatch.abandon()
+
     class WatchedStream(openai.Stream):  # type: ignore[type-arg]
         _chunkwatch: _Chunks
 
@@ -318,5 +321,8 @@ def _adoptive_classes() -> tuple[type, type]:
 
         def close(self) -> None:
             closing(self._chunkwatch, super().close)
+
+        def __del__(self) -> None:
+            self._chunkwatch.abandon()
 
     return WatchedAsyncStream, WatchedStream

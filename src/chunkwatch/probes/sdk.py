@@ -218,8 +218,7 @@ def _adopt(stream: Any, chunks: _Chunks, base: type, adopted: type, wrap: Any) -
     class, or another type) wrap its iterator."""
     if type(stream) is base and "_iterator" in vars(stream):
         setattr(stream, "_chunkwatch", chunks)  # noqa: B010 (mypy narrows the type to object)
-        stream.__class__ = adopted
-        chunks.abandon_with(stream)
+        stream.__class__ = adopted  # its __del__ ends it abandoned (a finalizer costs more)
     else:
         wrap(stream, chunks)
 
