@@ -33,7 +33,7 @@ from chunkwatch.naming import Names
 from chunkwatch.probes import model_layers
 from chunkwatch.spans import end_stream_span, trace_id_of
 from chunkwatch.verdict import Verdict
-from chunkwatch.watchdog import Deadlines, Watchdog
+from chunkwatch.watchdog import Deadlines, Plan, Watchdog
 
 __all__ = ["Runtime", "activate", "active"]
 
@@ -104,7 +104,7 @@ class Runtime:
         self.upstreams = dict(settings.upstreams)
         self.names = Names(settings.upstreams)
         self.deadlines = settings.deadlines
-        self._deadlines_of: dict[str, tuple[float | None, float | None]] = {}  # by layer
+        self._plans: dict[str, Plan | None] = {}  # the watchdog's plan of a layer's deadlines
         self.capture_content = settings.capture_content
         self.translate_errors = settings.translate_errors
         self.agent_name = settings.agent_name
@@ -206,12 +206,11 @@ class Runtime:
         except Exception:
             self.bookkeeping_error(layer, "open")
         if watch:
-            pair = self._deadlines_of.get(layer)
-            if pair is None:
-                pair = self._deadlines_of[layer] = self.deadlines.for_layer(layer)
-            first, idle = pair
-            if first is not None or idle is not None:
-                self.watchdog.watch(tally, first, idle)
+            plan = self._plans.get(layer)
+            if plan is None and layer not in self._plans:
+                plan = self._plans[layer] = self.watchdog.plan(*self.deadlines.for_layer(layer))
+            if plan is not None:
+                self.watchdog.watch(tally, plan)
                 tally.watched = True
         return tally
 

@@ -31,7 +31,7 @@ from chunkwatch.probes import watched_layers
 if TYPE_CHECKING:
     from chunkwatch.ledger import Tally
 
-__all__ = ["Deadlines", "Watchdog", "env_flag"]
+__all__ = ["Deadlines", "Plan", "Watchdog", "env_flag"]
 
 log = logging.getLogger("chunkwatch")
 
@@ -111,6 +111,9 @@ def _after_fork(ref: weakref.ref[Watchdog]) -> None:
         watchdog._forked()
 
 
+# (first-chunk deadline ns, idle deadline ns, tick s): Watchdog.plan's answer
+Plan = tuple[int | None, int | None, float]
+
 MAX_TICK = 0.5  # seconds between passes when every deadline is long
 MIN_TICK = 0.01
 
@@ -136,31 +139,38 @@ class Watchdog:
         self._wake = threading.Event()
         self._stopped = False
         self._thread: threading.Thread | None = None  # started by the first watch
-        self._plans: dict[tuple[float | None, float | None], tuple[int | None, int | None, float]]
-        self._plans = {}
+        self._plans: dict[tuple[float | None, float | None], Plan] = {}
         if hasattr(os, "register_at_fork"):  # threads do not survive a fork (gunicorn's)
             ref = weakref.ref(self)
             os.register_at_fork(after_in_child=lambda: _after_fork(ref))
 
-    def watch(self, tally: Tally, first_chunk: float | None, idle: float | None) -> None:
+    def plan(self, first_chunk: float | None, idle: float | None) -> Plan | None:
+        """What :meth:`watch` needs for a pair of deadlines (None: no deadline at all):
+        their nanoseconds and the tick they ask for, computed once per pair."""
+        if first_chunk is None and idle is None:
+            return None
         plan = self._plans.get((first_chunk, idle))
-        if plan is None:  # a pair of deadlines not seen before: its nanoseconds and tick, once
-            if first_chunk is None and idle is None:
-                return
+        if plan is None:
             shortest = min(d for d in (first_chunk, idle) if d is not None)
             plan = self._plans[(first_chunk, idle)] = (
                 None if first_chunk is None else int(first_chunk * 1e9),
                 None if idle is None else int(idle * 1e9),
                 max(MIN_TICK, min(MAX_TICK, shortest / 10)),
             )
+        return plan
+
+    def watch(self, tally: Tally, plan: Plan) -> None:
+        """Check ``tally`` against ``plan`` (:meth:`plan`) until :meth:`forget`. A dict
+        write is atomic, and :meth:`check` copies the dict in one call: no lock per stream."""
         first_ns, idle_ns, tick = plan
-        with self._lock:
-            self._watched[id(tally)] = (tally, first_ns, idle_ns)
-            if tick < self._tick and not self._fixed_tick:
-                self._tick = tick
-                self._wake.set()  # the thread may be asleep for the longer tick
-            if self._thread is None:
-                self._ensure_thread()
+        self._watched[id(tally)] = (tally, first_ns, idle_ns)
+        if self._thread is None or (tick < self._tick and not self._fixed_tick):
+            with self._lock:
+                if tick < self._tick and not self._fixed_tick:
+                    self._tick = tick
+                    self._wake.set()  # the thread may be asleep for the longer tick
+                if self._thread is None:
+                    self._ensure_thread()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Call ``fn`` from the watchdog's thread about ``delay`` seconds from now (within
@@ -183,8 +193,7 @@ class Watchdog:
         self._thread = None
 
     def forget(self, tally: Tally) -> None:
-        with self._lock:
-            self._watched.pop(id(tally), None)
+        self._watched.pop(id(tally), None)  # atomic, as the write in watch()
 
     def stop(self) -> None:
         self._stopped = True
@@ -195,8 +204,8 @@ class Watchdog:
     def check(self, now: int | None = None) -> None:
         """One pass over the open streams (the thread calls this every tick)."""
         now = time.perf_counter_ns() if now is None else now
+        items = list(self._watched.values())  # one C call: atomic (watch() takes no lock)
         with self._lock:
-            items = list(self._watched.values())
             due = [fn for when, fn in self._timers if when <= now]
             if due:
                 self._timers = [(when, fn) for when, fn in self._timers if when > now]
