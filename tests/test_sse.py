@@ -94,6 +94,18 @@ def test_gzip_magic_is_noticed(step: int | None) -> None:
     assert p.gzip_magic and p.data_events == 0
 
 
+@pytest.mark.parametrize("first", [CHUNK, b"data: [DONE]\n\n", b": open\n\n"])
+def test_the_gzip_magic_counts_only_at_the_start(first: bytes) -> None:
+    """A counting parser's first read may take the one-event path; the magic bytes in a
+    later read are then not the start of the body, as the line rules say too."""
+    fast, strict = SSEParser(), SSEParser(collect=True, strict_json=False)
+    for parser in (fast, strict):
+        for read in (first, b"\x1f\x8b" + CHUNK, CHUNK):
+            parser.feed(read)
+    assert not fast.gzip_magic and not strict.gzip_magic
+    assert (fast.events, fast.done) == (strict.events, strict.done)
+
+
 def test_undecodable_data_is_malformed_in_collecting_mode() -> None:
     """Bytes that are not UTF-8 make the event malformed instead of raising."""
     p = SSEParser(collect=True, strict_json=False)

@@ -28,6 +28,7 @@ __all__ = ["Event", "SSEParser", "WholeEvent", "format_comment", "format_event"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _DONE = b"[DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
 _MAX_RAW_BLOCK = 64 * 1024  # an unfinished event kept raw in counting mode, at most
 
 
@@ -84,7 +85,9 @@ class SSEParser:
         self._id: bytes | None = None
         # Counting mode, no event half-parsed and no bytes held back: the next chunk starts
         # a new event (the one-event path of count(), and SSEBody's WholeEvent, are open).
-        self.idle = False
+        # So is a counting parser's first chunk: one the one-event path takes does not start
+        # with the gzip magic; any other goes through the rules, which look for it.
+        self.idle = not collect
         self._sniffed = 0  # bytes seen while looking for the gzip magic
         self.events = 0  # dispatched events (with or without data)
         self.data_events = 0  # dispatched events with data, [DONE] excluded
@@ -126,6 +129,10 @@ class SSEParser:
                         and data[-1] == 125
                         and (data[8] != 101 or data[8:15] != b'error":')
                     )
+            elif chunk == _DONE_EVENT:  # the end of an OpenAI stream, alone in its read
+                self.events += 1
+                self.done = True
+                return 0
             else:
                 ok = False
             if ok:
@@ -156,9 +163,12 @@ class SSEParser:
             return []
         buf = self._buf + chunk if self._buf else chunk
         if self._sniffed < 2:
-            self._sniffed += len(chunk)
-            if buf[:2] == _GZIP_MAGIC:
-                self.gzip_magic = True
+            if self.events:  # the one-event path read the start: no magic there
+                self._sniffed = 2
+            else:
+                self._sniffed += len(chunk)
+                if buf[:2] == _GZIP_MAGIC:
+                    self.gzip_magic = True
         if self._counting_between_events() and 13 not in buf:  # no CR
             self._blocks(buf)
             return []
