@@ -194,6 +194,8 @@ def test_gateway_notes_the_named_headers_once_and_no_others() -> None:
             ("x-request-id", "r1"),
             ("X-Request-ID", "r2"),
             ("Content-Encoding", "identity"),
+            ("X-Ms-Request-Id", "Zürich-1".encode()),  # not ASCII: httpx decodes all as UTF-8
+            ("x-ms-request-id", "eu-2"),
             ("Authorization", "Bearer secret-token"),
             ("api-key", "secret-key"),
         ],
@@ -211,6 +213,8 @@ def test_gateway_notes_the_named_headers_once_and_no_others() -> None:
     facts = tally.facts["span_attributes"]
     assert facts["chunkwatch.http.apim_request_id"] == "apim-1"
     assert facts["chunkwatch.http.x_request_id"] == "r1, r2" == response.headers["x-request-id"]
+    ms_id = response.headers["x-ms-request-id"]
+    assert facts["chunkwatch.http.x_ms_request_id"] == "Zürich-1, eu-2" == ms_id
     assert facts["chunkwatch.http.transfer_encoding"] == ""
     assert "chunkwatch.http.content_length" not in facts
     assert not any("secret" in str(v) for v in [*facts.values(), *tally.facts.values()])

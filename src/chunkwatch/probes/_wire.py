@@ -40,13 +40,23 @@ _NOTED = frozenset(
 _SEMCONV_HEADERS = ("content-type", "content-length", "content-encoding", "transfer-encoding")
 
 
+_NOTED_RAW = {name.encode(): name for name in _NOTED}
+
+
 def _noted(headers: Any) -> dict[str, str]:
     """The values of the noted headers, by lower-case name, repeated ones joined with ", "
-    (as ``headers[name]`` gives them), in one pass: an httpx ``Headers`` lookup scans
-    every header, and a missing name costs a ``KeyError``."""
+    (as ``headers[name]`` gives them), in one pass over the raw bytes: an httpx
+    ``Headers`` lookup scans every header, and its ``multi_items`` decodes every name and
+    value (asking the headers' encoding each time). A noted value is decoded alone; one
+    that is not ASCII is decoded as httpx decodes it (its one encoding for all headers)."""
     noted: dict[str, str] = {}
-    for name, value in headers.multi_items():  # lower-case names, in order
-        if name in _NOTED:
+    for raw_name, raw_value in headers.raw:
+        name = _NOTED_RAW.get(raw_name.lower())
+        if name is not None:
+            try:
+                value = raw_value.decode("ascii")
+            except UnicodeDecodeError:
+                value = raw_value.decode(headers.encoding)
             noted[name] = f"{noted[name]}, {value}" if name in noted else value
     return noted
 
