@@ -572,3 +572,26 @@ def test_a_registry_that_refuses_our_names_does_not_crash_the_host(
         assert "could not be registered" in caplog.text
     finally:
         chunkwatch.uninstrument()
+
+
+@pytest.mark.parametrize(
+    ("body", "asked"),
+    [
+        (b'{"model": "m", "stream": true}', True),
+        (b'{"stream":true,"model":"m"}', True),
+        (b'{"stream" :  true}', True),
+        (b'{"stream": false}', False),
+        (b'{"messages": [{"content": "stream"}], "stream": true}', True),
+        (b'{"messages": [{"content": "\\"stream\\": true"}]}', False),
+        (b'{"model": "m"}', False),
+    ],
+)
+def test_gateway_reads_whether_a_stream_was_asked_for_from_the_body(
+    body: bytes, asked: bool
+) -> None:
+    """The ``stream`` key of the request's JSON body, wherever it is; a quoted
+    ``"stream": true`` inside a message is not the key."""
+    from chunkwatch.probes.gateway import _stream_requested
+
+    request = httpx2.Request("POST", "http://m/chat/completions", content=body)
+    assert _stream_requested(request) is asked

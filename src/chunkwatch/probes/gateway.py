@@ -68,7 +68,13 @@ def _stream_requested(request: Any) -> bool:
         body = request.content
     except Exception:  # a streaming request body we cannot peek at
         return True
-    return bool(_STREAM_RE.search(body))
+    # A search for the key, then the regex only where it is: cheaper than a regex search.
+    at = body.find(b'"stream"')
+    while at >= 0:
+        if _STREAM_RE.match(body, at):
+            return True
+        at = body.find(b'"stream"', at + 8)
+    return False
 
 
 def _open(rt: Runtime, request: Any) -> Tally:
