@@ -63,3 +63,24 @@ def test_prometheus_client_objects_count_the_same_with_an_empty_error_type() -> 
         expected = ours.get_sample_value(name, labels)
         assert expected is not None
         assert theirs.get_sample_value(name, mine or labels) == expected, name
+
+
+def test_one_first_chunk_series_for_calls_that_succeeded_and_failed() -> None:
+    """A model's streams that failed after their first chunk (truncated) are timed in the
+    same time-to-first-chunk series as its successes: one series, as the multiprocess
+    objects keep it (two series with the same labels would break the scrape)."""
+    from prometheus_client import generate_latest
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    for registry, multiprocess in ((ours, False), (theirs, True)):
+        metrics = GenAIMetrics(registry, multiprocess=multiprocess)
+        metrics.record(KEY, None, 1.0, 0.1, (3, 4), None)
+        metrics.record(KEY, "truncated", 1.0, 0.2, (None, None), None)
+    counts = [
+        line
+        for line in generate_latest(ours).decode().splitlines()
+        if line.startswith(f"{FIRST}_count")
+    ]
+    assert len(counts) == 1
+    assert ours.get_sample_value(f"{FIRST}_count", LABELS) == 2
+    assert theirs.get_sample_value(f"{FIRST}_count", LABELS) == 2

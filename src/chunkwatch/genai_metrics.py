@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,10 +64,7 @@ class GenAIMetrics:
     def __init__(self, registry: CollectorRegistry, *, multiprocess: bool) -> None:
         self._lock = threading.Lock()
         self._client = _Client(registry) if multiprocess else None
-        # (operation, provider, model, error or None) -> (duration, time to first chunk)
-        self._calls: dict[tuple[str, str, str, str | None], list[collected.Histogram]] = {}
-        # (operation, provider, model, token type) -> tokens
-        self._tokens: dict[tuple[str, str, str, str], collected.Histogram] = {}
+        self._calls: dict[tuple[str, str, str], _Calls] = {}  # by (operation, provider, model)
         if self._client is None:
             registry.register(self)
 
@@ -86,22 +84,26 @@ class GenAIMetrics:
             self._client.record(key, error, duration, first_chunk, tokens)
             return
         now = None if trace_id is None else time.time()
-        with self._lock:
-            calls = self._calls.get((*key, error))
+        n_in, n_out = tokens
+        with self._lock:  # one lookup a call; observe() inlined (per stream: bench/RESULTS.md)
+            calls = self._calls.get(key)
             if calls is None:
-                calls = self._calls[(*key, error)] = [
-                    collected.Histogram(DURATION_BUCKETS),
-                    collected.Histogram(DURATION_BUCKETS),
-                ]
-            collected.observe(calls[0], duration, trace_id, now)
-            if first_chunk is not None:
-                collected.observe(calls[1], first_chunk, trace_id, now)
-            for token_type, n in zip(("input", "output"), tokens, strict=True):
-                if n is not None:
-                    h = self._tokens.get((*key, token_type))
-                    if h is None:
-                        h = self._tokens[(*key, token_type)] = collected.Histogram(TOKEN_BUCKETS)
-                    collected.observe(h, n, trace_id, now)
+                calls = self._calls[key] = _Calls()
+            spent = calls.duration.get(error)
+            if spent is None:
+                spent = calls.duration[error] = collected.Histogram(DURATION_BUCKETS)
+            for h, value in (
+                (spent, duration),
+                (calls.first, first_chunk),
+                (calls.input, n_in),
+                (calls.output, n_out),
+            ):
+                if value is not None:
+                    i = bisect_left(h.bounds, value)
+                    h.counts[i] += 1
+                    h.sum += value
+                    if now is not None:
+                        h.examples[i] = (trace_id, value, now)  # type: ignore[assignment]
 
     def describe(self) -> Iterator[Metric]:
         for name in FAMILIES:
@@ -109,33 +111,48 @@ class GenAIMetrics:
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            calls = [(key, [h.snapshot() for h in hs]) for key, hs in self._calls.items()]
-            tokens = [(key, h.snapshot()) for key, h in self._tokens.items()]
+            calls = [(key, c.snapshot()) for key, c in self._calls.items()]
         duration, first = (
             HistogramMetricFamily(name, _HELP[name], labels=())
             for name in (sc.GENAI_OPERATION_DURATION, sc.GENAI_TIME_TO_FIRST_CHUNK)
         )
-        for (operation, provider, model, error), (d, f) in calls:
-            labels = {OPERATION: operation, PROVIDER: provider, MODEL: model}
-            if sum(f[1]):  # streams only
-                first.samples.extend(collected.samples(first.name, labels, f))
-            if error is not None:
-                labels[ERROR] = error
-            duration.samples.extend(collected.samples(duration.name, labels, d))
         usage = HistogramMetricFamily(
             sc.GENAI_TOKEN_USAGE, _HELP[sc.GENAI_TOKEN_USAGE], labels=(), unit=""
         )
-        for (operation, provider, model, token_type), snapshot in tokens:
-            labels = {
-                OPERATION: operation,
-                PROVIDER: provider,
-                MODEL: model,
-                TOKEN_TYPE: token_type,
-            }
-            usage.samples.extend(collected.samples(usage.name, labels, snapshot))
+        for (operation, provider, model), (durations, f, used) in calls:
+            labels = {OPERATION: operation, PROVIDER: provider, MODEL: model}
+            for error, d in durations:  # error_type on failed calls only
+                with_error = labels if error is None else {**labels, ERROR: error}
+                duration.samples.extend(collected.samples(duration.name, with_error, d))
+            if sum(f[1]):  # streams only; one series whatever their calls' errors
+                first.samples.extend(collected.samples(first.name, labels, f))
+            for token_type, snapshot in used:
+                if sum(snapshot[1]):  # a response that reported its usage
+                    with_type = {**labels, TOKEN_TYPE: token_type}
+                    usage.samples.extend(collected.samples(usage.name, with_type, snapshot))
         yield duration
         yield first
         yield usage
+
+
+class _Calls:
+    """The histograms of one (operation, provider, model): the duration by error (None:
+    a success), the time to first chunk, the input and output tokens."""
+
+    __slots__ = ("duration", "first", "input", "output")
+
+    def __init__(self) -> None:
+        self.duration: dict[str | None, collected.Histogram] = {}
+        self.first = collected.Histogram(DURATION_BUCKETS)
+        self.input = collected.Histogram(TOKEN_BUCKETS)
+        self.output = collected.Histogram(TOKEN_BUCKETS)
+
+    def snapshot(self) -> tuple[list[tuple[str | None, Any]], Any, list[tuple[str, Any]]]:
+        return (
+            [(error, h.snapshot()) for error, h in self.duration.items()],
+            self.first.snapshot(),
+            [("input", self.input.snapshot()), ("output", self.output.snapshot())],
+        )
 
 
 class _Client:
