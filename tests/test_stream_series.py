@@ -39,12 +39,15 @@ STREAMS = [
 
 def write(series: StreamSeries) -> None:
     for i, t in enumerate(STREAMS):
-        series.opened(t.layer, "none")  # opened before the request reached a model
+        t.upstream = "none"  # opened before the request reached a model
+        series.opened(t)
+        t.upstream = "azure"
         series.finished(t, TRACE if i % 2 == 0 else None, counted=False, opened_as="none")
-    series.opened(sc.HTTP, "none")
-    series.opened(sc.HTTP, "none")
-    series.closed(sc.HTTP, "none")  # a plain response: no stream metrics
-    series.opened(sc.SDK, "azure")  # still open
+    pages = [Tally(layer=sc.HTTP, upstream="none") for _ in range(2)]
+    for page in pages:
+        series.opened(page)
+    series.closed(pages[1], "none")  # a plain response: no stream metrics
+    series.opened(Tally(layer=sc.SDK, upstream="azure"))  # still open
     series.counted(sc.SDK, "stalled", "azure", TRACE)  # a stall, found while open
 
 
@@ -91,11 +94,12 @@ def test_a_registry_refuses_the_names_twice() -> None:
 def test_concurrent_writers_lose_no_count() -> None:
     registry = CollectorRegistry()
     series = InProcessSeries(registry)
-    t = STREAMS[0]
 
     def work() -> None:
         for _ in range(2000):
-            series.opened(t.layer, t.upstream)
+            t = tally(sc.GATEWAY, Outcome.OK, 12, 40, 900)
+            series.opened(t)
+            registry.collect()  # a scrape meanwhile
             series.finished(t, None, counted=False, opened_as=t.upstream)
 
     threads = [threading.Thread(target=work) for _ in range(8)]

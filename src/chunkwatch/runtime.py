@@ -202,7 +202,7 @@ class Runtime:
         if ledger.orphans is not None and not ledger.closed and layer in model_layers():
             ledger.orphans.adopt(tally)
         try:
-            self.metrics.series.opened(layer, tally.upstream)
+            self.metrics.series.opened(tally)
         except Exception:
             self.bookkeeping_error(layer, "open")
         if watch:
@@ -253,7 +253,7 @@ class Runtime:
                     trace_id = self.trace_id(t)
                 self.metrics.series.finished(t, trace_id, t.stalled is not None, opened_as)
             else:
-                self.metrics.series.closed(t.layer, opened_as)
+                self.metrics.series.closed(t, opened_as)
         except Exception:
             self.bookkeeping_error(t.layer, "metrics")
         if span is not None and span.is_recording():  # not unsampled, not the no-op tracer's

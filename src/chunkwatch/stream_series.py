@@ -8,7 +8,8 @@ finishes half a dozen streams, so these writes are most of the per-request metri
 Two writers with one interface (``opened``, ``closed``, ``finished``, ``counted``):
 
 * :class:`InProcessSeries` (one process, the default): plain integers and bucket lists
-  behind one lock taken once per stream, exposed by a custom collector at scrape time.
+  behind one lock taken once per stream, exposed by a custom collector at scrape time;
+  the open streams are a dict the gauge is counted from at scrape (no lock to open one).
   prometheus_client's own metric objects take a lock and validate the value for every
   ``inc``/``observe`` (about eight a stream); this costs one. No ``*_created`` series:
   nothing reads them, and each would be one more series per label set.
@@ -79,10 +80,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
 class StreamSeries:
     """What :class:`~chunkwatch.runtime.Runtime` writes per stream (see the module doc)."""
 
-    def opened(self, layer: str, upstream: str) -> None:
+    def opened(self, t: Tally) -> None:
+        """``t`` opened (counted open under its layer and its upstream now)."""
         raise NotImplementedError
 
-    def closed(self, layer: str, upstream: str) -> None:
+    def closed(self, t: Tally, opened_as: str) -> None:
         """A stream that writes no stream metrics ended (a plain http response)."""
         raise NotImplementedError
 
@@ -111,20 +113,22 @@ class InProcessSeries(StreamSeries):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._lock = threading.Lock()
-        self._open: dict[tuple[str, str], int] = {}
+        # The open streams, each with its (layer, upstream) as it opened: a dict write and
+        # a pop a stream, atomic without the lock; the gauge is counted from it at scrape.
+        self._live: dict[int, tuple[str, str]] = {}  # by id(tally)
+        # every key a stream opened under, once it ended or a scrape saw it: 0, not absent
+        self._opened: set[tuple[str, str]] = set()
         self._streams: dict[tuple[str, str, str], list[Any]] = {}  # -> [count, example]
         self._layers: dict[tuple[str, str], _Layer] = {}
         registry.register(self)
 
-    def opened(self, layer: str, upstream: str) -> None:
-        key = (layer, upstream)
-        with self._lock:
-            self._open[key] = self._open.get(key, 0) + 1
+    def opened(self, t: Tally) -> None:
+        self._live[id(t)] = (t.layer, t.upstream)
 
-    def closed(self, layer: str, upstream: str) -> None:
-        key = (layer, upstream)
-        with self._lock:
-            self._open[key] = self._open.get(key, 0) - 1
+    def closed(self, t: Tally, opened_as: str) -> None:
+        key = self._live.pop(id(t), None)
+        if key is not None and key not in self._opened:
+            self._opened.add(key)  # (a set add is atomic too)
 
     def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
         example = None if trace_id is None else (trace_id, 1.0, time.time())
@@ -148,9 +152,10 @@ class InProcessSeries(StreamSeries):
         ttfc = None if first is None else (first - start) / 1e9
         gap = t.max_gap_ns / 1e9 if units > 1 else None
         key = (layer, upstream)
-        opened = key if opened_as == upstream else (layer, opened_as)
+        opened = self._live.pop(id(t), None)  # (layer, upstream) as it opened
+        if opened is not None and opened not in self._opened:
+            self._opened.add(opened)
         with self._lock:
-            self._open[opened] = self._open.get(opened, 0) - 1
             if not counted:
                 outcome_key = (layer, t.outcome, upstream)  # an Outcome is its str as a key
                 count = self._streams.get(outcome_key)  # type: ignore[arg-type]
@@ -198,8 +203,12 @@ class InProcessSeries(StreamSeries):
         yield GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=_LU)
 
     def collect(self) -> Iterator[Metric]:
+        live = list(self._live.values())  # one C call: atomic, as the writes
+        open_now = dict.fromkeys(self._opened, 0)
+        for key in live:
+            open_now[key] = open_now.get(key, 0) + 1
+        self._opened.update(open_now)
         with self._lock:  # a consistent snapshot; the families are built outside the lock
-            open_now = list(self._open.items())
             streams = [((lay, str(o), up), s[0], s[1]) for (lay, o, up), s in self._streams.items()]
             layers = [
                 (key, s.chunks, [h.snapshot() for h in (s.ttfc, s.duration, s.gap)])
@@ -217,7 +226,7 @@ class InProcessSeries(StreamSeries):
                 hist.add_metric(key, buckets(snapshot), snapshot[2])
             yield hist
         gauge = GaugeMetricFamily(sc.STREAMS_OPEN, _HELP[sc.STREAMS_OPEN], labels=_LU)
-        for open_key, n in open_now:
+        for open_key, n in open_now.items():
             gauge.add_metric(open_key, n)
         yield gauge
 
@@ -259,11 +268,11 @@ class ClientSeries(StreamSeries):
             child = self._streams[key] = self.streams.labels(*key)
         return child
 
-    def opened(self, layer: str, upstream: str) -> None:
-        self._gauge(layer, upstream).inc()
+    def opened(self, t: Tally) -> None:
+        self._gauge(t.layer, t.upstream).inc()
 
-    def closed(self, layer: str, upstream: str) -> None:
-        self._gauge(layer, upstream).dec()
+    def closed(self, t: Tally, opened_as: str) -> None:
+        self._gauge(t.layer, opened_as).dec()
 
     def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
         self._streams_child(layer, outcome, upstream).inc(exemplar=self._exemplar(trace_id))
