@@ -595,3 +595,17 @@ def test_gateway_reads_whether_a_stream_was_asked_for_from_the_body(
 
     request = httpx2.Request("POST", "http://m/chat/completions", content=body)
     assert _stream_requested(request) is asked
+
+
+def test_sdk_names_a_client_upstream_by_the_runtime_names_in_force() -> None:
+    """A client's base URL is named once, and named again by a runtime with other names
+    (a later ``instrument(upstreams=...)``): never a stale label."""
+    from chunkwatch.probes.sdk import _upstream_of
+
+    url = httpx2.URL("http://gw.internal:8443/openai/")
+    east = Runtime(registry=CollectorRegistry(), upstreams={"gw.internal:8443": "azure-east"})
+    west = Runtime(registry=CollectorRegistry(), upstreams={"gw.internal:8443": "azure-west"})
+    assert _upstream_of(east, url) == _upstream_of(east, url) == "azure-east"
+    assert _upstream_of(west, url) == "azure-west"
+    assert _upstream_of(east, httpx2.URL("http://other:1/")) == "other:1"
+    assert _upstream_of(east, None) == "unknown"

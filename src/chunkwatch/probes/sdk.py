@@ -63,13 +63,29 @@ def _provider(resource: Any) -> str:
     return sc.GEN_AI_PROVIDER_AZURE if "Azure" in name else sc.GEN_AI_PROVIDER_OPENAI
 
 
+# id(base URL) -> (the URL, the runtime's names, its upstream label): a client's base URL is
+# one object for its life, and str() of an httpx URL costs more than the rest of _open.
+_UPSTREAMS: dict[int, tuple[Any, Any, str]] = {}
+
+
+def _upstream_of(rt: Runtime, base_url: Any) -> str:
+    known = _UPSTREAMS.get(id(base_url))
+    if known is not None and known[0] is base_url and known[1] is rt.names:
+        return known[2]
+    upstream = rt.upstream_for(str(base_url or "unknown"))
+    if len(_UPSTREAMS) >= 64:  # clients come and go: keep a few
+        _UPSTREAMS.clear()
+    _UPSTREAMS[id(base_url)] = (base_url, rt.names, upstream)  # holds the URL: its id stays
+    return upstream
+
+
 def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     client = getattr(resource, "_client", None)
     model = str(kwargs.get("model") or getattr(client, "_azure_deployment", None) or "unknown")
     stream = bool(kwargs.get("stream"))
     provider = _provider(resource)
     base_url = getattr(client, "base_url", None)
-    upstream = rt.upstream_for(str(base_url or "unknown"))
+    upstream = _upstream_of(rt, base_url)
     rt.provider = provider  # the agent spans of later requests name it at their start
     ledger = rt.ledger(sc.SDK)
     if not tracing(rt):  # the no-op tracer: no span, no attributes, no prompt to read
