@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
@@ -65,6 +66,16 @@ def binary(name: str) -> str:
             "(prometheus and promtool)."
         )
     return path
+
+
+def _unix(rfc3339: str) -> float:
+    """Prometheus's RFC 3339 time (Go's: up to nanoseconds, ``Z`` or an offset) as unix
+    seconds."""
+    m = re.fullmatch(r"([^.]+?)(\.\d+)?(Z|[+-]\d\d:\d\d)", rfc3339)
+    assert m is not None, rfc3339
+    stamp, fraction, zone = m.groups()
+    when = datetime.datetime.fromisoformat(stamp + ("+00:00" if zone == "Z" else zone))
+    return when.timestamp() + float(fraction or 0)
 
 
 def free_port() -> int:
@@ -181,6 +192,18 @@ class Prometheus:
             for group in self.api("rules")["groups"]
             for rule in group["rules"]
         }
+
+    def alert_states(self, evaluated_after: float) -> dict[str, set[str]]:
+        """The states of the active alerts of every alerting rule last evaluated after
+        ``evaluated_after`` (unix time): what the rules said about data they had then,
+        not a state left from an evaluation before it (``/api/v1/alerts`` has no time)."""
+        states: dict[str, set[str]] = {}
+        for group in self.api("rules", type="alert")["groups"]:
+            for rule in group["rules"]:
+                if _unix(rule["lastEvaluation"]) > evaluated_after:
+                    for alert in rule.get("alerts", []):
+                        states.setdefault(rule["name"], set()).add(alert["state"])
+        return states
 
     def api(self, path: str, **params: Any) -> Any:
         """GET ``/api/v1/{path}``; the ``data`` of a success, else an AssertionError."""

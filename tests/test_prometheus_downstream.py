@@ -80,6 +80,7 @@ class Run:
     firing_after: float | None = None
     firing: list[dict[str, Any]] = field(default_factory=list)
     ready_after: float | None = None  # the recording rules first saw the browser layer
+    ready_at: float | None = None  # (unix time): alerts are noted from evaluations after it
     active: dict[str, set[str]] = field(default_factory=dict)  # alertname -> states seen
     panel_results: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     rule_health: dict[str, str] = field(default_factory=dict)  # rule name -> health: lastError
@@ -104,13 +105,15 @@ def _ask(browser: Browser, url: str, run: Run) -> None:
 
 
 def _watch(run: Run) -> list[dict[str, Any]]:
-    """The active alerts, noted once the rules see the browser layer: before the first
-    scrape, ChunkwatchNoTraffic's `absent(...)` holds for an evaluation or two."""
+    """The active alerts, noted from the rules' evaluations after they saw the browser
+    layer: before the first scrape, ChunkwatchNoTraffic's `absent(...)` holds, and its
+    pending state stays listed until its rule is evaluated again (later than the
+    recording rule's on a loaded machine)."""
     alerts = run.prom.alerts()
-    if run.ready_after is None:
+    if run.ready_at is None:
         return alerts
-    for alert in alerts:
-        run.active.setdefault(alert["labels"]["alertname"], set()).add(alert["state"])
+    for name, states in run.prom.alert_states(evaluated_after=run.ready_at).items():
+        run.active.setdefault(name, set()).update(states)
     return alerts
 
 
@@ -140,7 +143,7 @@ def _scenario(run: Run, browser: Browser, url: str) -> None:
             break
         # noted from the next question on (a second later: the alerts evaluated once more)
         if run.ready_after is None and run.prom.query(READY):
-            run.ready_after = time.monotonic() - t0
+            run.ready_after, run.ready_at = time.monotonic() - t0, time.time()
     t1 = time.monotonic()
     while run.firing_after is not None and time.monotonic() - t1 < AFTER_FIRING:
         _ask(browser, url, run)
