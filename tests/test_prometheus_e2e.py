@@ -92,7 +92,7 @@ class Run:
     prom: Prometheus
     system: System
     t_start: float = field(default_factory=time.time)
-    healthy_alerts: list[dict[str, Any]] = field(default_factory=list)
+    healthy_alerts: list[str] = field(default_factory=list)  # "name: states" while healthy
     healthy_ready: bool = False
     pending_after: float | None = None
     firing_after: float | None = None
@@ -195,10 +195,12 @@ def _scenario(run: Run, traffic: Traffic) -> None:
         timeout=30,
     )
     run.healthy_ready = bool(ready)
+    ready_at = time.time()  # alerts from evaluations after it: no state left from start-up
     time.sleep(2.0)
     t_end = time.monotonic() + HEALTHY_WATCH
     while time.monotonic() < t_end:
-        run.healthy_alerts.extend(prom.alerts())
+        states = prom.alert_states(evaluated_after=ready_at)
+        run.healthy_alerts.extend(f"{name}: {', '.join(sorted(s))}" for name, s in states.items())
         time.sleep(0.5)
 
     # the incident: the gateway drops every stream, switched while running
