@@ -24,6 +24,7 @@ __all__ = [
     "Example",
     "Histogram",
     "Snapshot",
+    "add_one",
     "buckets",
     "counter",
     "exemplar",
@@ -54,13 +55,30 @@ class Histogram:
         return self.bounds, list(self.counts), self.sum, list(self.examples)
 
 
-def observe(h: Histogram, value: float, trace_id: str | None, now: float | None) -> None:
-    """One observation; with ``now``, it becomes its bucket's exemplar."""
-    i = bisect_left(h.bounds, value)  # le: the first bound >= value, else +Inf
-    h.counts[i] += 1
-    h.sum += value
-    if now is not None:
-        h.examples[i] = (trace_id, value, now)  # type: ignore[assignment]
+def observe(
+    observations: Iterable[tuple[Histogram, float | None]], trace_id: str | None, now: float | None
+) -> None:
+    """Each ``(histogram, value)`` whose value is not None, in one call (the callers write
+    once per request or model call: a call per observation is a share of it). With
+    ``now``, each becomes its bucket's exemplar. Call under the owner's lock."""
+    for h, value in observations:
+        if value is not None:
+            i = bisect_left(h.bounds, value)  # le: the first bound >= value, else +Inf
+            h.counts[i] += 1
+            h.sum += value
+            if now is not None:
+                h.examples[i] = (trace_id, value, now)  # type: ignore[assignment]
+
+
+def add_one(table: dict[Any, list[Any]], key: Any, example: Example | None) -> None:
+    """Count one in ``table[key]`` (``[count, latest exemplar]``), made on first use.
+    Call under the owner's lock."""
+    kept = table.get(key)
+    if kept is None:
+        kept = table[key] = [0, None]
+    kept[0] += 1
+    if example is not None:
+        kept[1] = example
 
 
 def exemplar(example: Example | None) -> Exemplar | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,25 +84,23 @@ class GenAIMetrics:
             return
         now = None if trace_id is None else time.time()
         n_in, n_out = tokens
-        with self._lock:  # one lookup a call; observe() inlined (per stream: bench/RESULTS.md)
+        with self._lock:  # one lookup a call
             calls = self._calls.get(key)
             if calls is None:
                 calls = self._calls[key] = _Calls()
             spent = calls.duration.get(error)
             if spent is None:
                 spent = calls.duration[error] = collected.Histogram(DURATION_BUCKETS)
-            for h, value in (
-                (spent, duration),
-                (calls.first, first_chunk),
-                (calls.input, n_in),
-                (calls.output, n_out),
-            ):
-                if value is not None:
-                    i = bisect_left(h.bounds, value)
-                    h.counts[i] += 1
-                    h.sum += value
-                    if now is not None:
-                        h.examples[i] = (trace_id, value, now)  # type: ignore[assignment]
+            collected.observe(
+                (
+                    (spent, duration),
+                    (calls.first, first_chunk),
+                    (calls.input, n_in),
+                    (calls.output, n_out),
+                ),
+                trace_id,
+                now,
+            )
 
     def describe(self) -> Iterator[Metric]:
         for name in FAMILIES:

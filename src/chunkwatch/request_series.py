@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from chunkwatch import semconv as sc
-from chunkwatch.collected import Example, buckets, counter
+from chunkwatch.collected import Example, add_one, buckets, counter, observe
 from chunkwatch.collected import Histogram as Kept
 from chunkwatch.stream_series import GAP_BUCKETS
 
@@ -77,22 +76,12 @@ class InProcessRequests(RequestSeries):
         key = (outcome, layer, upstream)  # an Outcome is its str as a key
         example = None if trace_id is None else (trace_id, 1.0, time.time())
         with self._lock:
-            count = self._verdicts.get(key)
-            if count is None:
-                count = self._verdicts[key] = [0, None]
-            count[0] += 1
-            if example is not None:
-                count[1] = example
+            add_one(self._verdicts, key, example)
 
     def queue(self, wait: float, depth: int, trace_id: str | None) -> None:
         now = None if trace_id is None else time.time()
         with self._lock:
-            for h, value in ((self._wait, wait), (self._depth, float(depth))):
-                i = bisect_left(h.bounds, value)
-                h.counts[i] += 1
-                h.sum += value
-                if now is not None:
-                    h.examples[i] = (trace_id, value, now)  # type: ignore[assignment]
+            observe(((self._wait, wait), (self._depth, float(depth))), trace_id, now)
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(sc.REQUESTS, _HELP[sc.REQUESTS], labels=_OLU)

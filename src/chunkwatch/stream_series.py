@@ -38,8 +38,8 @@ from prometheus_client.metrics_core import (
 )
 
 from chunkwatch import semconv as sc
-from chunkwatch.collected import Example, buckets, counter
 from chunkwatch.collected import Histogram as Kept
+from chunkwatch.collected import add_one, buckets, counter
 
 if TYPE_CHECKING:
     from chunkwatch.ledger import Tally
@@ -133,15 +133,7 @@ class InProcessSeries(StreamSeries):
     def counted(self, layer: str, outcome: str, upstream: str, trace_id: str | None) -> None:
         example = None if trace_id is None else (trace_id, 1.0, time.time())
         with self._lock:
-            self._count((layer, outcome, upstream), example)
-
-    def _count(self, key: tuple[str, str, str], example: Example | None) -> None:
-        series = self._streams.get(key)
-        if series is None:
-            series = self._streams[key] = [0, None]
-        series[0] += 1
-        if example is not None:
-            series[1] = example
+            add_one(self._streams, (layer, outcome, upstream), example)
 
     def finished(self, t: Tally, trace_id: str | None, counted: bool, opened_as: str) -> None:
         # Every stream of every request ends here: observe() is inlined, three times (a call
