@@ -269,13 +269,16 @@ def _request_counts(port: int) -> dict[str, float]:
     return out
 
 
-def _new_verdicts(port: int, before: dict[str, float], timeout: float = 5.0) -> list[str]:
-    """The samples that grew since ``before`` (each once per increment), once any did."""
+def _new_verdicts(
+    port: int, before: dict[str, float], timeout: float = 5.0, at_least: int = 1
+) -> list[str]:
+    """The samples that grew since ``before`` (each once per increment), once ``at_least``
+    increments did (or at the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
         after = _request_counts(port)
         grown = [k for k, v in after.items() for _ in range(int(v - before.get(k, 0.0)))]
-        if grown or time.monotonic() > deadline:
+        if len(grown) >= at_least or time.monotonic() > deadline:
             return sorted(grown)
         time.sleep(0.05)
 

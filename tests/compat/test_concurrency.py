@@ -44,11 +44,7 @@ def test_concurrent_requests_each_get_their_own_verdict_and_trace(shape: str) ->
             before = _request_counts(port)
             started = time.time_ns()
             bodies = list(pool.map(lambda _: _chat(port), range(CLIENTS)))
-            deadline = time.monotonic() + 10
-            grown: list[str] = []
-            while len(grown) < CLIENTS and time.monotonic() < deadline:
-                grown = _new_verdicts(port, before)
-                time.sleep(0.05)
+            grown = _new_verdicts(port, before, timeout=10, at_least=CLIENTS)
             assert Counter(grown) == {f"{verdict} {UPSTREAM_NAME}": CLIENTS}, grown
             if fault == "pass":
                 assert all("data:" in b and "error" not in b for b in bodies)
@@ -101,11 +97,7 @@ def test_a_service_without_tracing_under_many_clients_and_junk_trace_headers(sha
             gw.server.set_fault(fault)
             before = _request_counts(port)
             bodies = list(pool.map(lambda i: _chat(port, _trace_headers(i)), range(CLIENTS)))
-            deadline = time.monotonic() + 10
-            grown: list[str] = []
-            while len(grown) < CLIENTS and time.monotonic() < deadline:
-                grown = _new_verdicts(port, before)
-                time.sleep(0.05)
+            grown = _new_verdicts(port, before, timeout=10, at_least=CLIENTS)
             assert Counter(grown) == {f"{verdict} {UPSTREAM_NAME}": CLIENTS}, grown
             if fault == "pass":
                 assert all("data:" in b and "error" not in b for b in bodies)
