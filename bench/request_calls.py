@@ -77,14 +77,19 @@ def main() -> None:
     counts = count_calls(args.requests)
     n = args.requests
     print(f"chunkwatch Python calls per request: {sum(counts.values()) / n:.0f}\n")
+    print_ranked(collections.Counter({f"{m}:{f}": c for (m, f), c in counts.items()}), n, args.top)
+
+
+def print_ranked(counts: collections.Counter[str], n: int, top: int) -> None:
+    """Per request, by module (the label's part before ``:``), then the ``top`` labels."""
     by_module: collections.Counter[str] = collections.Counter()
-    for (module, _), calls in counts.items():
-        by_module[module] += calls
-    for module, calls in by_module.most_common():
-        print(f"{calls / n:7.1f}  {module}")
+    for label, c in counts.items():
+        by_module[label.split(":")[0]] += c
+    for module, c in by_module.most_common():
+        print(f"{c / n:8.1f}  {module}")
     print()
-    for (module, function), calls in counts.most_common(args.top):
-        print(f"{calls / n:7.1f}  {module}:{function}")
+    for label, c in counts.most_common(top):
+        print(f"{c / n:8.1f}  {label}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from request_calls import hooked_chats  # bench/ is the script's directory
+from request_calls import hooked_chats, print_ranked  # bench/ is the script's directory
 
 # Whose code a file is: ours (a label), the host's (None), or neutral (look further up).
 NEUTRAL = ("/opentelemetry/", "/prometheus_client/", "/wrapt/", "/python3.11/")
@@ -90,14 +90,7 @@ def main() -> None:
         f"bytecodes a request: chunkwatch {sum(ours.values()) / n:.0f}, "
         f"host {counts[_NOBODY] / n:.0f}\n"
     )
-    by_module: collections.Counter[str] = collections.Counter()
-    for label, c in ours.items():
-        by_module[label.split(":")[0]] += c
-    for module, c in by_module.most_common():
-        print(f"{c / n:8.0f}  {module}")
-    print()
-    for label, c in collections.Counter(ours).most_common(args.top):
-        print(f"{c / n:8.0f}  {label}")
+    print_ranked(collections.Counter(ours), n, args.top)
 
 
 if __name__ == "__main__":
