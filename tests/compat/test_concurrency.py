@@ -12,13 +12,15 @@ import re
 import time
 import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
 from chunkwatch import semconv as sc
 from chunkwatch_lab.fault_gateway import Gateway
-from chunkwatch_lab.threaded import start_in_thread
+from chunkwatch_lab.threaded import Running, start_in_thread
 from chunkwatch_lab.upstream import Upstream
 
 from ..otlp_receiver import OTLPReceiver
@@ -27,18 +29,28 @@ from .harness import UPSTREAM_NAME, _chat, _get, _new_verdicts, _request_counts,
 CLIENTS = 16
 
 
+@contextmanager
+def _clients_of(
+    shape: str, setup: str
+) -> Iterator[tuple[OTLPReceiver, Running[Gateway], int, Executor]]:
+    """The service (``shape``, ``setup``) behind a fault gateway before a local upstream,
+    exporting to a receiver, and a pool of ``CLIENTS`` clients."""
+    with (
+        OTLPReceiver() as receiver,
+        start_in_thread(Upstream(tokens=12, token_delay=0.02)) as up,
+        start_in_thread(Gateway(up.url)) as gw,
+        service_process(shape, setup, gw.url, gw.port, receiver) as (port, _log),
+        ThreadPoolExecutor(CLIENTS) as pool,
+    ):
+        yield receiver, gw, port, pool
+
+
 @pytest.mark.parametrize("shape", ["shared_loop", "thread_per_request", "sync_stream"])
 def test_concurrent_requests_each_get_their_own_verdict_and_trace(shape: str) -> None:
     """16 clients at once through a gateway that drops every stream, then 16 through a
     healthy one: 16 `empty@gateway` and then 16 `ok`, no stream unlinked, and 16 traces
     of one gateway span each, every chunkwatch span in the trace of its own request."""
-    with (
-        OTLPReceiver() as receiver,
-        start_in_thread(Upstream(tokens=12, token_delay=0.02)) as up,
-        start_in_thread(Gateway(up.url)) as gw,
-        service_process(shape, "alone", gw.url, gw.port, receiver) as (port, _log),
-        ThreadPoolExecutor(CLIENTS) as pool,
-    ):
+    with _clients_of(shape, "alone") as (receiver, gw, port, pool):
         for fault, verdict in (("zero", "empty@gateway"), ("pass", "ok")):
             gw.server.set_fault(fault)
             before = _request_counts(port)
@@ -86,13 +98,7 @@ def test_a_service_without_tracing_under_many_clients_and_junk_trace_headers(sha
     exemplar on /metrics is a trace a client sent (the probes start no spans of their
     own here: a stream's exemplar is its request's)."""
     sent = {f"{i + 1:032x}" for i in range(CLIENTS) if i % 4 == 0}
-    with (
-        OTLPReceiver() as receiver,
-        start_in_thread(Upstream(tokens=12, token_delay=0.02)) as up,
-        start_in_thread(Gateway(up.url)) as gw,
-        service_process(shape, "untraced", gw.url, gw.port, receiver) as (port, _log),
-        ThreadPoolExecutor(CLIENTS) as pool,
-    ):
+    with _clients_of(shape, "untraced") as (receiver, gw, port, pool):
         for fault, verdict in (("zero", "empty@gateway"), ("pass", "ok")):
             gw.server.set_fault(fault)
             before = _request_counts(port)
