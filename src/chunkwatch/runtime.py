@@ -31,6 +31,7 @@ from chunkwatch.ledger import Ledger, Tally, current_ledger
 from chunkwatch.metrics import Metrics
 from chunkwatch.naming import Names
 from chunkwatch.probes import model_layers
+from chunkwatch.request_end import finish_request
 from chunkwatch.spans import end_stream_span, trace_id_of
 from chunkwatch.verdict import Verdict
 from chunkwatch.watchdog import Deadlines, Plan, Watchdog
@@ -188,17 +189,28 @@ class Runtime:
         span: Span | None = None,
         watch: bool = True,
         keep_span: bool = False,
-        **fields: Any,
+        stream_requested: bool = False,
+        terminal_known: bool = False,
+        needs_status: bool = False,
     ) -> Tally:
         """A tally for one stream at ``layer``, finished through this runtime (its span's
         attributes, its metrics). ``watch``: the layer's deadlines apply to it.
         ``keep_span``: its span is not ended when it finishes — its owner ends it (the
-        http probe, after the request's verdict went on it). ``fields``: the tally's
-        evidence fields known at the start (``stream_requested``, ...)."""
+        http probe, after the request's verdict went on it). ``stream_requested``,
+        ``terminal_known``, ``needs_status``: the tally's evidence known at the start
+        (:class:`chunkwatch.outcomes.Evidence`)."""
         ledger = ledger or self.ledger(layer)
-        tally = ledger.open(layer, upstream=upstream, on_finish=self._finish, **fields)
-        tally.span = span
-        tally.keep_span = keep_span
+        tally = ledger.add(layer, upstream, self._finish)
+        if span is not None:
+            tally.span = span
+        if keep_span:
+            tally.keep_span = True
+        if stream_requested:
+            tally.stream_requested = True
+        if terminal_known:
+            tally.terminal_known = True
+        if needs_status:
+            tally.needs_status = True
         if ledger.orphans is not None and not ledger.closed and layer in model_layers():
             ledger.orphans.adopt(tally)
         try:
@@ -285,8 +297,6 @@ class Runtime:
     def finish_request(self, ledger: Ledger, span: Span | None) -> Verdict | None:
         """Draw the verdict of a finished request and write it everywhere it goes
         (:mod:`chunkwatch.request_end`), then tell the verdict listeners."""
-        from chunkwatch.request_end import finish_request
-
         verdict = finish_request(self, ledger, span)
         if verdict is not None:
             for listener in self._listeners:
