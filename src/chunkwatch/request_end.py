@@ -17,6 +17,7 @@ from chunkwatch import semconv as sc
 from chunkwatch.orphans import WAIT, Orphans, client_left
 from chunkwatch.outcomes import End
 from chunkwatch.probes import model_layers
+from chunkwatch.spans import trace_id_of
 from chunkwatch.verdict import judge
 
 if TYPE_CHECKING:
@@ -76,8 +77,6 @@ def finish_request(rt: Runtime, ledger: Ledger, span: Span | None) -> Verdict | 
             span.end()
         return None
     upstream = ledger.upstream or "none"
-    from chunkwatch.spans import trace_id_of
-
     trace_id = trace_id_of(span)
     try:
         rt.metrics.request_finished(verdict, upstream, trace_id)

@@ -24,7 +24,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from chunkwatch import semconv as sc
@@ -47,12 +47,22 @@ _CLEAN, _CLOSED, _SERVER = End.CLEAN, End.CLOSED, SpanKind.SERVER
 
 def request_ledger() -> Ledger | None:
     """The ledger of the Flask request being handled (None outside one, or uninstrumented)."""
-    from flask import has_request_context, request
-
-    if not has_request_context():
+    flask = _flask or _import_flask()
+    if not flask.has_request_context():
         return None
-    ledger: Ledger | None = request.environ.get(ENVIRON_KEY)
+    ledger: Ledger | None = flask.request.environ.get(ENVIRON_KEY)
     return ledger
+
+
+_flask: Any = None  # imported on first use (a WSGI app need not be Flask's); an import a call costs
+
+
+def _import_flask() -> Any:
+    global _flask
+    import flask
+
+    _flask = flask
+    return flask
 
 
 class _EnvironGetter(Getter[dict[str, Any]]):
@@ -170,7 +180,8 @@ class ChunkwatchMiddleware:
             parent, kind = None, SpanKind.INTERNAL
         attrs = _server_attributes(environ, method, path) if tracing(rt) else None
         span = rt.start_span(method, sc.HTTP, kind=kind, context=parent, attributes=attrs)
-        if span is not None:
+        if span is not None and (span is not INVALID_SPAN or parent is not _NOTHING):
+            # (an invalid span in an empty context: nothing for new work to parent to)
             ledger.parent_context = trace.set_span_in_context(span)
         # The span ends after the verdict went on it (_Request.end), not with the tally.
         tally = rt.open(sc.HTTP, ledger=ledger, span=span, watch=False, keep_span=True)
