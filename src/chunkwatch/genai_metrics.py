@@ -84,7 +84,9 @@ class GenAIMetrics:
             return
         now = None if trace_id is None else time.time()
         n_in, n_out = tokens
-        with self._lock:  # one lookup a call
+        lock = self._lock  # acquire/release: half a with block's cost (bench/RESULTS.md)
+        lock.acquire()
+        try:  # one lookup a call
             calls = self._calls.get(key)
             if calls is None:
                 calls = self._calls[key] = _Calls()
@@ -101,6 +103,8 @@ class GenAIMetrics:
                 trace_id,
                 now,
             )
+        finally:
+            lock.release()
 
     def describe(self) -> Iterator[Metric]:
         for name in FAMILIES:

@@ -147,7 +147,9 @@ class InProcessSeries(StreamSeries):
         opened = self._live.pop(id(t), None)  # (layer, upstream) as it opened
         if opened is not None and opened not in self._opened:
             self._opened.add(opened)
-        with self._lock:
+        lock = self._lock  # acquire/release: half a with block's cost (bench/RESULTS.md)
+        lock.acquire()
+        try:
             if not counted:
                 outcome_key = (layer, t.outcome, upstream)  # an Outcome is its str as a key
                 count = self._streams.get(outcome_key)  # type: ignore[arg-type]
@@ -183,6 +185,8 @@ class InProcessSeries(StreamSeries):
                     series.ttfc.examples[j] = (trace_id, ttfc, now)
                 if gap is not None:
                     series.gap.examples[k] = (trace_id, gap, now)
+        finally:
+            lock.release()
 
     # -- exposition ----------------------------------------------------------------------------
 
