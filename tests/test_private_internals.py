@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 import chunkwatch
 from chunkwatch import Deadlines
+from chunkwatch.probes import sdk as sdk_probe
 from chunkwatch_lab.agent import LLMConfig, build_graph, make_model
 from chunkwatch_lab.fault_gateway import Gateway
 from chunkwatch_lab.threaded import Running
@@ -239,6 +240,38 @@ def test_sdk_stream_without_its_iterator_attribute(
     assert_whole(read_sync(gateway))
     assert_counted(w, "gateway", "sdk")
     assert w.errors("sdk", "private:Stream._iterator") == 1
+
+
+def test_sdk_reads_the_base_url_its_clients_property_returns(
+    gateway: Running[Gateway], probes_off: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sdk probe names a client's upstream from its ``_base_url``, the object the
+    ``base_url`` property returns, for every client class; a client without one is read
+    through the property, and its calls are named alike."""
+    for cls in (openai.OpenAI, openai.AsyncOpenAI, openai.AzureOpenAI, openai.AsyncAzureOpenAI):
+        client = _client(gateway, cls) if "Azure" in cls.__name__ else cls(api_key="k")
+        assert sdk_probe._base_url(client) is client.base_url, cls
+
+    class Plain:
+        base_url = gateway.url
+
+    assert sdk_probe._base_url(Plain()) == gateway.url
+    w = Watched()
+    assert_whole(read_sync(gateway))
+    client = _client(gateway, openai.AzureOpenAI)
+    url = client.base_url
+    monkeypatch.delattr(client, "_base_url")  # read through the property from here
+    monkeypatch.setattr(type(client), "base_url", property(lambda s: url))
+    with client.chat.completions.create(**_args()) as stream:
+        assert_whole(list(stream))
+    upstreams = {
+        s.labels["upstream"]
+        for m in w.registry.collect()
+        for s in m.samples
+        if s.name == "chunkwatch_streams_total" and s.labels["layer"] == "sdk"
+    }
+    assert len(upstreams) == 1 and w.value("chunkwatch_streams_total", layer="sdk") == 2
+    assert w.errors("sdk") == 0
 
 
 def test_sdk_stream_counted_over_public_api_finishes_once_when_closed_early(

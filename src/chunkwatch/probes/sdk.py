@@ -30,7 +30,8 @@ Content: prompts and completions are recorded only with ``capture_content=True``
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -79,12 +80,22 @@ def _upstream_of(rt: Runtime, base_url: Any) -> str:
     return upstream
 
 
+def _base_url(client: Any) -> Any:
+    """The client's base URL: its ``_base_url`` (private to openai's ``BaseClient``), the
+    object its ``base_url`` property returns (checked with openai 3.54.0:
+    tests/test_private_internals.py). The property imports a module of the SDK on every
+    read (12 k instructions a call); another client's is read through it."""
+    own = getattr(client, "__dict__", None)
+    base_url = own.get("_base_url") if own is not None else None
+    return base_url if base_url is not None else getattr(client, "base_url", None)
+
+
 def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     client = getattr(resource, "_client", None)
     model = str(kwargs.get("model") or getattr(client, "_azure_deployment", None) or "unknown")
     stream = bool(kwargs.get("stream"))
     provider = _provider(resource)
-    base_url = getattr(client, "base_url", None)
+    base_url = _base_url(client)
     upstream = _upstream_of(rt, base_url)
     rt.provider = provider  # the agent spans of later requests name it at their start
     ledger = rt.ledger(sc.SDK)
@@ -142,23 +153,34 @@ def _last_user_text(messages: Any) -> str | None:
     return None
 
 
-def _current(tally: Tally) -> AbstractContextManager[Any]:
-    """The sdk span as the current span while the request is sent (same frame in and out)."""
+def _sending(tally: Tally) -> AbstractContextManager[Any] | None:
+    """What is made current while the request is sent (None: nothing, as mostly): the
+    sdk span, so that the gateway span is its child (the no-op tracer's is current
+    already); and outside a request (or after it ended) the call's own ledger, so that
+    the gateway tally lands beside this one and the verdict sees both."""
     span = tally.span
-    if span is None or span is trace.get_current_span():  # the no-op tracer's: current already
-        return _NOTHING
-    return trace.use_span(
-        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-    )
-
-
-def _ledger_of(tally: Tally) -> AbstractContextManager[Any]:
-    """Outside a request (or after it ended), the call's own ledger is current while it
-    is sent, so the gateway tally lands beside this one and the verdict sees both."""
+    if span is not None and span is trace.get_current_span():
+        span = None
     current = current_ledger()
-    if current is not None and not current.closed:
-        return _NOTHING
-    return bind(tally.ledger)
+    own = tally.ledger if current is None or current.closed else None
+    if span is None and own is None:
+        return None
+    return _made_current(span, own)
+
+
+@contextmanager
+def _made_current(span: Any, ledger: Ledger | None) -> Iterator[None]:
+    with (
+        (
+            _NOTHING
+            if span is None
+            else trace.use_span(
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            )
+        ),
+        _NOTHING if ledger is None else bind(ledger),
+    ):
+        yield
 
 
 def _start(rt: Runtime | None, resource: Any, kwargs: dict[str, Any]) -> Tally | None:
@@ -251,8 +273,12 @@ def _make_async(original: Any) -> Any:
         if rt is None or tally is None:
             return await original(self, *args, **kwargs)
         try:
-            with _current(tally), _ledger_of(tally):  # sent with the sdk span and ledger current
+            sending = _sending(tally)  # the sdk span and the ledger current, where they are not
+            if sending is None:
                 result = await original(self, *args, **kwargs)
+            else:
+                with sending:
+                    result = await original(self, *args, **kwargs)
         except BaseException as exc:
             _Chunks(rt, tally).fail(exc)
             raise
@@ -274,8 +300,12 @@ def _make_sync(original: Any) -> Any:
         if rt is None or tally is None:
             return original(self, *args, **kwargs)
         try:
-            with _current(tally), _ledger_of(tally):  # sent with the sdk span and ledger current
+            sending = _sending(tally)  # (as in the async create)
+            if sending is None:
                 result = original(self, *args, **kwargs)
+            else:
+                with sending:
+                    result = original(self, *args, **kwargs)
         except BaseException as exc:
             _Chunks(rt, tally).fail(exc)
             raise
