@@ -17,8 +17,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -260,21 +259,35 @@ def current_ledger() -> Ledger | None:
     return _current.get()
 
 
-@contextmanager
-def bind(ledger: Ledger | None) -> Iterator[Ledger | None]:
+class bind:  # lower case: a function to its callers, ``with bind(ledger):``
     """Make ``ledger`` current for the block: call it where the request crosses a thread.
 
     Inside the block, the probes record into ``ledger`` and new spans are children
     of the request's trace (its OpenTelemetry context is attached too), so one
     request is one trace across the thread and queue hand-off.
+
+    A class, not a ``@contextmanager`` generator: every hand-off of every request enters
+    one, and the generator's machinery cost three times its work (``bench/RESULTS.md``).
     """
-    token = _current.set(ledger)
-    otel_token = None
-    if ledger is not None and ledger.parent_context is not None:
-        otel_token = otel_context.attach(ledger.parent_context)
-    try:
-        yield ledger
-    finally:
+
+    __slots__ = ("_ledger", "_otel_token", "_token")
+
+    def __init__(self, ledger: Ledger | None) -> None:
+        self._ledger = ledger
+        self._token: contextvars.Token[Ledger | None] | None = None
+        self._otel_token: object = None
+
+    def __enter__(self) -> Ledger | None:
+        ledger = self._ledger
+        self._token = _current.set(ledger)
+        if ledger is not None and ledger.parent_context is not None:
+            self._otel_token = otel_context.attach(ledger.parent_context)
+        return ledger
+
+    def __exit__(self, *exc: object) -> None:
+        otel_token, self._otel_token = self._otel_token, None
         if otel_token is not None:
-            otel_context.detach(otel_token)
-        _current.reset(token)
+            otel_context.detach(otel_token)  # type: ignore[arg-type]
+        token, self._token = self._token, None
+        if token is not None:
+            _current.reset(token)
