@@ -178,8 +178,13 @@ class ChunkwatchMiddleware:
             # Another tool's server span (OpenTelemetry's WSGI middleware outside ours)
             # is this request's: ours is a child of it, as OTel's own do in that case.
             parent, kind = None, SpanKind.INTERNAL
-        attrs = _server_attributes(environ, method, path) if tracing(rt) else None
-        span = rt.start_span(method, sc.HTTP, kind=kind, context=parent, attributes=attrs)
+        if tracing(rt):
+            attrs = _server_attributes(environ, method, path)
+            span = rt.start_span(method, sc.HTTP, kind=kind, context=parent, attributes=attrs)
+        elif parent is _NOTHING:  # what the no-op tracer would answer, without asking it
+            span = INVALID_SPAN
+        else:
+            span = rt.start_span(method, sc.HTTP, kind=kind, context=parent)
         if span is not None and (span is not INVALID_SPAN or parent is not _NOTHING):
             # (an invalid span in an empty context: nothing for new work to parent to)
             ledger.parent_context = trace.set_span_in_context(span)

@@ -157,9 +157,13 @@ class WatchedQueue(queue.Queue[T]):
         rt, tally = self._rt, self._tally
         if rt is None:
             return
-        with self.mutex:  # from here on, nothing more is queued
+        mutex = self.mutex  # acquire/release: half a with block's cost (bench/RESULTS.md)
+        mutex.acquire()
+        try:  # from here on, nothing more is queued
             self._put = self._drop  # type: ignore[method-assign]
             put = self._put_count()
+        finally:
+            mutex.release()
         if tally is None:
             try:
                 tally = self._start_receive()
