@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from chunkwatch.browser import Beacons
 from chunkwatch.patching import patch, unpatch
-from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware
+from chunkwatch.probes.http_in import ENVIRON_KEY, ChunkwatchMiddleware, flask_module
 from chunkwatch.runtime import Runtime, active
 
 __all__ = ["instrument_app", "uninstrument_app"]
@@ -102,8 +102,7 @@ def _make_call(original: Any) -> Any:
 
 
 def _note_route() -> None:
-    from flask import request
-
+    request = flask_module().request
     ledger = request.environ.get(ENVIRON_KEY)
     if ledger is None or request.url_rule is None:
         return

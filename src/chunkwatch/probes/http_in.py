@@ -37,7 +37,7 @@ from chunkwatch.probes.sse_out import SSEBody
 from chunkwatch.runtime import Runtime, active
 from chunkwatch.spans import tracing
 
-__all__ = ["ChunkwatchMiddleware", "request_ledger"]
+__all__ = ["ChunkwatchMiddleware", "flask_module", "request_ledger"]
 
 ENVIRON_KEY = "chunkwatch.ledger"
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -47,22 +47,26 @@ _CLEAN, _CLOSED, _SERVER = End.CLEAN, End.CLOSED, SpanKind.SERVER
 
 def request_ledger() -> Ledger | None:
     """The ledger of the Flask request being handled (None outside one, or uninstrumented)."""
-    flask = _flask or _import_flask()
+    flask = _flask or flask_module()
     if not flask.has_request_context():
         return None
     ledger: Ledger | None = flask.request.environ.get(ENVIRON_KEY)
     return ledger
 
 
-_flask: Any = None  # imported on first use (a WSGI app need not be Flask's); an import a call costs
+_flask: Any = None
 
 
-def _import_flask() -> Any:
+def flask_module() -> Any:
+    """Flask, imported on first use (a WSGI app need not be Flask's): the Flask-only
+    functions called in every request read it here, not by an import statement each
+    call (``from flask import ...`` runs the import machinery's fromlist handling)."""
     global _flask
-    import flask
+    if _flask is None:
+        import flask
 
-    _flask = flask
-    return flask
+        _flask = flask
+    return _flask
 
 
 class _EnvironGetter(Getter[dict[str, Any]]):
