@@ -177,11 +177,17 @@ def _genai_metrics(rt: Runtime, tally: Tally) -> None:
         provider, model = tally.genai
         usage = tally.facts.get("usage")
         tokens = (None, None) if usage is None else (usage.prompt_tokens, usage.completion_tokens)
-        first = tally.time_to_first if tally.stream_requested else None
+        start, t_first, t_end = tally.t_start, tally.t_first, tally.t_end  # the tally's
+        # time_to_first and duration, without their two calls (a finished tally has t_end)
+        first = (t_first - start) / 1e9 if tally.stream_requested and t_first is not None else None
+        duration = tally.duration if t_end is None else (t_end - start) / 1e9
         error = None if tally.outcome is _OK else str(tally.outcome)
-        rt.metrics.genai.record(
-            ("chat", provider, model), error, tally.duration, first, tokens, rt.trace_id(tally)
-        )
+        ledger = tally.ledger  # Runtime.trace_id, without its call once the request's is known
+        if ledger is not None and ledger.trace_known:
+            trace_id = ledger.trace_id
+        else:
+            trace_id = rt.trace_id(tally)
+        rt.metrics.genai.record(("chat", provider, model), error, duration, first, tokens, trace_id)
     except Exception:
         rt.bookkeeping_error(sc.SDK, "metrics")
 

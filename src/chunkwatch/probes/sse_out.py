@@ -63,7 +63,7 @@ class SSEBody(Ending):
         self._body = body
         self._ledger = ledger
         self._on_end = on_end
-        self._parser = SSEParser()
+        self._parser: SSEParser | None = None  # made at the first chunk not a WholeEvent
         self._outer_context = ledger.parent_context  # the request's, again once this ends
         span = None  # the no-op tracer's would be the request's: none (see Runtime.trace_id)
         if tracing(rt):
@@ -80,8 +80,7 @@ class SSEBody(Ending):
         return self._gen
 
     def _iterate(self) -> Generator[bytes, None, None]:
-        parser, tally = self._parser, self.tally
-        count, unit = parser.count, tally.unit
+        parser, tally, unit = self._parser, self.tally, self.tally.unit
         # The request's ledger is current while the body runs (a generator calling the
         # model in the server's thread finds it); undone in end.
         self._token = _current_ledger.set(self._ledger)
@@ -96,7 +95,8 @@ class SSEBody(Ending):
                         if not tally.bytes:
                             tally.facts["t_first_byte"] = time.perf_counter_ns()
                         tally.bytes += len(chunk)
-                        if type(chunk) is WholeEvent and parser.idle:  # format_event's: one event
+                        if type(chunk) is WholeEvent and (parser is None or parser.idle):
+                            # format_event's: one event, and the parser between two events
                             now = _now()  # Tally.unit, inlined (bench/probe_instructions.py)
                             last = tally.t_last
                             if last is None:
@@ -106,8 +106,10 @@ class SSEBody(Ending):
                             tally.t_last = now
                             tally.units += 1
                         else:
+                            if parser is None:
+                                parser = self._parser = SSEParser()
                             before = parser.events
-                            count(chunk)  # [DONE] is an event here: count what was dispatched
+                            parser.count(chunk)  # [DONE] is an event here: count the dispatched
                             if parser.events != before:
                                 unit(parser.events - before)
                     except Exception:
@@ -144,7 +146,7 @@ class SSEBody(Ending):
     def _facts(self, end: End, exc: BaseException | None) -> None:
         tally = self.tally
         try:
-            tally.comments = self._parser.comments
+            tally.comments = self._parser.comments if self._parser is not None else 0
             if tally.span is not None and tally.span.is_recording():
                 attrs: dict[str, Any] = {sc.A_BYTES: tally.bytes, sc.A_COMMENTS: tally.comments}
                 first_byte = tally.facts.get("t_first_byte")
