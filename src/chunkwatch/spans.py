@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from chunkwatch.ledger import Ledger, Tally
     from chunkwatch.runtime import Runtime
 
-__all__ = ["end_stream_span", "keeps_spans", "start_span", "trace_id_of", "tracing"]
+__all__ = ["end_stream_span", "keeps_spans", "noop_span", "start_span", "trace_id_of", "tracing"]
 
 _current_span = trace.get_current_span
 
@@ -99,19 +99,7 @@ def start_span(
     the request instead; an unlinked stream says so."""
     try:
         if not tracing(rt):
-            # NoOpTracer.start_span's answer, without its call chain: the parent span,
-            # non-recording (the request's, where nothing is current in this thread).
-            span = _current_span(context)
-            if (
-                span is INVALID_SPAN
-                and context is None
-                and ledger is not None
-                and ledger.parent_context is not None
-            ):
-                span = _current_span(ledger.parent_context)
-            if type(span) is NonRecordingSpan or isinstance(span, NonRecordingSpan):
-                return span  # (the type first: an ABC's isinstance is slower)
-            return NonRecordingSpan(span.get_span_context())
+            return noop_span(context, ledger)
         if (
             ledger is not None
             and context is None
@@ -129,6 +117,23 @@ def start_span(
     except Exception:
         rt.bookkeeping_error(layer, "span")
         return None
+
+
+def noop_span(context: Any, ledger: Ledger | None) -> Span:
+    """NoOpTracer.start_span's answer, without its call chain: the parent span (of
+    ``context``, else the current one), non-recording; the request's (``ledger``'s)
+    where nothing is current in this thread."""
+    span = _current_span(context)
+    if (
+        span is INVALID_SPAN
+        and context is None
+        and ledger is not None
+        and ledger.parent_context is not None
+    ):
+        span = _current_span(ledger.parent_context)
+    if type(span) is NonRecordingSpan or isinstance(span, NonRecordingSpan):
+        return span  # (the type first: an ABC's isinstance is slower)
+    return NonRecordingSpan(span.get_span_context())
 
 
 def end_stream_span(rt: Runtime, t: Tally, span: Span) -> None:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import INVALID_SPAN, SpanKind
 
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger, Tally
@@ -50,7 +50,7 @@ from chunkwatch.patching import patch, unpatch
 from chunkwatch.probes._gateway_body import async_body, cancelled, sync_body, watch_body
 from chunkwatch.probes._wire import Reader
 from chunkwatch.runtime import Runtime, active
-from chunkwatch.spans import tracing
+from chunkwatch.spans import noop_span, tracing
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -84,8 +84,8 @@ def _open(rt: Runtime, request: Any) -> Tally:
     if tracing(rt):
         span = _span(rt, request, upstream, ledger)
     else:  # the no-op tracer: its span is the current one, or the request's
-        span = rt.start_span(sc.SPAN_GATEWAY_BODY, sc.GATEWAY, ledger=ledger)
-        if span is not None and span.get_span_context().is_valid:
+        span = noop_span(None, ledger)
+        if span is not INVALID_SPAN and span.get_span_context().is_valid:
             if not _client_span_above(request):  # a trace to carry on, nobody sent it yet
                 _inject(rt, request, span)
     stream = _stream_requested(request)

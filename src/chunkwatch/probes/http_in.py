@@ -157,7 +157,9 @@ class ChunkwatchMiddleware:
         token = _current_ledger.set(ledger)
         try:
             span = tally.span
-            if span is None or span is trace.get_current_span():  # the no-op tracer's
+            # The no-op tracer's: current already (an invalid span is ours only when no
+            # valid one was current, see _open: nothing to make current).
+            if span is None or span is INVALID_SPAN or span is trace.get_current_span():
                 body = self.app(environ, _start_response)
             else:
                 with trace.use_span(
@@ -245,10 +247,11 @@ class _Request(Ending):
                     self.streaming = value.lower().startswith("text/event-stream")
             if self.streaming and self.beacons is not None:
                 self.stream_token = self.beacons.stream_headers(headers)
-            if self.tally.span is not None:
-                self.tally.span.set_attribute(sc.HTTP_RESPONSE_STATUS_CODE, self.status)
+            span = self.tally.span
+            if span is not None and span is not INVALID_SPAN:  # (that one drops them)
+                span.set_attribute(sc.HTTP_RESPONSE_STATUS_CODE, self.status)
                 if self.status >= 500:
-                    self.tally.span.set_status(Status(StatusCode.ERROR))
+                    span.set_status(Status(StatusCode.ERROR))
         except Exception:
             self.rt.bookkeeping_error(sc.HTTP, "start_response")
 

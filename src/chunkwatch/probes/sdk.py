@@ -58,10 +58,19 @@ _DEFAULT_PORTS = {"https": 443, "http": 80}
 _NOTHING = nullcontext()  # reusable: it holds no state
 
 
-def _provider(resource: Any) -> str:
-    client = getattr(resource, "_client", None)
-    name = type(client).__name__ if client is not None else ""
-    return sc.GEN_AI_PROVIDER_AZURE if "Azure" in name else sc.GEN_AI_PROVIDER_OPENAI
+def _provider(client: Any) -> str:
+    """The GenAI provider of a client, by its class (known once per class)."""
+    cls = type(client)
+    provider = _PROVIDERS.get(cls)
+    if provider is None:
+        azure = client is not None and "Azure" in cls.__name__
+        provider = sc.GEN_AI_PROVIDER_AZURE if azure else sc.GEN_AI_PROVIDER_OPENAI
+        if len(_PROVIDERS) < 64:  # client classes are few; a bound in case they are made
+            _PROVIDERS[cls] = provider
+    return provider
+
+
+_PROVIDERS: dict[type, str] = {}
 
 
 # id(base URL) -> (the URL, the runtime's names, its upstream label): a client's base URL is
@@ -94,7 +103,7 @@ def _open(rt: Runtime, resource: Any, kwargs: dict[str, Any]) -> Tally:
     client = getattr(resource, "_client", None)
     model = str(kwargs.get("model") or getattr(client, "_azure_deployment", None) or "unknown")
     stream = bool(kwargs.get("stream"))
-    provider = _provider(resource)
+    provider = _provider(client)
     base_url = _base_url(client)
     upstream = _upstream_of(rt, base_url)
     rt.provider = provider  # the agent spans of later requests name it at their start
