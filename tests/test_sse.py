@@ -164,6 +164,13 @@ def test_counting_fast_path_counts_like_the_line_rules(body: bytes, step: int | 
 # near misses it must leave to the line rules.
 ONE_EVENT_READS = [
     b": open\n\n",
+    b":\n\n",
+    b": cr\r\n\r\n",
+    b": two\n\n: comments\n\n",
+    b": half\n",
+    b"\n",
+    CHUNK + b"data: [DONE]\n\n",
+    b"data: [DONE]\n\n" + CHUNK,
     CHUNK,
     b'event: token\ndata: {"text": "hi"}\n\n',
     b'event: error\ndata: {"message": "boom"}\n\n',

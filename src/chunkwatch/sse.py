@@ -29,6 +29,7 @@ __all__ = ["Event", "SSEParser", "WholeEvent", "format_comment", "format_event"]
 _GZIP_MAGIC = b"\x1f\x8b"
 _DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"
+_DONE_LINE = b"data: [DONE]"
 _MAX_RAW_BLOCK = 64 * 1024  # an unfinished event kept raw in counting mode, at most
 
 
@@ -133,6 +134,13 @@ class SSEParser:
                 self.events += 1
                 self.done = True
                 return 0
+            elif chunk[:1] == b":":  # a comment alone (an SSE server's opening or heartbeat)
+                line, _, rest = chunk.partition(b"\n")
+                if rest == b"\n" and 13 not in line:
+                    self.comments += 1
+                    self._sniffed = 2  # the start of the body was read: no gzip magic there
+                    return 0
+                ok = False
             else:
                 ok = False
             if ok:
@@ -208,15 +216,20 @@ class SSEParser:
         i = fast = 0
         while i < stop:
             line = lines[i]
-            if (
-                not lines[i + 1]
-                and line.startswith(b'data: {"')
-                and line.endswith(b"}")
-                and (line[8] != 101 or not line.startswith(b'data: {"error":'))
-            ):
-                fast += 1
-                i += 2
-                continue
+            if not lines[i + 1]:
+                if (
+                    line.startswith(b'data: {"')
+                    and line.endswith(b"}")
+                    and (line[8] != 101 or not line.startswith(b'data: {"error":'))
+                ):
+                    fast += 1
+                    i += 2
+                    continue
+                if line == _DONE_LINE:  # the stream's end, after its last chunks
+                    self.events += 1
+                    self.done = True
+                    i += 2
+                    continue
             j = i  # the line rules, up to this event's blank line
             while j <= stop and lines[j]:
                 j += 1
