@@ -124,6 +124,25 @@ def test_full_stream_then_close_is_counted_once_as_ok(
     assert sum(observed.streams("sdk", o) for o in ("closed", "disconnected", "abandoned")) == 0
 
 
+def test_a_call_without_streaming_is_one_ok_unit_at_the_gateway_and_the_sdk(
+    observed: Observed, gateway_: Running[Gateway]
+) -> None:
+    """``stream=False`` (what the guard falls back to): the gateway and the sdk each count
+    one ok unit, opened as not streamed (a JSON answer is its right content type)."""
+    gateway_.server.set_fault("pass")
+    ledger = chunkwatch.Ledger()
+    with chunkwatch.bind(ledger):
+        answer = client(gateway_).chat.completions.create(
+            model="d", messages=[{"role": "user", "content": "hi"}], stream=False
+        )
+    assert answer.choices[0].message.content
+    assert [(t.layer, t.stream_requested, str(t.outcome), t.units) for t in ledger.tallies] == [
+        ("sdk", False, "ok", 1),
+        ("gateway", False, "ok", 1),
+    ]
+    assert observed.streams("sdk", "ok") == 1 and observed.streams("gateway", "ok") == 1
+
+
 @BOTH_PATHS
 def test_closed_early_is_disconnected(observed: Observed, gateway_: Running[Gateway]) -> None:
     """The consumer closes after two chunks: sdk and gateway are disconnected, not ok."""

@@ -10,7 +10,7 @@ from chunkwatch import naming
 from chunkwatch import semconv as sc
 from chunkwatch.ledger import Ledger
 from chunkwatch.naming import upstream_name
-from chunkwatch.outcomes import End
+from chunkwatch.outcomes import End, Evidence
 from chunkwatch.runtime import Runtime
 from chunkwatch.verdict import Verdict
 
@@ -36,6 +36,29 @@ def test_upstream_names_are_looked_up_once_per_url_and_bounded(
         for port in range(1, 1001):
             assert rt.upstream_for(f"http://10.0.0.1:{port}") == f"10.0.0.1:{port}"
         assert len(rt.names.upstream.known) <= 256
+    finally:
+        rt.close()
+
+
+def test_open_sets_the_start_evidence_it_is_given_and_keeps_the_defaults_otherwise() -> None:
+    """``Runtime.open``'s evidence keywords reach the tally, each way round, and a layer
+    that gives none keeps :class:`~chunkwatch.outcomes.Evidence`'s defaults."""
+    rt = Runtime(registry=CollectorRegistry())
+    try:
+        for stream in (True, False):
+            t = rt.open(
+                sc.GATEWAY,
+                ledger=Ledger(),
+                watch=False,
+                stream_requested=stream,
+                terminal_known=stream,
+                needs_status=stream,
+            )
+            assert (t.stream_requested, t.terminal_known, t.needs_status) == (stream,) * 3
+        plain = rt.open(sc.SSE, ledger=Ledger(), watch=False)
+        evidence = Evidence(layer=sc.SSE, t_start=0)
+        for name in ("stream_requested", "terminal_known", "needs_status"):
+            assert getattr(plain, name) == getattr(evidence, name), name
     finally:
         rt.close()
 

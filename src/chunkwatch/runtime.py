@@ -189,7 +189,7 @@ class Runtime:
         span: Span | None = None,
         watch: bool = True,
         keep_span: bool = False,
-        stream_requested: bool = False,
+        stream_requested: bool = True,
         terminal_known: bool = False,
         needs_status: bool = False,
     ) -> Tally:
@@ -198,15 +198,15 @@ class Runtime:
         ``keep_span``: its span is not ended when it finishes — its owner ends it (the
         http probe, after the request's verdict went on it). ``stream_requested``,
         ``terminal_known``, ``needs_status``: the tally's evidence known at the start
-        (:class:`chunkwatch.outcomes.Evidence`)."""
+        (:class:`chunkwatch.outcomes.Evidence`, whose defaults these are)."""
         ledger = ledger or self.ledger(layer)
         tally = ledger.add(layer, upstream, self._finish)
         if span is not None:
             tally.span = span
         if keep_span:
             tally.keep_span = True
-        if stream_requested:
-            tally.stream_requested = True
+        if not stream_requested:  # (each is set only where it is not the default)
+            tally.stream_requested = False
         if terminal_known:
             tally.terminal_known = True
         if needs_status:
