@@ -59,7 +59,7 @@ _FROM_BROWSER = ("HTTP_SEC_FETCH_MODE", "HTTP_ORIGIN", "HTTP_X_CHUNKWATCH_BEACON
 
 def from_browser(environ: dict[str, Any]) -> bool:
     """Whether the request's SSE response gets a stream token (see ``_FROM_BROWSER``)."""
-    return not environ.keys().isdisjoint(_FROM_BROWSER)  # (in C: a generator costs 3 k)
+    return not environ.keys().isdisjoint(_FROM_BROWSER)  # one C call, not a generator
 
 
 MAX_BODY = 1024  # bytes: chunkwatch.js's beacons stay under 512

@@ -267,7 +267,8 @@ class bind:  # lower case: a function to its callers, ``with bind(ledger):``
     request is one trace across the thread and queue hand-off.
 
     A class, not a ``@contextmanager`` generator: every hand-off of every request enters
-    one, and the generator's machinery cost three times its work (``bench/RESULTS.md``).
+    one, and the generator machinery cost twice its work (``bench/RESULTS.md``, "fourth
+    pass").
     """
 
     __slots__ = ("_ledger", "_otel_token", "_token")

@@ -107,7 +107,7 @@ def _extract(environ: dict[str, Any]) -> Context:
         w3c = type(textmap) is CompositePropagator and bool(members)
         w3c = w3c and all(type(m) in _W3C_TYPES for m in members or ())
         _w3c_only = (textmap, w3c)
-    if w3c and environ.keys().isdisjoint(_W3C_KEYS):  # (in C: a generator costs 3 k)
+    if w3c and environ.keys().isdisjoint(_W3C_KEYS):  # one C call, not a generator
         return _NOTHING
     return propagate.extract(environ, getter=_GETTER)
 

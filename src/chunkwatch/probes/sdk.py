@@ -93,7 +93,7 @@ def _base_url(client: Any) -> Any:
     """The client's base URL: its ``_base_url`` (private to openai's ``BaseClient``), the
     object its ``base_url`` property returns (checked with openai 3.54.0:
     tests/test_private_internals.py). The property imports a module of the SDK on every
-    read (12 k instructions a call); another client's is read through it."""
+    read (bench/RESULTS.md, "fourth pass"); another client's is read through it."""
     own = getattr(client, "__dict__", None)
     base_url = own.get("_base_url") if own is not None else None
     return base_url if base_url is not None else getattr(client, "base_url", None)
