@@ -179,6 +179,7 @@ def _sending(tally: Tally) -> AbstractContextManager[Any] | None:
 
 @contextmanager
 def _made_current(span: Any, ledger: Ledger | None) -> Iterator[None]:
+    """:func:`_sending`'s span and ledger (either may be None), current for the block."""
     with (
         (
             _NOTHING
