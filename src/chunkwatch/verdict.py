@@ -139,9 +139,10 @@ def judge(ledger: Ledger) -> Verdict:
         return Verdict(
             t.outcome or Outcome.ERROR, t.layer, detail, public if public != detail else None
         )
-    lost = _lost_between_layers(gateway, sdk, tokens, open_layers)
-    if lost is not None:
-        return lost
+    if 0 <= sdk < gateway or 0 <= tokens < sdk:  # a pair that passed fewer on: a loss?
+        lost = _lost_between_layers(gateway, sdk, tokens, open_layers)
+        if lost is not None:
+            return lost
     if gone:
         left = [t for t in _bottom_up(ledger) if t.outcome in _GONE]
         below_http = [t for t in left if t.layer != sc.HTTP]
