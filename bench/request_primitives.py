@@ -32,7 +32,7 @@ def run_inside(n: int, names_file: str) -> None:
     from prometheus_client import CollectorRegistry
 
     from chunkwatch import semconv as sc
-    from chunkwatch.ledger import Ledger, Tally
+    from chunkwatch.ledger import Ledger, Tally, bind
     from chunkwatch.outcomes import End, classify
     from chunkwatch.runtime import Runtime
     from chunkwatch.verdict import judge
@@ -67,6 +67,25 @@ def run_inside(n: int, names_file: str) -> None:
         for layer in layers:
             rt.open(layer, ledger=ledger, upstream="up", watch=False)
 
+    def rt_open_as_probes() -> None:  # the evidence keywords the gateway and sdk give
+        ledger = Ledger()
+        for layer in layers:
+            model = layer in (sc.GATEWAY, sc.SDK)
+            rt.open(
+                layer,
+                ledger=ledger,
+                upstream="up",
+                watch=False,
+                keep_span=layer == sc.HTTP,
+                stream_requested=model,
+                terminal_known=model,
+                needs_status=layer == sc.GATEWAY,
+            )
+
+    def bound() -> None:  # a hand-off: the request's ledger current in another thread
+        with bind(judged):
+            pass
+
     def spans() -> None:
         ledger = Ledger()
         for layer in layers:
@@ -90,6 +109,8 @@ def run_inside(n: int, names_file: str) -> None:
     ops: list[tuple[str, Callable[[], object]]] = [
         ("Ledger.open x6 (the tallies)", ledger_open),
         ("Runtime.open x6 (+ open series)", rt_open),
+        ("Runtime.open x6, the probes' evidence keywords", rt_open_as_probes),
+        ("bind(ledger): one block", bound),
         ("Runtime.start_span x6 (no-op tracer)", spans),
         ("Tally.finish x6 (classify, metrics)", finish),
         ("classify x6", classify_six),

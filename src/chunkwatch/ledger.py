@@ -207,8 +207,9 @@ class Ledger:
     ) -> Tally:
         """Start a tally for one stream at ``layer``, with the ``fields`` known now."""
         tally = self.add(layer, upstream, on_finish)
-        for key, value in fields.items():
-            setattr(tally, key, value)
+        if fields:
+            for key, value in fields.items():
+                setattr(tally, key, value)
         return tally
 
     def add(
