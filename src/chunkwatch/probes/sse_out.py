@@ -80,7 +80,9 @@ class SSEBody(Ending):
         return self._gen
 
     def _iterate(self) -> Generator[bytes, None, None]:
-        parser, tally, unit = self._parser, self.tally, self.tally.unit
+        tally, unit = self.tally, self.tally.unit
+        parser: Any = self._parser  # made at the first chunk that is not a WholeEvent
+        count = None if parser is None else parser.count  # bound once: a call per chunk
         # The request's ledger is current while the body runs (a generator calling the
         # model in the server's thread finds it); undone in end.
         self._token = _current_ledger.set(self._ledger)
@@ -106,10 +108,11 @@ class SSEBody(Ending):
                             tally.t_last = now
                             tally.units += 1
                         else:
-                            if parser is None:
+                            if count is None:
                                 parser = self._parser = SSEParser()
+                                count = parser.count
                             before = parser.events
-                            parser.count(chunk)  # [DONE] is an event here: count the dispatched
+                            count(chunk)  # [DONE] is an event here: count what was dispatched
                             if parser.events != before:
                                 unit(parser.events - before)
                     except Exception:
