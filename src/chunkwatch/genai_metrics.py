@@ -84,7 +84,7 @@ class GenAIMetrics:
             return
         now = None if trace_id is None else time.time()
         n_in, n_out = tokens
-        lock = self._lock  # acquire/release, not a with block (bench/RESULTS.md, "Locks")
+        lock = self._lock  # acquire/release, not a with block (bench/RESULTS.md, "fourth pass")
         lock.acquire()
         try:  # one lookup a call
             calls = self._calls.get(key)

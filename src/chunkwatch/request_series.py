@@ -75,7 +75,7 @@ class InProcessRequests(RequestSeries):
     def verdict(self, outcome: str, layer: str, upstream: str, trace_id: str | None) -> None:
         key = (outcome, layer, upstream)  # an Outcome is its str as a key
         example = None if trace_id is None else (trace_id, 1.0, time.time())
-        lock = self._lock  # acquire/release, not a with block (bench/RESULTS.md, "Locks")
+        lock = self._lock  # acquire/release, not a with block (bench/RESULTS.md, "fourth pass")
         lock.acquire()
         try:
             add_one(self._verdicts, key, example)

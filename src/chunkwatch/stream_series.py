@@ -147,7 +147,7 @@ class InProcessSeries(StreamSeries):
         opened = self._live.pop(id(t), None)  # (layer, upstream) as it opened
         if opened is not None and opened not in self._opened:
             self._opened.add(opened)
-        lock = self._lock  # acquire/release, not a with block (bench/RESULTS.md, "Locks")
+        lock = self._lock  # acquire/release, not a with block (bench/RESULTS.md, "fourth pass")
         lock.acquire()
         try:
             if not counted:

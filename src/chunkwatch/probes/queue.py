@@ -157,7 +157,7 @@ class WatchedQueue(queue.Queue[T]):
         rt, tally = self._rt, self._tally
         if rt is None:
             return
-        mutex = self.mutex  # acquire/release, not a with block (bench/RESULTS.md, "Locks")
+        mutex = self.mutex  # acquire/release, not a with block (bench/RESULTS.md, "fourth pass")
         mutex.acquire()
         try:  # from here on, nothing more is queued
             self._put = self._drop  # type: ignore[method-assign]
