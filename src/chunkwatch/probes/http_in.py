@@ -47,7 +47,7 @@ _CLEAN, _CLOSED, _SERVER = End.CLEAN, End.CLOSED, SpanKind.SERVER
 
 def request_ledger() -> Ledger | None:
     """The ledger of the Flask request being handled (None outside one, or uninstrumented)."""
-    flask = _flask or flask_module()
+    flask = flask_module()
     if not flask.has_request_context():
         return None
     ledger: Ledger | None = flask.request.environ.get(ENVIRON_KEY)

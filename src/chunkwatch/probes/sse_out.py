@@ -63,7 +63,7 @@ class SSEBody(Ending):
         self._body = body
         self._ledger = ledger
         self._on_end = on_end
-        self._parser: SSEParser | None = None  # made at the first chunk not a WholeEvent
+        self._parser: SSEParser | None = None  # see _iterate
         self._outer_context = ledger.parent_context  # the request's, again once this ends
         span = None  # the no-op tracer's would be the request's: none (see Runtime.trace_id)
         if tracing(rt):
